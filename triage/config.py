@@ -1,0 +1,105 @@
+"""Settings from the environment (prefix TRIAGE_, nested sections joined by __), passed in, never global."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class DicomSettings(BaseModel):
+    """The DICOM boundary: storage SCP and study completion."""
+
+    ae_title: str = "TRIAGE"
+    port: int = 11112
+    bind_address: str = "0.0.0.0"
+    # Empty list: any calling AE title is accepted.
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    # A study is complete when no instance has arrived for this long (as Orthanc's StableAge).
+    stable_age_s: float = 10.0
+    # Clinical priority given to studies from a calling AE that sends none, e.g. {"ER_CT": "stat"}.
+    sender_priority: dict[str, str] = Field(default_factory=dict)
+    max_pdu_bytes: int = 0  # 0: unlimited
+
+
+class HttpSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+class RaySettings(BaseModel):
+    """Where the pipeline runs. Empty address: start a local Ray instance."""
+
+    address: str = ""
+    num_cpus: int | None = None
+    # Fraction of a GPU each inference worker asks for when the cluster has GPUs.
+    gpus_per_inference_worker: float = 1.0
+    inference_workers: int = 1
+
+
+class InferenceSettings(BaseModel):
+    """ONNX Runtime execution: providers in order of preference, threads, ensemble size."""
+
+    # Tried in order; the ones not available in the installed onnxruntime are skipped.
+    providers: list[str] = Field(
+        default_factory=lambda: [
+            "TensorrtExecutionProvider",
+            "CUDAExecutionProvider",
+            "OpenVINOExecutionProvider",
+            "CPUExecutionProvider",
+        ]
+    )
+    intra_op_threads: int = 0  # 0: onnxruntime's default (one per core)
+    # How many ensemble members of a multi-member model run; 0 means the card's default for the device.
+    ensemble_members: int = 0
+
+
+class PrioritySettings(BaseModel):
+    """The site's priority policy: finding -> level, and turnaround targets per clinical level."""
+
+    finding_levels: dict[str, str] = Field(
+        default_factory=lambda: {"intracranial_haemorrhage": "stat", "pneumothorax": "stat"}
+    )
+    turnaround_min: dict[str, float] = Field(
+        default_factory=lambda: {"stat": 60.0, "urgent": 240.0, "routine": 1440.0}
+    )
+    # A study is promoted one level once this fraction of its turnaround target has elapsed.
+    promote_at_fraction: float = 0.75
+
+
+class Settings(BaseSettings):
+    """All settings. Build once at the edge (CLI, app factory) and pass down."""
+
+    model_config = SettingsConfigDict(env_prefix="TRIAGE_", env_nested_delimiter="__", extra="ignore")
+
+    data_dir: Path = Path("./var")
+    database_url: str = ""  # empty: SQLite file under data_dir
+    weights_dir: Path = REPO_ROOT / "weights"
+    routing_rules: Path = REPO_ROOT / "triage" / "pipelines" / "routing.yaml"
+    # Salt for hashing patient IDs and accession numbers in logs and the database.
+    phi_salt: str = "change-me"
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    priority: PrioritySettings = Field(default_factory=PrioritySettings)
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "dicom"
+
+    @property
+    def overlay_dir(self) -> Path:
+        return self.data_dir / "overlays"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'triage.db').resolve()}"

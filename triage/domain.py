@@ -1,0 +1,215 @@
+"""Plain typed records that flow between the layers: instances, series, findings, analyses and priorities."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import IntEnum, StrEnum
+from typing import Any
+
+
+class AIStatus(StrEnum):
+    """Where the AI analysis of a study stands. A study is on the worklist whatever its AI status."""
+
+    PENDING = "pending"
+    ANALYSING = "analysing"
+    DONE = "done"
+    FAILED = "failed"
+    NOT_APPLICABLE = "not-applicable"
+
+
+class PriorityLevel(StrEnum):
+    """Worklist priority levels, lowest first. `rank` orders them."""
+
+    ROUTINE = "routine"
+    URGENT = "urgent"
+    STAT = "stat"
+
+    @property
+    def rank(self) -> int:
+        return _LEVEL_RANK[self]
+
+    @classmethod
+    def parse(cls, value: str | None, default: PriorityLevel | None = None) -> PriorityLevel:
+        """Accept our own names and the DICOM vocabularies for request priority.
+
+        DICOM (0040,1003) Requested Procedure Priority uses STAT, HIGH, ROUTINE, MEDIUM, LOW;
+        the C-STORE Priority (0000,0700) uses LOW, MEDIUM, HIGH (PS3.7 C.4.2.1.4).
+        """
+        if value is None or not str(value).strip():
+            return default or cls.ROUTINE
+        text = str(value).strip().lower()
+        aliases = {
+            "stat": cls.STAT, "critical": cls.STAT, "emergency": cls.STAT,
+            "high": cls.URGENT, "urgent": cls.URGENT, "asap": cls.URGENT,
+            "routine": cls.ROUTINE, "medium": cls.ROUTINE, "low": cls.ROUTINE, "normal": cls.ROUTINE,
+        }
+        if text not in aliases:
+            raise ValueError(f"unknown priority {value!r}; valid: {sorted(aliases)}")
+        return aliases[text]
+
+
+_LEVEL_RANK = {PriorityLevel.ROUTINE: 0, PriorityLevel.URGENT: 1, PriorityLevel.STAT: 2}
+
+
+class SkipReason(StrEnum):
+    """Why a series was not analysed by any model (recorded on the study)."""
+
+    NO_RULE = "no-rule-matched"
+    LOCALIZER = "localizer"
+    SECONDARY_CAPTURE = "secondary-capture"
+    DOSE_REPORT = "dose-report"
+    NON_IMAGE = "non-image"
+    BONE_KERNEL = "bone-kernel"
+    SLICE_THICKNESS = "slice-thickness-out-of-range"
+    TOO_FEW_SLICES = "too-few-slices"
+    MODEL_UNAVAILABLE = "model-unavailable"
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """What the store indexes about one received instance: no patient names or birth dates.
+
+    `patient_hash` is a salted hash of the Patient ID, never the ID itself.
+    """
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str
+    path: str
+    accession_number: str = ""
+    patient_hash: str = ""
+    study_description: str = ""
+    series_description: str = ""
+    body_part: str = ""
+    requested_priority: str = ""
+    calling_ae: str = ""
+    institution: str = ""
+    transfer_syntax_uid: str = ""
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """The attributes routing rules look at, gathered from one series' instances (values from the first one)."""
+
+    series_uid: str
+    modality: str
+    sop_class_uid: str
+    n_instances: int
+    files: tuple[str, ...]
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """For one series: which model will analyse it, or why none will."""
+
+    series_uid: str
+    model: str | None
+    rule: str | None
+    reason: str
+
+
+@dataclass
+class Overlay:
+    """A small mask or heatmap that a preview can draw over one image of the study.
+
+    `mask` is a 2-D float32 array in [0, 1] on the pixel grid of the referenced instance (rows, columns),
+    possibly downsampled by an integer `stride`; `sop_instance_uid` names the slice or radiograph it belongs to.
+    """
+
+    sop_instance_uid: str
+    mask: Any  # numpy.ndarray (rows, cols), float32 in [0, 1]
+    stride: int = 1
+    kind: str = "mask"  # "mask" or "heatmap"
+
+
+@dataclass
+class Finding:
+    """One study-level AI result. `synthetic` is true when the model was trained on synthetic data."""
+
+    label: str
+    probability: float
+    flagged: bool
+    model: str
+    model_version: str
+    synthetic: bool
+    series_uid: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+    overlay: Overlay | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready form stored with the study (the overlay is stored separately as a file)."""
+        return {
+            "label": self.label,
+            "probability": round(float(self.probability), 4),
+            "flagged": bool(self.flagged),
+            "model": self.model,
+            "model_version": self.model_version,
+            "synthetic": bool(self.synthetic),
+            "series_uid": self.series_uid,
+            "details": self.details,
+            "overlay_sop_instance_uid": self.overlay.sop_instance_uid if self.overlay is not None else None,
+        }
+
+
+@dataclass
+class StageTimings:
+    """Wall-clock seconds per pipeline stage, in the order they ran."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, elapsed_s: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + float(elapsed_s)
+
+    def merge(self, other: StageTimings) -> None:
+        for stage, value in other.seconds.items():
+            self.add(stage, value)
+
+
+@dataclass
+class SeriesResult:
+    """The outcome of running one model on one series."""
+
+    series_uid: str
+    model: str
+    model_version: str
+    ok: bool
+    findings: list[Finding] = field(default_factory=list)
+    error: str = ""
+    timings: StageTimings = field(default_factory=StageTimings)
+
+
+@dataclass
+class StudyAnalysis:
+    """Everything the AI produced for one study at one moment (a later analysis supersedes it)."""
+
+    study_uid: str
+    routing: list[RoutingDecision]
+    results: list[SeriesResult]
+    started_at: datetime
+    finished_at: datetime | None = None
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [f for r in self.results for f in r.findings]
+
+
+@dataclass(frozen=True)
+class PriorityReason:
+    """One reason behind a study's position, in words a radiologist can read."""
+
+    code: str
+    text: str
+    level: PriorityLevel
+
+
+@dataclass(frozen=True)
+class Priority:
+    """A study's priority level, a sortable score and every reason behind it."""
+
+    level: PriorityLevel
+    score: float
+    reasons: tuple[PriorityReason, ...]

@@ -1,0 +1,40 @@
+"""One exception root for the service, with the few specific kinds that callers handle differently."""
+
+from __future__ import annotations
+
+
+class TriageError(Exception):
+    """Root of every error raised on purpose by triage."""
+
+
+class InvalidStudyError(TriageError):
+    """A study, series or instance cannot be used as it is (corrupt, inconsistent geometry, too few slices)."""
+
+
+class UnsupportedInputError(TriageError):
+    """The input is well formed but not something triage handles (SOP class, modality, transfer syntax)."""
+
+
+class ModelLoadError(TriageError):
+    """A model cannot be loaded: missing card or weights, sha256 mismatch, card disagrees with the ONNX graph."""
+
+
+class InferenceError(TriageError):
+    """Running a model failed on an input that passed validation."""
+
+
+class ConflictError(TriageError):
+    """The requested state change conflicts with the current state (for example a study claimed by someone else)."""
+
+
+class NotFoundError(TriageError):
+    """The referenced study, series, model or user does not exist."""
+
+
+class MissingDependencyError(TriageError):
+    """An optional dependency is not installed; the message carries the install hint."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(f"{package} is not installed; install it with: pip install 'triage[{extra}]'")
+        self.package = package
+        self.extra = extra

@@ -1,0 +1,1 @@
+"""Preprocessing, routing, post-processing into findings, and the runners that execute them."""

@@ -1,0 +1,1 @@
+"""The FastAPI service: routes, DICOMweb, and the watcher that sends complete studies to the pipeline."""

@@ -1,0 +1,1 @@
+"""The ML engineer's tools: train, export, evaluate, benchmark, generate synthetic data."""

@@ -1,0 +1,1 @@
+"""The worklist: database, priority policy and change events."""
