@@ -33,6 +33,7 @@ class OnnxModel:
     input_name: str
     output_name: str
     providers: list[str]
+    output_names: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, path: Path, providers: Sequence[str], intra_op_threads: int = 0) -> OnnxModel:
@@ -57,6 +58,7 @@ class OnnxModel:
             input_name=session.get_inputs()[0].name,
             output_name=session.get_outputs()[0].name,
             providers=session.get_providers(),
+            output_names=tuple(o.name for o in session.get_outputs()),
         )
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -70,6 +72,18 @@ class OnnxModel:
         except Exception as exc:
             raise InferenceError(f"inference with {self.path.name} failed on input {batch.shape}: {exc}") from exc
         return np.asarray(out)
+
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the graph and return every output by name (for graphs with several outputs).
+
+        Raises:
+            InferenceError: when onnxruntime fails on the input.
+        """
+        try:
+            outs = self.session.run(list(self.output_names), {self.input_name: batch})  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise InferenceError(f"inference with {self.path.name} failed on input {batch.shape}: {exc}") from exc
+        return {name: np.asarray(o) for name, o in zip(self.output_names, outs, strict=True)}
 
 
 def load_members(
