@@ -1,0 +1,131 @@
+"""One study from "ready" to "worklist updated": route its series, run the models, record the outcome.
+
+Clinical fail-safe: whatever happens here, the study stays on the worklist. An AI failure is recorded as
+ai_status failed with its reason, and the priority policy keeps the clinical priority (AI never lowers it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from triage.domain import AIStatus, Finding, RoutingDecision, SeriesInfo, SeriesResult, StageTimings
+from triage.models.registry import ModelRegistry
+from triage.pipelines.routing import RoutingRules, route_study
+from triage.pipelines.runner import Runner
+from triage.worklist.repository import Worklist
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class AnalysisOutcome:
+    """What one analysis did, with per-stage seconds (the benchmark reads these)."""
+
+    study_uid: str
+    ai_status: AIStatus
+    reason: str
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    timings: StageTimings = field(default_factory=StageTimings)
+    superseded: bool = False
+
+
+def _routing_record(series: SeriesInfo, decision: RoutingDecision) -> dict[str, Any]:
+    return {
+        "series_uid": series.series_uid,
+        "modality": series.modality,
+        "description": str(series.attributes.get("SeriesDescription") or ""),
+        "n_instances": series.n_instances,
+        "model": decision.model,
+        "rule": decision.rule,
+        "reason": decision.reason,
+    }
+
+
+def save_overlay(overlay_dir: Path, study_uid: str, finding: Finding) -> str | None:
+    """Write a finding's overlay as .npz next to the study's other overlays; returns the file name."""
+    if finding.overlay is None:
+        return None
+    folder = overlay_dir / study_uid
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{finding.model}-{finding.label}.npz"
+    np.savez_compressed(
+        folder / name,
+        mask=np.asarray(finding.overlay.mask, dtype=np.float32),
+        stride=finding.overlay.stride,
+        sop_instance_uid=finding.overlay.sop_instance_uid,
+        kind=finding.overlay.kind,
+    )
+    return name
+
+
+def summarise(results: list[SeriesResult], decisions: list[RoutingDecision]) -> tuple[AIStatus, str]:
+    """The study's AI status and a one-line reason a radiologist can read."""
+    if not results:
+        skipped = sorted({d.reason.split(":")[0] for d in decisions if d.model is None})
+        return AIStatus.NOT_APPLICABLE, "no series matched a model (" + ", ".join(skipped or ["no series"]) + ")"
+    failed = [r for r in results if not r.ok]
+    if len(failed) == len(results):
+        return AIStatus.FAILED, "; ".join(f"{r.model}: {r.error}" for r in failed)
+    if failed:
+        return AIStatus.DONE, "partly analysed; " + "; ".join(f"{r.model} failed: {r.error}" for r in failed)
+    return AIStatus.DONE, "analysed by " + ", ".join(sorted({f"{r.model} {r.model_version}" for r in results}))
+
+
+def analyse_study(
+    study_uid: str,
+    worklist: Worklist,
+    registry: ModelRegistry,
+    rules: RoutingRules,
+    runner: Runner,
+    overlay_dir: Path,
+    now: Callable[[], datetime] = utcnow,
+    unavailable_models: set[str] | None = None,
+) -> AnalysisOutcome:
+    """Analyse one ready study and record the result on the worklist. Never raises for an AI failure."""
+    timings = StageTimings()
+    generation = worklist.begin_analysis(study_uid, now())
+    try:
+        started = time.perf_counter()
+        series_list = worklist.series_of(study_uid)
+        timings.add("database", time.perf_counter() - started)
+        installed = set(registry.names()) - (unavailable_models or set())
+        decisions = route_study(series_list, rules, installed)
+        by_uid = {s.series_uid: s for s in series_list}
+        work = [(by_uid[d.series_uid], d) for d in decisions if d.model is not None]
+        log.info("study %s: %d series, %d routed to a model", study_uid, len(series_list), len(work))
+        results = runner.analyse(study_uid, work) if work else []
+        for result in results:
+            timings.merge(result.timings)
+        status, reason = summarise(results, decisions)
+        findings = []
+        for result in results:
+            for finding in result.findings:
+                record = finding.to_dict()
+                record["overlay_file"] = save_overlay(overlay_dir, study_uid, finding)
+                findings.append(record)
+        routing = [_routing_record(by_uid[d.series_uid], d) for d in decisions]
+        for record in routing:
+            match = next((r for r in results if r.series_uid == record["series_uid"]), None)
+            if match is not None:
+                record["analysis"] = "done" if match.ok else f"failed: {match.error}"
+                record["model_version"] = match.model_version
+    except Exception as exc:  # noqa: BLE001 - fail safe: the study stays listed at its clinical priority
+        log.exception("study %s: analysis failed outside the models", study_uid)
+        status, reason, findings, routing = AIStatus.FAILED, f"{type(exc).__name__}: {exc}", [], []
+    started = time.perf_counter()
+    worklist.finish_analysis(study_uid, generation, findings, routing, status, reason, now())
+    timings.add("database", time.perf_counter() - started)
+    log.info("study %s: ai_status=%s (%s)", study_uid, status, reason)
+    return AnalysisOutcome(study_uid, status, reason, findings, timings)
