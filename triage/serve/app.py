@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from triage import __version__
 from triage.config import Settings
 from triage.dicom.stow import stow_instances
+from triage.serve.auth import current_user
 from triage.serve.errors import install_error_handlers
 from triage.serve.service import TriageService
 
@@ -32,11 +33,6 @@ def get_service(request: Request) -> TriageService:
 Service = Annotated[TriageService, Depends(get_service)]
 
 
-def current_user(request: Request) -> str:
-    """The acting user's name. Replaced by signed-in sessions and API tokens (issue #4)."""
-    return request.headers.get("X-Triage-User", "anonymous")
-
-
 User = Annotated[str, Depends(current_user)]
 
 
@@ -47,7 +43,7 @@ class ActionResult(BaseModel):
 
 
 def build_api() -> APIRouter:
-    api = APIRouter(prefix="/api/v1", tags=["worklist"])
+    api = APIRouter(prefix="/api/v1", tags=["worklist"], dependencies=[Depends(current_user)])
 
     @api.get("/worklist", summary="The worklist, highest priority first")
     def worklist(
@@ -129,7 +125,7 @@ def build_api() -> APIRouter:
 
 
 def build_dicomweb() -> APIRouter:
-    web = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+    web = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(current_user)])
 
     @web.post(
         "/studies",
