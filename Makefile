@@ -1,0 +1,51 @@
+# One short command each: setup, demo, serve, test, bench, lint.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch is pinned to the CPU build for development and CI (see constraints.txt); Dockerfile.gpu takes the GPU build.
+CONSTRAINTS := -c constraints.txt
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup system-deps demo serve test test-fast bench lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -q -U pip
+	$(PIP) install -q $(CONSTRAINTS) torch==2.13.0
+	$(PIP) install -q $(CONSTRAINTS) -e '.[cpu,postgres,train,dev]'
+	# blast-ct supplies the DeepMedic definition for export, parity and benchmarks only; its other
+	# requirements (tensorboard) are not needed for that, hence --no-deps.
+	$(PIP) install -q $(CONSTRAINTS) --no-deps blast-ct==2.1.0
+	touch $@
+
+# dcmtk (storescu, the real DICOM client), chromium + chromedriver (browser tests), postgresql (worklist tests).
+system-deps:
+	@if ! command -v storescu >/dev/null || ! command -v chromedriver >/dev/null || ! command -v pg_ctlcluster >/dev/null; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk chromium chromium-driver postgresql >/dev/null; \
+	fi
+
+# The main job: the service on the embedded defaults (SQLite, local Ray, CPU inference), the real head CT and
+# generated chest X-rays sent with storescu, and the worklist printed before and after analysis.
+demo: setup system-deps
+	$(VENV)/bin/triage demo
+
+serve: setup
+	$(VENV)/bin/triage serve
+
+test: setup system-deps
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q tests -m "not slow and not integration"
+
+bench: setup system-deps
+	$(PY) benchmarks/bench_spine.py
+
+lint: setup
+	$(VENV)/bin/ruff check triage tests benchmarks
+	$(VENV)/bin/lint-imports
+
+clean:
+	rm -rf var test-artifacts reports .pytest_cache
