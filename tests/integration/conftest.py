@@ -1,0 +1,110 @@
+"""Fixtures that start the real thing: a `triage serve` process with its DICOM listener and a local Ray instance."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HEAD_CT = REPO / "tests" / "data" / "ct-head-ge"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    dicom_port: int
+    data_dir: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes]
+
+    def storescu(self, *paths: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Send files or folders with dcmtk's storescu, the real DICOM client."""
+        command = ["storescu", "-aec", "TRIAGE", "-aet", "CI-MODALITY", "+sd", "+r", "127.0.0.1",
+                   str(self.dicom_port), *map(str, paths)]
+        return subprocess.run(command, capture_output=True, text=True, check=check, timeout=300)
+
+    def get(self, path: str, **params: object) -> httpx.Response:
+        return httpx.get(self.url + path, params=params, timeout=30, headers=self.headers)
+
+    def post(self, path: str, **kwargs: object) -> httpx.Response:
+        return httpx.post(self.url + path, timeout=60, headers=self.headers, **kwargs)  # type: ignore[arg-type]
+
+    headers: dict[str, str] | None = None
+
+    def worklist(self) -> list[dict]:
+        response = self.get("/api/v1/worklist", include_reported=True)
+        response.raise_for_status()
+        return response.json()
+
+    def wait_for(self, predicate, timeout_s: float = 600, what: str = "condition"):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = predicate(self.worklist())
+            if value:
+                return value
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited ({self.proc.returncode}); log:\n{self.log_path.read_text()[-4000:]}")
+            time.sleep(1)
+        raise AssertionError(f"timed out waiting for {what}; log:\n{self.log_path.read_text()[-4000:]}")
+
+
+def start_server(data_dir: Path, extra_env: dict[str, str] | None = None, runner: str = "ray") -> Server:
+    if shutil.which("storescu") is None:
+        pytest.fail("dcmtk's storescu is required for integration tests (apt-get install dcmtk)")
+    http_port, dicom_port = free_port(), free_port()
+    env = {**os.environ, "TRIAGE_DICOM__STABLE_AGE_S": "2", **(extra_env or {})}
+    log_path = data_dir.parent / f"{data_dir.name}-server.log"
+    command = [sys.executable, "-m", "triage", "serve", "--http-port", str(http_port), "--dicom-port",
+               str(dicom_port), "--data-dir", str(data_dir), "--runner", runner]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = Server(f"http://127.0.0.1:{http_port}", dicom_port, data_dir, log_path, proc)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(server.url + "/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop_server(server)
+    raise AssertionError(f"server not ready in time:\n{log_path.read_text()[-4000:]}")
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGINT)
+        try:
+            server.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    data_dir = tmp_path_factory.mktemp("triage") / "data"
+    srv = start_server(data_dir)
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
