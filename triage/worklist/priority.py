@@ -1,0 +1,255 @@
+"""The site's priority policy: clinical floor, AI findings that raise, waiting time that promotes (pure, no DB)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from triage.config import PrioritySettings
+from triage.domain import AIStatus, Finding, Priority, PriorityLevel, PriorityReason
+
+# Reason codes: stable identifiers for the reasons below (the UI and tests key on them, the text is for people).
+CLINICAL = "clinical"
+AI_FINDING = "ai-finding"  # a flagged finding raised the level
+AI_FINDING_KEPT = "ai-finding-kept"  # a flagged finding whose site level is not above the current level
+AI_FINDING_UNMAPPED = "ai-finding-unmapped"  # a flagged finding the site gave no level to
+AI_NEGATIVE = "ai-negative"
+AI_FAILED = "ai-failed"
+AI_PENDING = "ai-pending"
+AI_NOT_APPLICABLE = "ai-not-applicable"
+WAITING_PROMOTED = "waiting-promoted"
+OVERDUE = "overdue"
+
+# Score layout: level rank in the thousands, fraction of the turnaround target elapsed below it.
+_LEVEL_WEIGHT = 1000.0
+_MAX_FRACTION = 999.0
+
+_TOP = max(PriorityLevel, key=lambda level: level.rank)
+
+
+@dataclass(frozen=True)
+class Turnaround:
+    """How long a study has waited against the target of the level it was given (before any promotion)."""
+
+    level: PriorityLevel
+    waiting_min: float
+    target_min: float | None
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the target elapsed; 0 when the site sets no target for this level."""
+        if not self.target_min:
+            return 0.0
+        return self.waiting_min / self.target_min
+
+    @property
+    def left_min(self) -> float | None:
+        """Minutes left before the target is breached (negative once breached); None without a target."""
+        if self.target_min is None:
+            return None
+        return self.target_min - self.waiting_min
+
+
+def require_utc(value: datetime, name: str) -> datetime:
+    """Return `value` if it is timezone-aware.
+
+    Raises:
+        ValueError: when `value` is naive, since a naive time cannot be compared with stored UTC times.
+    """
+    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime (UTC), got {value!r}")
+    return value
+
+
+def level_of(value: str | PriorityLevel) -> PriorityLevel:
+    """A priority level from our own names only (routine, urgent, stat).
+
+    Raises:
+        ValueError: quoting the value when it is not one of them.
+    """
+    try:
+        return PriorityLevel(str(value).strip().lower())
+    except ValueError:
+        raise ValueError(f"unknown priority level {value!r}; valid: {[lvl.value for lvl in PriorityLevel]}") from None
+
+
+def validate_settings(settings: PrioritySettings) -> None:
+    """Check the site's policy once at start-up.
+
+    Raises:
+        ValueError: when a finding level or turnaround level is not a priority level, a target is not
+            positive, or promote_at_fraction is outside (0, 1].
+    """
+    for label, value in settings.finding_levels.items():
+        try:
+            level_of(value)
+        except ValueError as exc:
+            raise ValueError(f"priority.finding_levels[{label!r}]: {exc}") from None
+    for key, minutes in settings.turnaround_min.items():
+        level_of(key)
+        if not minutes > 0:
+            raise ValueError(f"priority.turnaround_min[{key!r}] must be > 0 minutes, got {minutes!r}")
+    if not 0 < settings.promote_at_fraction <= 1:
+        raise ValueError(f"priority.promote_at_fraction must be in (0, 1], got {settings.promote_at_fraction!r}")
+
+
+def turnaround(level: PriorityLevel, received_at: datetime, now: datetime, settings: PrioritySettings) -> Turnaround:
+    """Waiting time of a study received at `received_at`, against the site's target for `level`."""
+    waiting_min = max(0.0, (require_utc(now, "now") - require_utc(received_at, "received_at")).total_seconds() / 60)
+    targets = {level_of(k): float(v) for k, v in settings.turnaround_min.items()}
+    return Turnaround(level=level, waiting_min=waiting_min, target_min=targets.get(level))
+
+
+def _finding_fields(finding: Mapping[str, Any] | Finding) -> tuple[str, float, bool, str, str, bool]:
+    if isinstance(finding, Finding):
+        return (
+            finding.label,
+            float(finding.probability),
+            bool(finding.flagged),
+            finding.model,
+            finding.model_version,
+            bool(finding.synthetic),
+        )
+    try:
+        return (
+            str(finding["label"]),
+            float(finding["probability"]),
+            bool(finding["flagged"]),
+            str(finding.get("model", "")),
+            str(finding.get("model_version", "")),
+            bool(finding.get("synthetic", False)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"finding {finding!r} needs label, probability and flagged ({exc})") from None
+
+
+def _finding_text(label: str, probability: float, model: str, version: str, synthetic: bool) -> str:
+    source = f"{model} {version}".strip() or "unknown model"
+    if synthetic:
+        source += ", synthetic model"
+    return f"{label} flagged (p={probability:.2f}, {source})"
+
+
+def compute_priority(
+    clinical: PriorityLevel,
+    findings: Sequence[Mapping[str, Any] | Finding],
+    ai_status: AIStatus | str,
+    received_at: datetime,
+    now: datetime,
+    settings: PrioritySettings,
+    *,
+    ai_reason: str = "",
+    clinical_source: str = "from request",
+) -> Priority:
+    """A study's priority from its clinical priority, its AI findings and how long it has waited.
+
+    The clinical priority is the floor: AI only ever raises a study (an unflagged, failed or pending analysis
+    leaves the level as it was). Each flagged finding raises the study to the level the site sets for that
+    finding. Once `promote_at_fraction` of the turnaround target of the level reached so far has elapsed,
+    the study goes up one level (never above stat) so routine studies are not starved.
+
+    Args:
+        clinical: The clinical priority (from the request, the sending AE or the default).
+        findings: Study findings as stored (dicts with label, probability, flagged, model, model_version,
+            synthetic) or `Finding` records.
+        ai_status: Where the AI analysis stands.
+        received_at: When the study's first instance arrived (timezone-aware).
+        now: The time the priority is computed for (timezone-aware).
+        settings: The site's policy.
+        ai_reason: Why the analysis failed or did not apply, quoted in the reason.
+        clinical_source: Where the clinical priority came from, in words ("from request", "default").
+
+    Returns:
+        The level, a score that sorts higher level first and then the study closest to breaching its target,
+        and every reason in the order it applied.
+
+    Raises:
+        ValueError: when a time is naive, the AI status is unknown or a finding lacks its fields.
+    """
+    status = AIStatus(ai_status)
+    level = PriorityLevel(clinical)
+    reasons: list[PriorityReason] = [
+        PriorityReason(CLINICAL, f"clinical priority: {level.value} ({clinical_source})", level)
+    ]
+
+    if status is AIStatus.FAILED:
+        # Clinical fail-safe: an AI failure never lowers priority; the study stays at its clinical level.
+        why = ai_reason or "no reason given"
+        reasons.append(PriorityReason(AI_FAILED, f"AI analysis failed: {why}; clinical priority kept", level))
+    elif status in (AIStatus.PENDING, AIStatus.ANALYSING):
+        reasons.append(PriorityReason(AI_PENDING, f"AI analysis {status.value}; clinical priority kept", level))
+    elif status is AIStatus.NOT_APPLICABLE:
+        why = f" ({ai_reason})" if ai_reason else ""
+        reasons.append(PriorityReason(AI_NOT_APPLICABLE, f"no AI model applies{why}; clinical priority kept", level))
+
+    # Findings count whatever the status: a study re-queued after new instances keeps its earlier findings
+    # until the newer analysis supersedes them.
+    site_levels = {label: level_of(value) for label, value in settings.finding_levels.items()}
+    flagged = 0
+    for finding in findings:
+        label, probability, is_flagged, model, version, synthetic = _finding_fields(finding)
+        if not is_flagged:
+            continue
+        flagged += 1
+        text = _finding_text(label, probability, model, version, synthetic)
+        site_level = site_levels.get(label)
+        if site_level is None:
+            reasons.append(PriorityReason(AI_FINDING_UNMAPPED, f"{text}; the site sets no level for it", level))
+        elif site_level.rank > level.rank:
+            level = site_level
+            reasons.append(PriorityReason(AI_FINDING, f"{text} -> {site_level.value}", site_level))
+        else:
+            # A finding never lowers: the site's level for it is at or below the level already reached.
+            reasons.append(
+                PriorityReason(AI_FINDING_KEPT, f"{text}; site level {site_level.value}, {level.value} kept", level)
+            )
+    if status is AIStatus.DONE and flagged == 0:
+        reasons.append(PriorityReason(AI_NEGATIVE, "AI analysis flagged nothing; clinical priority kept", level))
+
+    wait = turnaround(level, received_at, now, settings)
+    final = level
+    if wait.target_min is not None:
+        if wait.fraction >= settings.promote_at_fraction and level is not _TOP:
+            final = next(lvl for lvl in PriorityLevel if lvl.rank == level.rank + 1)
+            reasons.append(
+                PriorityReason(
+                    WAITING_PROMOTED,
+                    f"waiting {wait.waiting_min:.0f} min of {wait.target_min:.0f} min {level.value} target"
+                    f" -> {final.value}",
+                    final,
+                )
+            )
+        if wait.fraction >= 1.0:
+            reasons.append(
+                PriorityReason(
+                    OVERDUE,
+                    f"waiting {wait.waiting_min:.0f} min, {wait.waiting_min - wait.target_min:.0f} min past the"
+                    f" {wait.target_min:.0f} min {level.value} target",
+                    final,
+                )
+            )
+    score = final.rank * _LEVEL_WEIGHT + min(wait.fraction, _MAX_FRACTION)
+    return Priority(level=final, score=score, reasons=tuple(reasons))
+
+
+def base_level(priority: Priority) -> PriorityLevel:
+    """The level a study reached before any promotion for waiting: its turnaround target is that level's."""
+    if any(r.code == WAITING_PROMOTED for r in priority.reasons):
+        return next(lvl for lvl in PriorityLevel if lvl.rank == priority.level.rank - 1)
+    return priority.level
+
+
+def sort_key(priority: Priority, received_at: datetime) -> tuple[float, float]:
+    """Key that sorts studies highest priority first, then closest to breaching, then oldest first."""
+    return (-priority.score, require_utc(received_at, "received_at").timestamp())
+
+
+def priority_to_dict(priority: Priority) -> dict[str, Any]:
+    """The JSON-ready form: {level, score, reasons: [{code, text, level}]}."""
+    return {
+        "level": priority.level.value,
+        "score": round(priority.score, 4),
+        "reasons": [{"code": r.code, "text": r.text, "level": r.level.value} for r in priority.reasons],
+    }

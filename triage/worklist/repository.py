@@ -1,0 +1,828 @@
+"""The worklist repository: index arriving instances, queue studies for analysis, store results, claim and report."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, case, select, update
+from sqlalchemy import insert as sa_insert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from triage.config import PrioritySettings
+from triage.domain import AIStatus, Finding, InstanceMeta, Priority, PriorityLevel, RoutingDecision, SeriesInfo
+from triage.errors import ConflictError, NotFoundError
+from triage.worklist.db import WRITE_OPTION, create_engine_for
+from triage.worklist.events import STUDY_UPDATED, Broadcaster
+from triage.worklist.priority import (
+    base_level,
+    compute_priority,
+    level_of,
+    priority_to_dict,
+    require_utc,
+    sort_key,
+    turnaround,
+    validate_settings,
+)
+from triage.worklist.tables import Instance, Series, Study, StudyEvent
+
+log = logging.getLogger(__name__)
+
+# Modalities in a study are joined like ModalitiesInStudy (0008,0061), a multi-valued CS.
+MODALITY_SEPARATOR = "\\"
+_FINDING_KEYS = ("label", "probability", "flagged", "model", "model_version", "synthetic")
+_FINISHED = (AIStatus.DONE, AIStatus.FAILED, AIStatus.NOT_APPLICABLE)
+
+
+@dataclass
+class WorklistItem:
+    """One study as the worklist shows it, with its priority computed for the time of the read."""
+
+    study_uid: str
+    accession_number: str
+    modality: str
+    study_description: str
+    site: str
+    sending_ae: str
+    received_at: datetime
+    last_instance_at: datetime
+    instance_count: int
+    waiting_min: float
+    turnaround_left_min: float | None
+    clinical_priority: str
+    ai_status: str
+    ai_reason: str
+    priority: Priority
+    findings: list[dict[str, Any]]
+    claimed_by: str | None
+    claimed_at: datetime | None
+    reported: bool
+    reported_by: str | None = None
+    reported_at: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: times as ISO 8601 UTC strings, the priority as {level, score, reasons}."""
+        return {
+            "study_uid": self.study_uid,
+            "accession_number": self.accession_number,
+            "modality": self.modality,
+            "study_description": self.study_description,
+            "site": self.site,
+            "sending_ae": self.sending_ae,
+            "received_at": _iso(self.received_at),
+            "last_instance_at": _iso(self.last_instance_at),
+            "instance_count": self.instance_count,
+            "waiting_min": round(self.waiting_min, 1),
+            "turnaround_left_min": None if self.turnaround_left_min is None else round(self.turnaround_left_min, 1),
+            "clinical_priority": self.clinical_priority,
+            "ai_status": self.ai_status,
+            "ai_reason": self.ai_reason,
+            "priority": priority_to_dict(self.priority),
+            "findings": [dict(f) for f in self.findings],
+            "claimed_by": self.claimed_by,
+            "claimed_at": _iso(self.claimed_at),
+            "reported": self.reported,
+            "reported_by": self.reported_by,
+            "reported_at": _iso(self.reported_at),
+        }
+
+
+@dataclass
+class SeriesDetail:
+    """One series of a study with the routing decision made for it (None before any analysis)."""
+
+    series_uid: str
+    modality: str
+    description: str
+    n_instances: int
+    attributes: dict[str, Any]
+    routing: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StudyDetail:
+    """A study's worklist entry plus its series, the analysis times and its history."""
+
+    item: WorklistItem
+    series: list[SeriesDetail]
+    instance_count: int
+    analysis_generation: int
+    analysed_generation: int
+    analysis_started_at: datetime | None
+    analysis_finished_at: datetime | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.item.to_dict(),
+            "series": [s.to_dict() for s in self.series],
+            "instance_count": self.instance_count,
+            "analysis_generation": self.analysis_generation,
+            "analysed_generation": self.analysed_generation,
+            "analysis_started_at": _iso(self.analysis_started_at),
+            "analysis_finished_at": _iso(self.analysis_finished_at),
+            "history": self.history,
+        }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _as_dict(record: Mapping[str, Any] | Any) -> dict[str, Any]:
+    if isinstance(record, Finding):
+        return record.to_dict()
+    if is_dataclass(record) and not isinstance(record, type):
+        return asdict(record)
+    return dict(record)
+
+
+def _normalise_findings(findings: Iterable[Mapping[str, Any] | Finding]) -> list[dict[str, Any]]:
+    out = []
+    for finding in findings:
+        item = _as_dict(finding)
+        missing = [key for key in _FINDING_KEYS if key not in item]
+        if missing:
+            raise ValueError(f"finding {item!r} lacks {missing}; a finding needs {list(_FINDING_KEYS)}")
+        item.pop("overlay", None)
+        item.setdefault("details", {})
+        out.append(item)
+    return out
+
+
+def _normalise_routing(routing: Iterable[Mapping[str, Any] | RoutingDecision]) -> list[dict[str, Any]]:
+    out = []
+    for decision in routing:
+        item = _as_dict(decision)
+        if "series_uid" not in item:
+            raise ValueError(f"routing decision {item!r} lacks series_uid")
+        out.append(item)
+    return out
+
+
+def _status(value: AIStatus | str) -> AIStatus:
+    try:
+        return AIStatus(value)
+    except ValueError:
+        raise ValueError(f"unknown AI status {value!r}; valid: {[s.value for s in AIStatus]}") from None
+
+
+def _modalities(joined: str) -> list[str]:
+    return [m for m in joined.split(MODALITY_SEPARATOR) if m]
+
+
+class Worklist:
+    """The study worklist in a SQLite or PostgreSQL database, with the site's priority policy.
+
+    Every method that changes a study publishes {"type": "study.updated", "study_uid": ..., "change": ...}
+    on `events` after its transaction commits. All times are timezone-aware UTC.
+
+    Args:
+        engine: An engine from `create_engine_for`, or a database URL. The schema must exist: call
+            `triage.worklist.db.migrate(url)` first, or use `Worklist.open`.
+        settings: The site's priority policy.
+        events: Where change events go; a private Broadcaster when omitted.
+        sender_priority: Clinical priority for studies whose request carries none, by calling AE title.
+
+    Raises:
+        ValueError: when the policy or the sender mapping names an unknown priority level.
+    """
+
+    def __init__(
+        self,
+        engine: Engine | str,
+        settings: PrioritySettings | None = None,
+        events: Broadcaster | None = None,
+        sender_priority: Mapping[str, str] | None = None,
+    ) -> None:
+        self.engine = create_engine_for(engine) if isinstance(engine, str) else engine
+        self._write_engine = self.engine.execution_options(**{WRITE_OPTION: True})
+        self.settings = settings or PrioritySettings()
+        validate_settings(self.settings)
+        self.events = events or Broadcaster()
+        self.sender_priority: dict[str, PriorityLevel] = {}
+        for ae, value in (sender_priority or {}).items():
+            try:
+                self.sender_priority[ae.strip()] = PriorityLevel.parse(value)
+            except ValueError as exc:
+                raise ValueError(f"sender_priority[{ae!r}]: {exc}") from None
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            self._upsert = pg_insert
+        elif dialect == "sqlite":
+            self._upsert = sqlite_insert
+        else:  # create_engine_for refuses others; an engine built elsewhere might not
+            raise ValueError(f"unsupported database dialect {dialect!r}; use SQLite or PostgreSQL")
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        settings: PrioritySettings | None = None,
+        events: Broadcaster | None = None,
+        sender_priority: Mapping[str, str] | None = None,
+    ) -> Worklist:
+        """Create the engine for `url`, migrate the schema to head and return the worklist."""
+        from triage.worklist.db import migrate
+
+        engine = create_engine_for(url)
+        migrate(engine)
+        return cls(engine, settings, events, sender_priority)
+
+    # ----------------------------------------------------------------------------------------- helpers
+
+    def _read(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    def _write(self) -> Session:
+        return Session(self._write_engine, expire_on_commit=False)
+
+    def _publish(self, study_uid: str, change: str) -> None:
+        self.events.publish({"type": STUDY_UPDATED, "study_uid": study_uid, "change": change})
+
+    @staticmethod
+    def _locked(session: Session, study_uid: str) -> Study:
+        # FOR UPDATE on PostgreSQL; on SQLite the BEGIN IMMEDIATE of a write session already serialises.
+        study = session.execute(
+            select(Study).where(Study.study_uid == study_uid).with_for_update()
+        ).scalar_one_or_none()
+        if study is None:
+            raise NotFoundError(f"study {study_uid!r} is not on the worklist")
+        return study
+
+    @staticmethod
+    def _history(session: Session, study_uid: str, kind: str, at: datetime, user: str | None = None, **detail: Any):
+        session.add(StudyEvent(study_uid=study_uid, kind=kind, at=at, user=user, detail=detail))
+
+    def _priority(self, study: Study, now: datetime) -> Priority:
+        return compute_priority(
+            PriorityLevel(study.clinical_priority),
+            study.findings or [],
+            study.ai_status,
+            study.received_at,
+            now,
+            self.settings,
+            ai_reason=study.ai_reason,
+            clinical_source=study.clinical_priority_source,
+        )
+
+    def _refresh_priority(self, study: Study, now: datetime) -> None:
+        priority = self._priority(study, now)
+        study.priority_level = priority.level.value
+        study.priority_reasons = priority_to_dict(priority)["reasons"]
+
+    def _clinical_priority(self, meta: InstanceMeta) -> tuple[PriorityLevel, str]:
+        note = ""
+        if meta.requested_priority.strip():
+            try:
+                return PriorityLevel.parse(meta.requested_priority), "from request"
+            except ValueError:
+                # An unreadable request priority must not lose the instance; fall back and say so.
+                note = f"; request priority {meta.requested_priority!r} not recognised"
+        ae = meta.calling_ae.strip()
+        if ae in self.sender_priority:
+            return self.sender_priority[ae], f"from sending AE {ae}{note}"
+        return PriorityLevel.ROUTINE, f"default{note}"
+
+    def _item(self, study: Study, now: datetime) -> WorklistItem:
+        priority = self._priority(study, now)
+        wait = turnaround(base_level(priority), study.received_at, now, self.settings)
+        return WorklistItem(
+            study_uid=study.study_uid,
+            accession_number=study.accession_number,
+            modality=study.modality,
+            study_description=study.study_description,
+            site=study.site,
+            sending_ae=study.sending_ae,
+            received_at=study.received_at,
+            last_instance_at=study.last_instance_at,
+            instance_count=study.instance_count,
+            waiting_min=wait.waiting_min,
+            turnaround_left_min=wait.left_min,
+            clinical_priority=study.clinical_priority,
+            ai_status=study.ai_status,
+            ai_reason=study.ai_reason,
+            priority=priority,
+            findings=list(study.findings or []),
+            claimed_by=study.claimed_by,
+            claimed_at=study.claimed_at,
+            reported=study.reported_at is not None,
+            reported_by=study.reported_by,
+            reported_at=study.reported_at,
+        )
+
+    # -------------------------------------------------------------------------------------- ingestion
+
+    def record_instance(self, meta: InstanceMeta, received_at: datetime) -> bool:
+        """Index one received instance, creating or updating its study and series.
+
+        Safe to call from several threads and processes at once: the unique SOP Instance UID decides
+        duplicates, studies and series are inserted with ON CONFLICT DO NOTHING, counters are updated in SQL.
+        An instance arriving after the study's analysis has started or finished bumps the analysis generation
+        so the study is analysed again; a new study starts with AI status pending.
+
+        Args:
+            meta: What the store indexed about the instance (no patient names or birth dates).
+            received_at: When it arrived (timezone-aware).
+
+        Returns:
+            False when that SOP Instance UID was already indexed (nothing changes), True otherwise.
+
+        Raises:
+            ValueError: when `received_at` is naive or a UID is empty.
+        """
+        now = require_utc(received_at, "received_at")
+        for name in ("study_uid", "series_uid", "sop_instance_uid"):
+            if not getattr(meta, name).strip():
+                raise ValueError(f"instance {meta.sop_instance_uid!r} has an empty {name}")
+        clinical, source = self._clinical_priority(meta)
+        modality = meta.modality.strip().upper()
+        study_uid = meta.study_uid
+        try:
+            with self._write() as session, session.begin():
+                created = (
+                    session.execute(
+                        self._upsert(Study)
+                        .values(
+                            study_uid=study_uid,
+                            accession_number=meta.accession_number,
+                            patient_hash=meta.patient_hash,
+                            modality=modality,
+                            study_description=meta.study_description,
+                            site=meta.institution,
+                            sending_ae=meta.calling_ae,
+                            received_at=now,
+                            last_instance_at=now,
+                            instance_count=0,
+                            clinical_priority=clinical.value,
+                            clinical_priority_source=source,
+                            ai_status=AIStatus.PENDING.value,
+                            ai_reason="",
+                            analysis_generation=1,
+                            analysing_generation=0,
+                            analysed_generation=0,
+                            findings=[],
+                            routing=[],
+                            priority_level=clinical.value,
+                            priority_reasons=[],
+                        )
+                        .on_conflict_do_nothing(index_elements=["study_uid"])
+                        .returning(Study.study_uid)
+                    ).first()
+                    is not None
+                )
+                session.execute(
+                    self._upsert(Series)
+                    .values(
+                        series_uid=meta.series_uid,
+                        study_uid=study_uid,
+                        modality=modality,
+                        sop_class_uid=meta.sop_class_uid,
+                        description=meta.series_description,
+                        n_instances=0,
+                        attributes={
+                            "Modality": modality,
+                            "SOPClassUID": meta.sop_class_uid,
+                            "SeriesDescription": meta.series_description,
+                            "BodyPartExamined": meta.body_part,
+                            "StudyDescription": meta.study_description,
+                        },
+                    )
+                    .on_conflict_do_nothing(index_elements=["series_uid"])
+                )
+                # The unique SOP Instance UID is the duplicate check: a resend raises IntegrityError here.
+                session.execute(
+                    sa_insert(Instance).values(
+                        sop_instance_uid=meta.sop_instance_uid,
+                        series_uid=meta.series_uid,
+                        study_uid=study_uid,
+                        sop_class_uid=meta.sop_class_uid,
+                        path=meta.path,
+                        transfer_syntax=meta.transfer_syntax_uid,
+                        received_at=now,
+                    )
+                )
+                taken = (Study.analysing_generation >= Study.analysis_generation) | (
+                    Study.analysed_generation >= Study.analysis_generation
+                )
+                session.execute(
+                    update(Study)
+                    .where(Study.study_uid == study_uid)
+                    .values(
+                        instance_count=Study.instance_count + 1,
+                        last_instance_at=case((Study.last_instance_at < now, now), else_=Study.last_instance_at),
+                        # An analysis that has started or finished did not see this instance: queue a new one.
+                        analysis_generation=case(
+                            (taken, Study.analysis_generation + 1), else_=Study.analysis_generation
+                        ),
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                session.execute(
+                    update(Series)
+                    .where(Series.series_uid == meta.series_uid)
+                    .values(n_instances=Series.n_instances + 1)
+                    .execution_options(synchronize_session=False)
+                )
+                # This transaction now holds the study row, so the read-modify-write below is not racing.
+                study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
+                self._merge_instance(study, meta, modality, clinical, source)
+                if study.ai_status in _FINISHED and study.analysis_generation > study.analysed_generation:
+                    study.ai_status = AIStatus.PENDING.value
+                    study.ai_reason = "new instances arrived; re-analysis queued"
+                self._refresh_priority(study, now)
+                if created:
+                    self._history(session, study_uid, "received", now, sending_ae=meta.calling_ae)
+        except IntegrityError:
+            if self._instance_exists(meta.sop_instance_uid):
+                log.debug("duplicate instance %s of study %s ignored", meta.sop_instance_uid, study_uid)
+                return False
+            raise
+        self._publish(study_uid, "created" if created else "instance")
+        return True
+
+    @staticmethod
+    def _merge_instance(study: Study, meta: InstanceMeta, modality: str, clinical: PriorityLevel, source: str) -> None:
+        if modality and modality not in _modalities(study.modality):
+            study.modality = MODALITY_SEPARATOR.join(sorted({*_modalities(study.modality), modality}))
+        for column, value in (
+            ("accession_number", meta.accession_number),
+            ("patient_hash", meta.patient_hash),
+            ("study_description", meta.study_description),
+            ("site", meta.institution),
+            ("sending_ae", meta.calling_ae),
+        ):
+            if value and not getattr(study, column):
+                setattr(study, column, value)
+        # A later instance may carry a higher request priority; clinical priority never goes down.
+        if clinical.rank > PriorityLevel(study.clinical_priority).rank:
+            study.clinical_priority = clinical.value
+            study.clinical_priority_source = source
+
+    def _instance_exists(self, sop_instance_uid: str) -> bool:
+        with self._read() as session:
+            found = session.execute(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
+            return found.first() is not None
+
+    # --------------------------------------------------------------------------------------- analysis
+
+    def studies_ready(self, stable_age_s: float, now: datetime) -> list[str]:
+        """Studies complete (no instance for `stable_age_s`) with a generation not yet analysed, oldest first.
+
+        A study being analysed at its current generation is left out; one whose analysis is running on an
+        older generation (instances arrived since) is included, and that older result will be discarded.
+        """
+        cutoff = require_utc(now, "now") - timedelta(seconds=float(stable_age_s))
+        with self._read() as session:
+            rows = session.execute(
+                select(Study.study_uid)
+                .where(
+                    Study.last_instance_at <= cutoff,
+                    Study.analysis_generation > Study.analysed_generation,
+                    Study.analysing_generation < Study.analysis_generation,
+                )
+                .order_by(Study.received_at, Study.study_uid)
+            )
+            return [row[0] for row in rows]
+
+    def series_of(self, study_uid: str) -> list[SeriesInfo]:
+        """The study's series with their files (paths in arrival order) and routing attributes.
+
+        Raises:
+            NotFoundError: when the study is not on the worklist.
+        """
+        with self._read() as session:
+            if session.get(Study, study_uid) is None:
+                raise NotFoundError(f"study {study_uid!r} is not on the worklist")
+            series_rows = session.execute(
+                select(Series).where(Series.study_uid == study_uid).order_by(Series.series_uid)
+            ).scalars()
+            files: dict[str, list[str]] = {}
+            for series_uid, path in session.execute(
+                select(Instance.series_uid, Instance.path).where(Instance.study_uid == study_uid).order_by(Instance.id)
+            ):
+                files.setdefault(series_uid, []).append(path)
+            return [
+                SeriesInfo(
+                    series_uid=s.series_uid,
+                    modality=s.modality,
+                    sop_class_uid=s.sop_class_uid,
+                    n_instances=len(files.get(s.series_uid, [])),
+                    files=tuple(files.get(s.series_uid, [])),
+                    attributes=dict(s.attributes or {}),
+                )
+                for s in series_rows
+            ]
+
+    def begin_analysis(self, study_uid: str, now: datetime) -> int:
+        """Mark the study as being analysed and return the generation token to hand to `finish_analysis`.
+
+        A study whose current generation is already analysed is re-analysed at a new generation.
+
+        Raises:
+            NotFoundError: when the study is not on the worklist.
+            ConflictError: when an analysis of the current generation is already running.
+        """
+        now = require_utc(now, "now")
+        with self._write() as session, session.begin():
+            study = self._locked(session, study_uid)
+            running = study.analysing_generation >= study.analysis_generation > study.analysed_generation
+            if running and study.ai_status == AIStatus.ANALYSING.value:
+                raise ConflictError(
+                    f"study {study_uid!r} is already being analysed at generation {study.analysis_generation}"
+                )
+            if study.analysed_generation >= study.analysis_generation:
+                study.analysis_generation = study.analysed_generation + 1
+            generation = study.analysis_generation
+            study.analysing_generation = generation
+            study.ai_status = AIStatus.ANALYSING.value
+            study.ai_reason = ""
+            study.analysis_started_at = now
+            self._refresh_priority(study, now)
+            self._history(session, study_uid, "analysis-started", now, generation=generation)
+        self._publish(study_uid, "analysis-started")
+        return generation
+
+    def finish_analysis(
+        self,
+        study_uid: str,
+        generation: int,
+        findings: Sequence[Mapping[str, Any] | Finding],
+        routing: Sequence[Mapping[str, Any] | RoutingDecision],
+        ai_status: AIStatus | str,
+        reason: str,
+        now: datetime,
+    ) -> bool:
+        """Store the results of the analysis that `begin_analysis` returned `generation` for.
+
+        If instances arrived after that analysis began, its results are discarded: the newer analysis
+        supersedes it and the study stays queued (the study is always one row). With `AIStatus.FAILED` the
+        study stays on the worklist at its clinical priority, marked as not analysed, with `reason` shown.
+
+        Returns:
+            True when the results were stored, False when they were stale and discarded.
+
+        Raises:
+            NotFoundError: when the study is not on the worklist.
+            ConflictError: when this generation's results were already stored.
+            ValueError: when the status is not a finished one, the generation was never issued, or a finding
+                or routing decision lacks its fields.
+        """
+        now = require_utc(now, "now")
+        status = _status(ai_status)
+        if status not in _FINISHED:
+            raise ValueError(f"finish_analysis needs a finished status {[s.value for s in _FINISHED]}, got {status!r}")
+        stored_findings = _normalise_findings(findings) if status is not AIStatus.NOT_APPLICABLE else []
+        stored_routing = _normalise_routing(routing)
+        with self._write() as session, session.begin():
+            study = self._locked(session, study_uid)
+            if not 1 <= generation <= study.analysis_generation:
+                raise ValueError(
+                    f"generation {generation!r} of study {study_uid!r} was never issued"
+                    f" (current generation {study.analysis_generation})"
+                )
+            if generation == study.analysed_generation:
+                raise ConflictError(
+                    f"results of generation {generation} of study {study_uid!r} were already stored"
+                    f" (analysed generation {study.analysed_generation})"
+                )
+            if generation < study.analysis_generation:
+                # Instances arrived during this analysis: its results are superseded by the newer analysis,
+                # queued or already stored.
+                if study.analysing_generation == generation:
+                    study.ai_status = AIStatus.PENDING.value
+                    study.ai_reason = f"new instances arrived during analysis {generation}; re-analysis queued"
+                    self._refresh_priority(study, now)
+                self._history(
+                    session, study_uid, "analysis-superseded", now, generation=generation, status=status.value
+                )
+                stored = False
+            else:
+                study.findings = stored_findings
+                study.routing = stored_routing
+                study.ai_status = status.value
+                study.ai_reason = reason
+                study.analysed_generation = generation
+                study.analysis_finished_at = now
+                self._refresh_priority(study, now)
+                self._history(
+                    session,
+                    study_uid,
+                    "analysis-finished",
+                    now,
+                    generation=generation,
+                    status=status.value,
+                    reason=reason,
+                    flagged=[f["label"] for f in stored_findings if f["flagged"]],
+                )
+                stored = True
+        if status is AIStatus.FAILED:
+            log.warning("analysis of study %s failed: %s; kept at clinical priority", study_uid, reason)
+        self._publish(study_uid, "analysed" if stored else "analysis-superseded")
+        return stored
+
+    def recover_interrupted(self, now: datetime) -> list[str]:
+        """Put studies left "analysing" by a crash back in the queue (status pending); returns their UIDs."""
+        now = require_utc(now, "now")
+        with self._write() as session, session.begin():
+            studies = (
+                session.execute(select(Study).where(Study.ai_status == AIStatus.ANALYSING.value).with_for_update())
+                .scalars()
+                .all()
+            )
+            for study in studies:
+                study.analysing_generation = study.analysed_generation
+                if study.analysis_generation <= study.analysed_generation:
+                    study.analysis_generation = study.analysed_generation + 1
+                study.ai_status = AIStatus.PENDING.value
+                study.ai_reason = "analysis interrupted by a restart; re-queued"
+                self._refresh_priority(study, now)
+                self._history(session, study.study_uid, "analysis-interrupted", now)
+            uids = [s.study_uid for s in studies]
+        for uid in uids:
+            self._publish(uid, "re-queued")
+        if uids:
+            log.info("re-queued %d studies interrupted during analysis", len(uids))
+        return uids
+
+    # ---------------------------------------------------------------------------------------- reading
+
+    def list_worklist(
+        self,
+        now: datetime,
+        status: str | None = None,
+        modality: str | None = None,
+        level: str | None = None,
+        site: str | None = None,
+        accession: str | None = None,
+        include_reported: bool = False,
+    ) -> list[WorklistItem]:
+        """Studies on the worklist, highest priority first, with the priority computed for `now`.
+
+        Args:
+            now: The time of the read; waiting time moves priorities (timezone-aware).
+            status: Only this AI status (pending, analysing, done, failed, not-applicable).
+            modality: Only studies containing this modality (CT, CR, ...).
+            level: Only studies at this priority level (routine, urgent, stat).
+            site: Only studies from this institution.
+            accession: Only the study with this accession number.
+            include_reported: Also list studies already reported.
+
+        Raises:
+            ValueError: when a filter value is not one of the valid ones (quoted with them).
+        """
+        now = require_utc(now, "now")
+        query = select(Study)
+        if status:
+            query = query.where(Study.ai_status == _status(status).value)
+        if site:
+            query = query.where(Study.site == site)
+        if accession:
+            query = query.where(Study.accession_number == accession)
+        if not include_reported:
+            query = query.where(Study.reported_at.is_(None))
+        wanted_modality = modality.strip().upper() if modality else None
+        if wanted_modality:
+            query = query.where(Study.modality.contains(wanted_modality, autoescape=True))
+        wanted_level = level_of(level) if level else None
+        with self._read() as session:
+            studies = session.execute(query).scalars().all()
+        items = []
+        for study in studies:
+            if wanted_modality and wanted_modality not in _modalities(study.modality):
+                continue
+            item = self._item(study, now)
+            if wanted_level and item.priority.level is not wanted_level:
+                continue
+            items.append(item)
+        items.sort(key=lambda it: (*sort_key(it.priority, it.received_at), it.study_uid))
+        return items
+
+    def get_study(self, study_uid: str, now: datetime) -> StudyDetail:
+        """One study with its series, the routing decision per series and its history.
+
+        Raises:
+            NotFoundError: when the study is not on the worklist.
+        """
+        now = require_utc(now, "now")
+        with self._read() as session:
+            study = session.get(Study, study_uid)
+            if study is None:
+                raise NotFoundError(f"study {study_uid!r} is not on the worklist")
+            series_rows = session.execute(
+                select(Series).where(Series.study_uid == study_uid).order_by(Series.series_uid)
+            ).scalars()
+            events = session.execute(
+                select(StudyEvent).where(StudyEvent.study_uid == study_uid).order_by(StudyEvent.id)
+            ).scalars()
+            routing = {d.get("series_uid"): d for d in study.routing or []}
+            series = [
+                SeriesDetail(
+                    series_uid=s.series_uid,
+                    modality=s.modality,
+                    description=s.description,
+                    n_instances=s.n_instances,
+                    attributes=dict(s.attributes or {}),
+                    routing=routing.get(s.series_uid),
+                )
+                for s in series_rows
+            ]
+            history = [
+                {"at": _iso(e.at), "kind": e.kind, "user": e.user, "detail": dict(e.detail or {})} for e in events
+            ]
+            return StudyDetail(
+                item=self._item(study, now),
+                series=series,
+                instance_count=study.instance_count,
+                analysis_generation=study.analysis_generation,
+                analysed_generation=study.analysed_generation,
+                analysis_started_at=study.analysis_started_at,
+                analysis_finished_at=study.analysis_finished_at,
+                history=history,
+            )
+
+    # ------------------------------------------------------------------------------------- reporting
+
+    def claim(self, study_uid: str, user: str, now: datetime) -> None:
+        """`user` takes the study to report it (claiming one's own claim again is allowed).
+
+        Raises:
+            NotFoundError: when the study is not on the worklist.
+            ConflictError: when someone else has claimed it, or it is already reported.
+        """
+        now = require_utc(now, "now")
+        user = _user(user)
+        with self._write() as session, session.begin():
+            study = self._locked(session, study_uid)
+            if study.reported_at is not None:
+                raise ConflictError(f"study {study_uid!r} was already reported by {study.reported_by!r}")
+            if study.claimed_by not in (None, user):
+                raise ConflictError(f"study {study_uid!r} is claimed by {study.claimed_by!r}, not {user!r}")
+            if study.claimed_by == user:
+                return
+            study.claimed_by = user
+            study.claimed_at = now
+            self._history(session, study_uid, "claimed", now, user=user)
+        self._publish(study_uid, "claimed")
+
+    def release(self, study_uid: str, user: str, is_admin: bool = False, now: datetime | None = None) -> None:
+        """Give the study back to the worklist. Only the claimant or an admin may release a claim.
+
+        Raises:
+            NotFoundError: when the study is not on the worklist.
+            ConflictError: when someone else holds the claim and `user` is not an admin.
+        """
+        user = _user(user)
+        with self._write() as session, session.begin():
+            study = self._locked(session, study_uid)
+            if study.claimed_by is None:
+                return
+            if study.claimed_by != user and not is_admin:
+                raise ConflictError(
+                    f"study {study_uid!r} is claimed by {study.claimed_by!r}; {user!r} cannot release it"
+                )
+            released_from = study.claimed_by
+            study.claimed_by = None
+            study.claimed_at = None
+            at = require_utc(now, "now") if now is not None else datetime.now(UTC)
+            self._history(session, study_uid, "released", at, user=user, claimed_by=released_from)
+        self._publish(study_uid, "released")
+
+    def mark_reported(self, study_uid: str, user: str, now: datetime) -> None:
+        """Record that `user` reported the study; it leaves the worklist (unless reported ones are asked for).
+
+        Raises:
+            NotFoundError: when the study is not on the worklist.
+            ConflictError: when someone else has claimed it or already reported it.
+        """
+        now = require_utc(now, "now")
+        user = _user(user)
+        with self._write() as session, session.begin():
+            study = self._locked(session, study_uid)
+            if study.reported_at is not None:
+                if study.reported_by == user:
+                    return
+                raise ConflictError(f"study {study_uid!r} was already reported by {study.reported_by!r}")
+            if study.claimed_by not in (None, user):
+                raise ConflictError(f"study {study_uid!r} is claimed by {study.claimed_by!r}, not {user!r}")
+            study.reported_by = user
+            study.reported_at = now
+            study.claimed_by = None
+            study.claimed_at = None
+            self._history(session, study_uid, "reported", now, user=user)
+        self._publish(study_uid, "reported")
+
+
+def _user(user: str) -> str:
+    if not isinstance(user, str) or not user.strip():
+        raise ValueError(f"user must be a non-empty name, got {user!r}")
+    return user.strip()

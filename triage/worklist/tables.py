@@ -1,0 +1,141 @@
+"""The worklist schema: studies, series, instances and a history of changes (no patient names or birth dates)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Stable constraint names so Alembic migrations can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# DICOM UIDs are at most 64 characters (PS3.5 9.1); the column is wider so a non-conformant sender is not
+# refused by PostgreSQL after the instance was stored. Free text is Text for the same reason.
+UID_LEN = 128
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend.
+
+    PostgreSQL stores `timestamptz`; SQLite has no time zones, so the value is stored as naive UTC and
+    marked UTC again when read.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r} cannot be stored; pass a timezone-aware UTC time")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Study(Base):
+    """One row per Study Instance UID: what arrived, its clinical priority, the AI result and who reports it.
+
+    Generations: `analysis_generation` counts the versions of the study worth analysing (bumped when an
+    instance arrives after an analysis has started); `analysing_generation` is the one taken by the running
+    analysis and `analysed_generation` the last one whose results are stored.
+    """
+
+    __tablename__ = "studies"
+
+    study_uid: Mapped[str] = mapped_column(String(UID_LEN), primary_key=True)
+    accession_number: Mapped[str] = mapped_column(Text, default="", index=True)
+    # Salted hash of the Patient ID (computed at the DICOM boundary), never the ID itself.
+    patient_hash: Mapped[str] = mapped_column(Text, default="")
+    # Modalities in the study, sorted and joined with "\" as in ModalitiesInStudy (0008,0061).
+    modality: Mapped[str] = mapped_column(Text, default="")
+    study_description: Mapped[str] = mapped_column(Text, default="")
+    site: Mapped[str] = mapped_column(Text, default="", index=True)
+    sending_ae: Mapped[str] = mapped_column(Text, default="")
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_instance_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+
+    clinical_priority: Mapped[str] = mapped_column(Text, default="routine")
+    clinical_priority_source: Mapped[str] = mapped_column(Text, default="default")
+
+    ai_status: Mapped[str] = mapped_column(Text, default="pending", index=True)
+    ai_reason: Mapped[str] = mapped_column(Text, default="")
+    analysis_generation: Mapped[int] = mapped_column(Integer, default=1)
+    analysing_generation: Mapped[int] = mapped_column(Integer, default=0)
+    analysed_generation: Mapped[int] = mapped_column(Integer, default=0)
+    analysis_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    analysis_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    findings: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    routing: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+
+    claimed_by: Mapped[str | None] = mapped_column(Text, nullable=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    reported_by: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    # Cached result of the priority policy at the last change; the worklist recomputes it at read time
+    # because waiting time moves it.
+    priority_level: Mapped[str] = mapped_column(Text, default="routine", index=True)
+    priority_reasons: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+
+
+class Series(Base):
+    """One row per series; `attributes` holds what routing rules look at (values from its first instance)."""
+
+    __tablename__ = "series"
+
+    series_uid: Mapped[str] = mapped_column(String(UID_LEN), primary_key=True)
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid", ondelete="CASCADE"), index=True)
+    modality: Mapped[str] = mapped_column(Text, default="")
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LEN), default="")
+    description: Mapped[str] = mapped_column(Text, default="")
+    n_instances: Mapped[int] = mapped_column(Integer, default=0)
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Instance(Base):
+    """One row per received SOP instance; the unique SOP Instance UID makes a resent instance a duplicate."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LEN), unique=True)
+    series_uid: Mapped[str] = mapped_column(ForeignKey("series.series_uid", ondelete="CASCADE"), index=True)
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid", ondelete="CASCADE"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LEN), default="")
+    path: Mapped[str] = mapped_column(Text)
+    transfer_syntax: Mapped[str] = mapped_column(String(UID_LEN), default="")
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class StudyEvent(Base):
+    """History of a study: arrival, analyses, claims and reports, with who did it (user names, never patients)."""
+
+    __tablename__ = "study_events"
+    __table_args__ = (Index("ix_study_events_study_uid_at", "study_uid", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    kind: Mapped[str] = mapped_column(String(32))
+    user: Mapped[str | None] = mapped_column(Text, nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
