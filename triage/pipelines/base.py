@@ -29,9 +29,15 @@ class ModelPipeline(ABC):
     def __init__(self, card: ModelCard) -> None:
         self.card = card
 
+    def load(self, series: SeriesInfo) -> Any:
+        """Read the series' pixels from disk (timed as the "load" stage). The default defers reading to
+        `preprocess`, which then receives the SeriesInfo itself; pipelines that override this receive what it
+        returns instead."""
+        return series
+
     @abstractmethod
-    def preprocess(self, series: SeriesInfo) -> Any:
-        """Read the series' files and build the model's input (CPU work; picklable result).
+    def preprocess(self, series: Any) -> Any:
+        """Build the model's input from what `load` returned (CPU work; picklable result).
 
         Raises:
             InvalidStudyError: when the series cannot be used (one slice, inconsistent geometry, no pixels).

@@ -60,7 +60,7 @@ class InProcessRunner:
                     model, self.inference.providers, self.inference.ensemble_members, self.inference.intra_op_threads
                 )
                 self._loaded[name] = (pipeline_for(model.card), members)
-                timings.add("load", time.perf_counter() - started)
+                timings.add("model-load", time.perf_counter() - started)
             return self._loaded[name]
 
     def warm_up(self) -> None:
@@ -80,7 +80,10 @@ class InProcessRunner:
                 pipeline, members = self._load(decision.model, timings)
                 card = pipeline.card
                 started = time.perf_counter()
-                prepared = pipeline.preprocess(series)
+                loaded = pipeline.load(series)
+                timings.add("load", time.perf_counter() - started)
+                started = time.perf_counter()
+                prepared = pipeline.preprocess(loaded)
                 timings.add("preprocess", time.perf_counter() - started)
                 started = time.perf_counter()
                 raw = pipeline.infer(prepared, members)
@@ -119,9 +122,11 @@ def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
     return fn(*args), time.perf_counter() - started
 
 
-def _ray_preprocess(card_json: dict[str, Any], series: SeriesInfo) -> tuple[Any, float]:
+def _ray_preprocess(card_json: dict[str, Any], series: SeriesInfo) -> tuple[Any, float, float]:
     pipeline = pipeline_for(ModelCard.model_validate(card_json))
-    return _timed(pipeline.preprocess, series)
+    loaded, load_s = _timed(pipeline.load, series)
+    prepared, preprocess_s = _timed(pipeline.preprocess, loaded)
+    return prepared, load_s, preprocess_s
 
 
 def _ray_postprocess(
@@ -229,8 +234,9 @@ class RayRunner:
                 )
                 continue
             try:
-                prepared, seconds = self._ray.get(prepared_ref)
-                timings.add("preprocess", seconds)
+                prepared, load_s, preprocess_s = self._ray.get(prepared_ref)
+                timings.add("load", load_s)
+                timings.add("preprocess", preprocess_s)
                 raw, seconds = self._ray.get(self._actor(decision.model).infer.remote(prepared))  # type: ignore[arg-type]
                 timings.add("inference", seconds)
                 findings, seconds = self._ray.get(self._postprocess.remote(card_json, prepared, raw, series))
