@@ -1,0 +1,216 @@
+"""Golden table for the priority policy: clinical floor, AI findings that only raise, promotion by waiting time."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from triage.config import PrioritySettings
+from triage.domain import AIStatus, Finding, PriorityLevel
+from triage.worklist.priority import base_level, compute_priority, priority_to_dict, sort_key, validate_settings
+
+T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
+SETTINGS = PrioritySettings(
+    finding_levels={"intracranial_haemorrhage": "stat", "fracture": "urgent", "nodule": "routine"},
+    turnaround_min={"stat": 60, "urgent": 240, "routine": 1440},
+    promote_at_fraction=0.75,
+)
+ROUTINE, URGENT, STAT = PriorityLevel.ROUTINE, PriorityLevel.URGENT, PriorityLevel.STAT
+
+
+def finding(label: str, probability: float = 0.9, flagged: bool = True, synthetic: bool = True) -> dict:
+    return {
+        "label": label,
+        "probability": probability,
+        "flagged": flagged,
+        "model": "ct-head-ich",
+        "model_version": "1.2.0",
+        "synthetic": synthetic,
+        "details": {},
+    }
+
+
+ICH, FRACTURE, NODULE = finding("intracranial_haemorrhage"), finding("fracture"), finding("nodule")
+
+# id, clinical, findings, AI status, minutes waited -> expected level, expected reason codes in order
+GOLDEN = [
+    ("routine-pending", ROUTINE, [], "pending", 0, ROUTINE, ["clinical", "ai-pending"]),
+    ("stat-request-pending", STAT, [], "pending", 0, STAT, ["clinical", "ai-pending"]),
+    ("analysing-keeps-clinical", URGENT, [], "analysing", 10, URGENT, ["clinical", "ai-pending"]),
+    ("ich-raises-routine-to-stat", ROUTINE, [ICH], "done", 5, STAT, ["clinical", "ai-finding"]),
+    ("fracture-raises-routine-to-urgent", ROUTINE, [FRACTURE], "done", 5, URGENT, ["clinical", "ai-finding"]),
+    (
+        "unflagged-leaves-level",
+        URGENT,
+        [finding("intracranial_haemorrhage", 0.2, False)],
+        "done",
+        5,
+        URGENT,
+        ["clinical", "ai-negative"],
+    ),
+    ("no-findings-leaves-level", STAT, [], "done", 5, STAT, ["clinical", "ai-negative"]),
+    ("finding-below-floor-does-not-lower", URGENT, [NODULE], "done", 5, URGENT, ["clinical", "ai-finding-kept"]),
+    ("urgent-finding-below-stat-floor", STAT, [FRACTURE], "done", 5, STAT, ["clinical", "ai-finding-kept"]),
+    ("failure-keeps-routine", ROUTINE, [], "failed", 5, ROUTINE, ["clinical", "ai-failed"]),
+    ("failure-never-lowers-stat", STAT, [], "failed", 5, STAT, ["clinical", "ai-failed"]),
+    ("failure-never-lowers-urgent", URGENT, [], "failed", 5, URGENT, ["clinical", "ai-failed"]),
+    ("not-applicable-keeps-clinical", URGENT, [], "not-applicable", 5, URGENT, ["clinical", "ai-not-applicable"]),
+    ("two-findings-highest-wins", ROUTINE, [FRACTURE, ICH], "done", 5, STAT, ["clinical", "ai-finding", "ai-finding"]),
+    (
+        "second-lower-finding-kept",
+        ROUTINE,
+        [ICH, FRACTURE],
+        "done",
+        5,
+        STAT,
+        ["clinical", "ai-finding", "ai-finding-kept"],
+    ),
+    (
+        "unmapped-finding-named-not-raised",
+        ROUTINE,
+        [finding("atelectasis")],
+        "done",
+        5,
+        ROUTINE,
+        ["clinical", "ai-finding-unmapped"],
+    ),
+    (
+        "earlier-findings-count-while-requeued",
+        ROUTINE,
+        [ICH],
+        "pending",
+        5,
+        STAT,
+        ["clinical", "ai-pending", "ai-finding"],
+    ),
+    # Promotion once promote_at_fraction (0.75) of the current level's target has elapsed.
+    ("routine-just-before-promotion", ROUTINE, [], "pending", 1079, ROUTINE, ["clinical", "ai-pending"]),
+    (
+        "routine-promoted-at-fraction",
+        ROUTINE,
+        [],
+        "pending",
+        1080,
+        URGENT,
+        ["clinical", "ai-pending", "waiting-promoted"],
+    ),
+    ("urgent-promoted-at-fraction", URGENT, [], "pending", 180, STAT, ["clinical", "ai-pending", "waiting-promoted"]),
+    (
+        "routine-overdue-promoted-one-level-only",
+        ROUTINE,
+        [],
+        "done",
+        2000,
+        URGENT,
+        ["clinical", "ai-negative", "waiting-promoted", "overdue"],
+    ),
+    ("stat-never-above-stat", STAT, [], "pending", 45, STAT, ["clinical", "ai-pending"]),
+    ("stat-overdue-stays-stat", STAT, [], "pending", 61, STAT, ["clinical", "ai-pending", "overdue"]),
+    (
+        "promotion-uses-level-after-ai",
+        ROUTINE,
+        [FRACTURE],
+        "done",
+        180,
+        STAT,
+        ["clinical", "ai-finding", "waiting-promoted"],
+    ),
+    ("ai-stat-not-promoted-further", ROUTINE, [ICH], "done", 50, STAT, ["clinical", "ai-finding"]),
+    ("failed-study-still-promoted", ROUTINE, [], "failed", 1100, URGENT, ["clinical", "ai-failed", "waiting-promoted"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("clinical", "findings", "status", "waited_min", "level", "codes"),
+    [pytest.param(*row[1:], id=row[0]) for row in GOLDEN],
+)
+def test_golden_table(clinical, findings, status, waited_min, level, codes):
+    priority = compute_priority(clinical, findings, status, T0, T0 + timedelta(minutes=waited_min), SETTINGS)
+    assert priority.level is level
+    assert [r.code for r in priority.reasons] == codes
+    # Whatever happens, the clinical priority is the floor.
+    assert priority.level.rank >= clinical.rank
+
+
+def test_clinical_reason_names_level_and_source():
+    priority = compute_priority(STAT, [], "pending", T0, T0, SETTINGS)
+    assert priority.reasons[0].text == "clinical priority: stat (from request)"
+    default = compute_priority(ROUTINE, [], "pending", T0, T0, SETTINGS, clinical_source="default")
+    assert default.reasons[0].text == "clinical priority: routine (default)"
+
+
+def test_failure_reason_quotes_the_failure_and_keeps_clinical():
+    priority = compute_priority(URGENT, [], AIStatus.FAILED, T0, T0, SETTINGS, ai_reason="onnxruntime: bad shape")
+    failed = priority.reasons[1]
+    assert failed.text == "AI analysis failed: onnxruntime: bad shape; clinical priority kept"
+    assert failed.level is URGENT
+
+
+def test_finding_reason_names_finding_probability_model_version_and_synthetic():
+    priority = compute_priority(ROUTINE, [finding("intracranial_haemorrhage", 0.934)], "done", T0, T0, SETTINGS)
+    text = priority.reasons[1].text
+    for part in ("intracranial_haemorrhage", "p=0.93", "ct-head-ich", "1.2.0", "synthetic model", "stat"):
+        assert part in text
+    real = compute_priority(ROUTINE, [finding("fracture", synthetic=False)], "done", T0, T0, SETTINGS)
+    assert "synthetic" not in real.reasons[1].text
+
+
+def test_waiting_reason_says_minutes_of_target():
+    priority = compute_priority(STAT, [], "pending", T0, T0 + timedelta(minutes=75), SETTINGS)
+    assert priority.reasons[-1].text == "waiting 75 min, 15 min past the 60 min stat target"
+    promoted = compute_priority(URGENT, [], "pending", T0, T0 + timedelta(minutes=190), SETTINGS)
+    assert promoted.reasons[-1].text.startswith("waiting 190 min of 240 min urgent target")
+    assert base_level(promoted) is URGENT
+
+
+def test_finding_records_are_accepted_like_dicts():
+    record = Finding("intracranial_haemorrhage", 0.8, True, "ct-head-ich", "1.2.0", True)
+    priority = compute_priority(ROUTINE, [record], "done", T0, T0, SETTINGS)
+    assert priority.level is STAT
+
+
+def test_score_sorts_level_then_closeness_to_breach_then_age():
+    now = T0 + timedelta(hours=2)
+    stat_new = compute_priority(STAT, [], "pending", now - timedelta(minutes=1), now, SETTINGS)
+    urgent_near_breach = compute_priority(URGENT, [], "pending", now - timedelta(minutes=170), now, SETTINGS)
+    urgent_fresh = compute_priority(URGENT, [], "pending", now - timedelta(minutes=10), now, SETTINGS)
+    routine_old = compute_priority(ROUTINE, [], "pending", now - timedelta(minutes=600), now, SETTINGS)
+    assert stat_new.score > urgent_near_breach.score > urgent_fresh.score > routine_old.score
+    # Same level and same fraction elapsed: the one received first goes first.
+    a = compute_priority(ROUTINE, [], "pending", T0, T0, SETTINGS)
+    b = compute_priority(ROUTINE, [], "pending", T0 + timedelta(seconds=1), T0 + timedelta(seconds=1), SETTINGS)
+    assert a.score == b.score
+    assert sort_key(a, T0) < sort_key(b, T0 + timedelta(seconds=1))
+
+
+def test_priority_to_dict_is_json_ready():
+    data = priority_to_dict(compute_priority(ROUTINE, [ICH], "done", T0, T0, SETTINGS))
+    assert data["level"] == "stat"
+    assert data["reasons"][1]["code"] == "ai-finding"
+    assert data["reasons"][1]["level"] == "stat"
+
+
+@pytest.mark.parametrize("bad", [datetime(2026, 3, 1, 8, 0), "2026-03-01"])
+def test_naive_time_is_refused(bad):
+    with pytest.raises(ValueError, match="timezone-aware"):
+        compute_priority(ROUTINE, [], "pending", T0, bad, SETTINGS)
+
+
+def test_malformed_finding_is_refused_with_the_value():
+    with pytest.raises(ValueError, match="needs label, probability and flagged"):
+        compute_priority(ROUTINE, [{"label": "x"}], "done", T0, T0, SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (PrioritySettings(finding_levels={"ich": "critical-ish"}), "finding_levels\\['ich'\\].*'critical-ish'"),
+        (PrioritySettings(turnaround_min={"soon": 10}), "'soon'"),
+        (PrioritySettings(turnaround_min={"stat": 0}), "must be > 0"),
+        (PrioritySettings(promote_at_fraction=1.5), "promote_at_fraction"),
+    ],
+)
+def test_invalid_policy_is_refused_quoting_the_value(settings, message):
+    with pytest.raises(ValueError, match=message):
+        validate_settings(settings)
