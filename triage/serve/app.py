@@ -4,21 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
 
 from triage import __version__
 from triage.config import Settings
 from triage.dicom.stow import stow_instances
-from triage.serve.auth import current_user
+from triage.serve import web
+from triage.serve.auth import SignInRequired, current_user, page_user, require_roles, sign_in_location
 from triage.serve.errors import install_error_handlers
 from triage.serve.service import TriageService
+from triage.worklist.accounts import (
+    ADMIN_NAME,
+    ADMIN_PASSWORD_ENV,
+    Accounts,
+    InvalidAccountError,
+    Role,
+    User,
+    session_ttl_from_env,
+)
 
 
 def utcnow() -> datetime:
@@ -33,13 +47,45 @@ def get_service(request: Request) -> TriageService:
 Service = Annotated[TriageService, Depends(get_service)]
 
 
-User = Annotated[str, Depends(current_user)]
+CurrentUser = Annotated[User, Depends(current_user)]
+Human = Annotated[User, Depends(require_roles(Role.RADIOLOGIST, Role.ADMIN))]
+Admin = Annotated[User, Depends(require_roles(Role.ADMIN))]
+Exporter = Annotated[User, Depends(require_roles(Role.ADMIN, Role.SERVICE))]
 
 
 class ActionResult(BaseModel):
     study_uid: str
     action: str
     user: str
+
+
+class Me(BaseModel):
+    name: str
+    role: str
+
+
+class FeedbackIn(BaseModel):
+    """Feedback on finding number `finding` of the study, or a finding the AI missed (verdict "missed" + label)."""
+
+    verdict: Literal["agree", "disagree", "missed"]
+    finding: int | None = Field(default=None, description="Index into the study's findings (agree, disagree)")
+    label: str = Field(default="", description="The missed finding's label (missed only)")
+    model: str = Field(default="", description="The model that missed it (missed only; optional)")
+    comment: str = ""
+
+
+class FeedbackOut(BaseModel):
+    study_uid: str
+    label: str
+    verdict: str
+    model: str
+    model_version: str
+    truth: int
+
+
+def audit(request: Request, user: User, action: str, study_uid: str | None = None, **detail: Any) -> None:
+    accounts: Accounts = request.app.state.accounts
+    accounts.audit(user.name, action, utcnow(), study_uid, detail)
 
 
 def build_api() -> APIRouter:
@@ -57,35 +103,117 @@ def build_api() -> APIRouter:
         accession: str | None = None,
         include_reported: bool = False,
     ) -> list[dict[str, Any]]:
-        items = service.worklist.list_worklist(
-            utcnow(),
-            status=status,
-            modality=modality,
-            level=level,
-            site=site,
-            accession=accession,
-            include_reported=include_reported,
-        )
+        try:
+            items = service.worklist.list_worklist(
+                utcnow(),
+                status=status,
+                modality=modality,
+                level=level,
+                site=site,
+                accession=accession,
+                include_reported=include_reported,
+            )
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from exc
         return [item.to_dict() for item in items]
 
+    @api.get("/me", response_model=Me, summary="Who the credentials belong to")
+    def me(user: CurrentUser) -> Me:
+        return Me(name=user.name, role=user.role.value)
+
     @api.get("/studies/{study_uid}", summary="One study with its series, routing and findings")
-    def study(study_uid: str, service: Service) -> dict[str, Any]:
-        return service.worklist.get_study(study_uid, utcnow()).to_dict()
+    def study(study_uid: str, service: Service, user: CurrentUser, request: Request) -> dict[str, Any]:
+        detail = service.worklist.get_study(study_uid, utcnow()).to_dict()
+        audit(request, user, "view", study_uid, via="api")
+        return detail
+
+    @api.get(
+        "/studies/{study_uid}/preview.png",
+        summary="Key slice or radiograph with the AI region drawn over it (not for diagnostic use)",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
+    def preview(
+        study_uid: str,
+        request: Request,
+        user: CurrentUser,
+        finding: Annotated[int | None, Query(description="Index into the study's findings")] = None,
+    ) -> Response:
+        response = web.preview_response(request, study_uid, finding)
+        audit(request, user, "view-image", study_uid, finding=finding)
+        return response
 
     @api.post("/studies/{study_uid}/claim", response_model=ActionResult)
-    def claim(study_uid: str, service: Service, user: User) -> ActionResult:
-        service.worklist.claim(study_uid, user, utcnow())
-        return ActionResult(study_uid=study_uid, action="claim", user=user)
+    def claim(study_uid: str, service: Service, user: CurrentUser, request: Request) -> ActionResult:
+        service.worklist.claim(study_uid, user.name, utcnow())
+        audit(request, user, "claim", study_uid, via="api")
+        return ActionResult(study_uid=study_uid, action="claim", user=user.name)
 
     @api.post("/studies/{study_uid}/release", response_model=ActionResult)
-    def release(study_uid: str, service: Service, user: User) -> ActionResult:
-        service.worklist.release(study_uid, user, is_admin=False)
-        return ActionResult(study_uid=study_uid, action="release", user=user)
+    def release(study_uid: str, service: Service, user: CurrentUser, request: Request) -> ActionResult:
+        # Only the claimant or an admin may release a claim; the worklist raises ConflictError (409) otherwise.
+        service.worklist.release(study_uid, user.name, is_admin=user.is_admin, now=utcnow())
+        audit(request, user, "release", study_uid, via="api")
+        return ActionResult(study_uid=study_uid, action="release", user=user.name)
 
     @api.post("/studies/{study_uid}/report", response_model=ActionResult)
-    def report(study_uid: str, service: Service, user: User) -> ActionResult:
-        service.worklist.mark_reported(study_uid, user, utcnow())
-        return ActionResult(study_uid=study_uid, action="report", user=user)
+    def report(study_uid: str, service: Service, user: CurrentUser, request: Request) -> ActionResult:
+        service.worklist.mark_reported(study_uid, user.name, utcnow())
+        audit(request, user, "report", study_uid, via="api")
+        return ActionResult(study_uid=study_uid, action="report", user=user.name)
+
+    @api.post("/studies/{study_uid}/feedback", response_model=FeedbackOut, status_code=201)
+    def feedback(study_uid: str, body: FeedbackIn, user: Human, request: Request) -> FeedbackOut:
+        try:
+            entry = web.record_feedback(
+                request, study_uid, user, body.verdict, body.finding, body.label, body.model, body.comment
+            )
+        except InvalidAccountError as exc:
+            raise HTTPException(400, str(exc)) from exc
+        return FeedbackOut(
+            study_uid=study_uid,
+            label=entry.label,
+            verdict=entry.verdict.value,
+            model=entry.model,
+            model_version=entry.model_version,
+            truth=entry.truth,
+        )
+
+    @api.get(
+        "/feedback/labels.csv",
+        summary="Feedback as a label CSV for the training tools (image, label 0/1, ...)",
+        response_class=Response,
+        responses={200: {"content": {"text/csv": {}}}},
+    )
+    def feedback_labels(
+        service: Service,
+        user: Exporter,
+        request: Request,
+        model: Annotated[str | None, Query(description="Only feedback on this model's findings")] = None,
+        label: Annotated[str | None, Query(description="Only this finding label")] = None,
+    ) -> Response:
+        body = web.export_labels(request.app.state.accounts, service.worklist.engine, model, label)
+        audit(request, user, "export-feedback", None, model=model, label=label)
+        return Response(
+            body, media_type="text/csv", headers={"Content-Disposition": 'attachment; filename="triage-labels.csv"'}
+        )
+
+    @api.get("/audit", summary="The audit log, newest first (admins)")
+    def audit_log(
+        user: Admin,
+        request: Request,
+        who: str | None = None,
+        action: str | None = None,
+        study_uid: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 200,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> list[dict[str, Any]]:
+        accounts: Accounts = request.app.state.accounts
+        entries = accounts.audit_entries(limit, offset, user=who, action=action, study_uid=study_uid)
+        return [
+            {"at": e.at.isoformat(), "user": e.user, "action": e.action, "study_uid": e.study_uid, "detail": e.detail}
+            for e in entries
+        ]
 
     @api.get("/models", summary="Installed models with their cards")
     def models(service: Service) -> list[dict[str, Any]]:
@@ -104,22 +232,24 @@ def build_api() -> APIRouter:
 
     @api.get("/events", summary="Server-sent events: one per worklist change")
     async def events(service: Service, request: Request) -> StreamingResponse:
-        queue = service.events.subscribe(asyncio.get_running_loop())
+        subscription = service.events.subscribe()
 
         async def stream() -> AsyncIterator[bytes]:
             try:
                 yield b": connected\n\n"
                 while not await request.is_disconnected():
                     try:
-                        event = await asyncio.wait_for(queue.get(), timeout=15)
+                        event = await asyncio.wait_for(subscription.get(), timeout=15)
                     except TimeoutError:
                         yield b": keep-alive\n\n"
                         continue
                     yield f"event: {event.get('type', 'message')}\ndata: {json.dumps(event)}\n\n".encode()
             finally:
-                service.events.unsubscribe(queue)
+                subscription.close()
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
 
     return api
 
@@ -143,12 +273,39 @@ def build_dicomweb() -> APIRouter:
     return web
 
 
+# Pages get a strict Content-Security-Policy (no inline script or style); the Swagger UI at /docs loads its
+# assets from a CDN and is left without one.
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
+    "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+)
+
+
+def open_accounts_for(service: TriageService) -> Accounts:
+    """The accounts in the service's database; on first start creates `admin` and prints its password once."""
+    accounts = Accounts(service.worklist.engine, session_ttl_from_env())
+    password = os.environ.get(ADMIN_PASSWORD_ENV) or None
+    generated = accounts.ensure_admin(utcnow(), password)
+    if generated is not None:
+        print(
+            f"triage: first start: created user {ADMIN_NAME!r} with password: {generated}\n"
+            f"triage: this password is shown once; set {ADMIN_PASSWORD_ENV} before the first start to choose it",
+            file=sys.stderr,
+            flush=True,
+        )
+    return accounts
+
+
 def create_app(settings: Settings, runner_kind: str = "ray", service: TriageService | None = None) -> FastAPI:
-    """Build the application. The service starts with the app (lifespan) and stops with it."""
+    """Build the application. The service starts with the app (lifespan) and stops with it.
+
+    Everything but /healthz, /readyz, /login and /static needs a signed-in session or an API token.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.service = service or TriageService(settings, runner_kind=runner_kind)
+        app.state.accounts = await asyncio.to_thread(open_accounts_for, app.state.service)
         await asyncio.to_thread(app.state.service.start)
         try:
             yield
@@ -160,8 +317,26 @@ def create_app(settings: Settings, runner_kind: str = "ray", service: TriageServ
         version=__version__,
         description="AI triage for teleradiology worklists. AI findings are a triage aid, not a diagnosis.",
         lifespan=lifespan,
+        # The default documentation routes are public; they are re-added below behind sign-in.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     install_error_handlers(app)
+
+    @app.exception_handler(SignInRequired)
+    async def to_sign_in(_: Request, exc: SignInRequired) -> RedirectResponse:
+        return RedirectResponse(sign_in_location(exc.next_path), status_code=303)
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        if not request.url.path.startswith("/docs"):
+            response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+        return response
 
     @app.get("/healthz", tags=["ops"], summary="The process is up")
     def healthz() -> dict[str, str]:
@@ -171,13 +346,30 @@ def create_app(settings: Settings, runner_kind: str = "ray", service: TriageServ
     def readyz(service: Service) -> JSONResponse:
         info = service.health()
         try:
-            service.worklist.ping()
+            ping = getattr(service.worklist, "ping", None)
+            if ping is not None:
+                ping()
+            else:
+                with service.worklist.engine.connect() as conn:
+                    conn.exec_driver_sql("SELECT 1")
             info["database"] = "ok"
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             info["database"] = f"error: {type(exc).__name__}"
             info["ready"] = False
         return JSONResponse(info, status_code=200 if info["ready"] else 503)
 
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(current_user)])
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Depends(page_user)])
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="triage API")
+
+    templates = web.build_templates()
+    app.mount("/static", StaticFiles(directory=str(web.STATIC_DIR)), name="static")
+    app.include_router(web.build_sign_in(templates))
+    app.include_router(web.build_pages(templates))
     app.include_router(build_api())
     app.include_router(build_dicomweb())
     return app

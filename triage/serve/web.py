@@ -1,0 +1,642 @@
+"""The radiologist's pages: sign-in, the live worklist, the study view with preview and feedback, and admin pages.
+
+Server-rendered Jinja2 with a little vanilla JavaScript (no build step). Pages show accession numbers and the
+study's own description, never patient names or birth dates. Every study view, claim, release, report, feedback
+and sign-in is written to the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import logging
+import secrets
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote, urlencode
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, Response, status
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.templating import Jinja2Templates
+
+from triage.domain import AIStatus, PriorityLevel
+from triage.errors import ConflictError, NotFoundError, TriageError
+from triage.serve import preview as previews
+from triage.serve.auth import (
+    CSRF_FIELD,
+    LOGIN_CSRF_COOKIE,
+    SESSION_COOKIE,
+    accounts_of,
+    page_user,
+    require_roles,
+    safe_next,
+)
+from triage.worklist.accounts import (
+    Accounts,
+    FeedbackEntry,
+    InvalidAccountError,
+    Role,
+    User,
+    Verdict,
+    constant_time_equal,
+    feedback_label_rows,
+)
+
+log = logging.getLogger(__name__)
+
+PAGES_DIR = Path(__file__).resolve().parent / "pages"
+TEMPLATES_DIR = PAGES_DIR / "templates"
+STATIC_DIR = PAGES_DIR / "static"
+
+PageUser = Annotated[User, Depends(page_user)]
+AdminPage = Annotated[User, Depends(require_roles(Role.ADMIN, page=True))]
+HumanPage = Annotated[User, Depends(require_roles(Role.RADIOLOGIST, Role.ADMIN, page=True))]
+
+AI_STATUSES = [s.value for s in AIStatus]
+LEVELS = [level.value for level in sorted(PriorityLevel, key=lambda lv: -lv.rank)]
+LABEL_CSV_COLUMNS = [
+    "image",
+    "label",
+    "finding",
+    "verdict",
+    "model",
+    "model_version",
+    "study_uid",
+    "series_uid",
+    "user",
+    "at",
+]
+AUDIT_CSV_COLUMNS = ["at", "user", "action", "study_uid", "detail"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# ---------------------------------------------------------------------------------------------------- formatting
+def format_minutes(value: float | None) -> str:
+    """12.4 -> "12 min", 75 -> "1 h 15 min", None -> "-"."""
+    if value is None:
+        return "-"
+    minutes = round(abs(float(value)))
+    text = f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+    return text
+
+
+def format_left(value: float | None) -> str:
+    """Time left to the turnaround target; a negative value is shown as overdue."""
+    if value is None:
+        return "-"
+    return f"overdue {format_minutes(value)}" if value < 0 else format_minutes(value)
+
+
+def format_time(value: datetime | str | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def format_probability(value: Any) -> str:
+    try:
+        return f"{float(value) * 100:.0f}%"
+    except (TypeError, ValueError):
+        return "-"
+
+
+def short_uid(value: str | None) -> str:
+    if not value:
+        return "-"
+    return value if len(value) <= 20 else "…" + value[-16:]
+
+
+def build_templates() -> Jinja2Templates:
+    templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
+    env = templates.env
+    env.filters.update(
+        minutes=format_minutes, left=format_left, when=format_time, pct=format_probability, short_uid=short_uid
+    )
+    env.globals.update(levels=LEVELS, ai_statuses=AI_STATUSES, csrf_field=CSRF_FIELD)
+    return templates
+
+
+def _csrf(request: Request) -> str:
+    found = getattr(request.state, "principal", None)
+    return found.csrf_token if found is not None and found.csrf_token else ""
+
+
+def _service(request: Request) -> Any:
+    return request.app.state.service
+
+
+def _worklist(request: Request) -> Any:
+    return request.app.state.service.worklist
+
+
+async def _audit(request: Request, user: User | str, action: str, study_uid: str | None = None, **detail: Any) -> None:
+    name = user.name if isinstance(user, User) else user
+    await asyncio.to_thread(accounts_of(request).audit, name, action, utcnow(), study_uid, detail)
+
+
+def series_image_path(engine: Any, study_uid: str, series_uid: str) -> str | None:
+    """What the label CSV's `image` column names: the stored file of a one-image series, else the series folder."""
+    files = previews.series_files(engine, study_uid, series_uid) if series_uid else []
+    if not files:
+        return None
+    if len(files) == 1:
+        return str(files[0][1])
+    parents = {path.parent for _, path in files}
+    return str(parents.pop()) if len(parents) == 1 else str(Path(*Path(files[0][1]).parts[:-2]))
+
+
+def label_csv(rows: Iterable[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LABEL_CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def export_labels(accounts: Accounts, engine: Any, model: str | None = None, label: str | None = None) -> str:
+    """The feedback as a label CSV for the training tools: image (stored DICOM file or series folder), label 0/1."""
+    entries = accounts.feedback_entries(model=model or None, label=label or None)
+    return label_csv(feedback_label_rows(entries, lambda st, se: series_image_path(engine, st, se), model or None))
+
+
+def audit_csv(accounts: Accounts, **filters: Any) -> str:
+    import json
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(AUDIT_CSV_COLUMNS)
+    for entry in accounts.audit_entries(limit=0, **filters):
+        writer.writerow(
+            [entry.at.isoformat(), entry.user, entry.action, entry.study_uid or "", json.dumps(entry.detail)]
+        )
+    return buffer.getvalue()
+
+
+def _redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=status.HTTP_303_SEE_OTHER)
+
+
+def _with_message(url: str, *, error: str | None = None, notice: str | None = None) -> str:
+    params = {k: v for k, v in (("error", error), ("notice", notice)) if v}
+    return f"{url}?{urlencode(params)}" if params else url
+
+
+def _study_url(study_uid: str) -> str:
+    return "/studies/" + quote(study_uid, safe="")
+
+
+# ---------------------------------------------------------------------------------------------------- sign-in
+def build_sign_in(templates: Jinja2Templates) -> APIRouter:
+    """/login and /logout. The sign-in form is public; its CSRF token is a double-submit cookie."""
+    router = APIRouter(tags=["pages"], include_in_schema=False)
+
+    def render_login(request: Request, next_path: str, message: str = "", code: int = 200) -> HTMLResponse:
+        token = secrets.token_urlsafe(32)
+        response = templates.TemplateResponse(
+            request,
+            "login.html",
+            {"next": safe_next(next_path), "message": message, "login_csrf": token, "user": None},
+            status_code=code,
+        )
+        response.set_cookie(
+            LOGIN_CSRF_COOKIE,
+            token,
+            httponly=True,
+            samesite="lax",
+            secure=request.url.scheme == "https",
+            path="/login",
+            max_age=3600,
+        )
+        return response
+
+    @router.get("/login", response_class=HTMLResponse)
+    def login_form(request: Request, next: str = "/worklist") -> HTMLResponse:  # noqa: A002 - the query name
+        return render_login(request, next)
+
+    @router.post("/login", response_class=HTMLResponse)
+    async def login(
+        request: Request,
+        username: Annotated[str, Form()] = "",
+        password: Annotated[str, Form()] = "",
+        csrf_token: Annotated[str, Form()] = "",
+        next: Annotated[str, Form()] = "/worklist",  # noqa: A002
+    ) -> Response:
+        cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+        if not cookie or not csrf_token or not constant_time_equal(cookie, csrf_token):
+            return render_login(request, next, "The sign-in form expired; please sign in again.", 400)
+        accounts = accounts_of(request)
+        name = username.strip()
+        user = await asyncio.to_thread(accounts.verify_password, name, password, utcnow())
+        if user is None:
+            known = await asyncio.to_thread(lambda: name in {u.name for u in accounts.list_users()})
+            await _audit(request, name[:64] if known else "(unknown)", "sign-in-failed")
+            log.info("failed sign-in (%s user name)", "known" if known else "unknown")
+            return render_login(request, next, "Wrong user name or password, or the account is disabled.", 401)
+        sign_in = await asyncio.to_thread(accounts.start_session, user, utcnow())
+        await _audit(request, user, "sign-in")
+        response = _redirect(safe_next(next))
+        response.set_cookie(
+            SESSION_COOKIE,
+            sign_in.token,
+            httponly=True,
+            samesite="lax",
+            secure=request.url.scheme == "https",
+            path="/",
+            max_age=int(accounts.session_ttl.total_seconds()),
+        )
+        response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
+        return response
+
+    @router.post("/logout")
+    async def logout(request: Request, user: PageUser) -> Response:
+        token = request.cookies.get(SESSION_COOKIE)
+        if token:
+            await asyncio.to_thread(accounts_of(request).end_session, token)
+        await _audit(request, user, "sign-out")
+        response = _redirect("/login")
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    return router
+
+
+# ---------------------------------------------------------------------------------------------------- pages
+def build_pages(templates: Jinja2Templates) -> APIRouter:
+    """Every page here needs a signed-in user; without one the browser is redirected to /login."""
+    router = APIRouter(tags=["pages"], include_in_schema=False, dependencies=[Depends(page_user)])
+
+    def render(request: Request, name: str, user: User, code: int = 200, **context: Any) -> HTMLResponse:
+        context.update(user=user, csrf=_csrf(request), error=request.query_params.get("error"))
+        context.setdefault("notice", request.query_params.get("notice"))
+        return templates.TemplateResponse(request, name, context, status_code=code)
+
+    @router.get("/")
+    def home() -> RedirectResponse:
+        return _redirect("/worklist")
+
+    def worklist_items(
+        request: Request,
+        status_: str | None,
+        modality: str | None,
+        level: str | None,
+        site: str | None,
+        accession: str | None,
+        include_reported: bool,
+    ) -> tuple[list[Any], str | None]:
+        try:
+            items = _worklist(request).list_worklist(
+                utcnow(),
+                status=status_ or None,
+                modality=modality or None,
+                level=level or None,
+                site=site or None,
+                accession=(accession or "").strip() or None,
+                include_reported=include_reported,
+            )
+        except ValueError as exc:
+            return [], str(exc)
+        return items, None
+
+    @router.get("/worklist", response_class=HTMLResponse)
+    def worklist_page(
+        request: Request,
+        user: PageUser,
+        status_: Annotated[str | None, Query(alias="status")] = None,
+        modality: str | None = None,
+        level: str | None = None,
+        site: str | None = None,
+        accession: str | None = None,
+        include_reported: bool = False,
+    ) -> HTMLResponse:
+        items, problem = worklist_items(request, status_, modality, level, site, accession, include_reported)
+        everything, _ = worklist_items(request, None, None, None, None, None, True)
+        filters = {
+            "status": status_ or "",
+            "modality": modality or "",
+            "level": level or "",
+            "site": site or "",
+            "accession": accession or "",
+            "include_reported": include_reported,
+        }
+        modalities = sorted({m for it in everything for m in it.modality.split("\\") if m})
+        sites = sorted({it.site for it in everything if it.site})
+        return render(
+            request,
+            "worklist.html",
+            user,
+            400 if problem else 200,
+            items=items,
+            filters=filters,
+            modalities=modalities,
+            sites=sites,
+            problem=problem,
+        )
+
+    @router.get("/worklist/rows", response_class=HTMLResponse)
+    def worklist_rows(
+        request: Request,
+        user: PageUser,
+        status_: Annotated[str | None, Query(alias="status")] = None,
+        modality: str | None = None,
+        level: str | None = None,
+        site: str | None = None,
+        accession: str | None = None,
+        include_reported: bool = False,
+    ) -> HTMLResponse:
+        """The table body alone, for the live refresh (same template as the page)."""
+        items, problem = worklist_items(request, status_, modality, level, site, accession, include_reported)
+        return render(request, "_rows.html", user, 400 if problem else 200, items=items, problem=problem)
+
+    @router.get("/studies/{study_uid}", response_class=HTMLResponse)
+    async def study_page(request: Request, study_uid: str, user: PageUser) -> HTMLResponse:
+        try:
+            detail = await asyncio.to_thread(_worklist(request).get_study, study_uid, utcnow())
+        except NotFoundError as exc:
+            return render(request, "error.html", user, 404, title="Study not found", message=str(exc))
+        await _audit(request, user, "view", study_uid, page="study")
+        feedback = await asyncio.to_thread(accounts_of(request).feedback_entries, study_uid)
+        service = _service(request)
+        models = sorted(
+            {(s.routing or {}).get("model") for s in detail.series if (s.routing or {}).get("model")}
+            | {f.get("model") for f in detail.item.findings if f.get("model")}
+        )
+        labels = sorted(
+            {f.get("label") for f in detail.item.findings if f.get("label")}
+            | {label for m in service.registry.all() for label in _card_labels(m.card)}
+        )
+        previews_to_show = [i for i, f in enumerate(detail.item.findings) if f.get("overlay_file")]
+        return render(
+            request,
+            "study.html",
+            user,
+            study=detail,
+            item=detail.item,
+            feedback=feedback,
+            models=models,
+            labels=labels,
+            previews=previews_to_show,
+            study_url=_study_url(study_uid),
+        )
+
+    async def act(request: Request, study_uid: str, user: User, action: str, next_url: str) -> Response:
+        worklist = _worklist(request)
+        try:
+            if action == "claim":
+                await asyncio.to_thread(worklist.claim, study_uid, user.name, utcnow())
+            elif action == "release":
+                await asyncio.to_thread(worklist.release, study_uid, user.name, user.is_admin, utcnow())
+            else:
+                await asyncio.to_thread(worklist.mark_reported, study_uid, user.name, utcnow())
+        except (ConflictError, NotFoundError) as exc:
+            await _audit(request, user, f"{action}-refused", study_uid, reason=str(exc))
+            return _redirect(_with_message(next_url, error=str(exc)))
+        await _audit(request, user, action, study_uid)
+        done = {"claim": "Claimed.", "release": "Released.", "report": "Marked as reported."}[action]
+        return _redirect(_with_message(next_url, notice=done))
+
+    def _back(next_url: str, study_uid: str) -> str:
+        return safe_next(next_url) if next_url else _study_url(study_uid)
+
+    @router.post("/studies/{study_uid}/claim")
+    async def claim_page(
+        request: Request,
+        study_uid: str,
+        user: HumanPage,
+        next: Annotated[str, Form()] = "",  # noqa: A002
+    ) -> Response:
+        return await act(request, study_uid, user, "claim", _back(next, study_uid))
+
+    @router.post("/studies/{study_uid}/release")
+    async def release_page(
+        request: Request,
+        study_uid: str,
+        user: HumanPage,
+        next: Annotated[str, Form()] = "",  # noqa: A002
+    ) -> Response:
+        return await act(request, study_uid, user, "release", _back(next, study_uid))
+
+    @router.post("/studies/{study_uid}/report")
+    async def report_page(
+        request: Request,
+        study_uid: str,
+        user: HumanPage,
+        next: Annotated[str, Form()] = "",  # noqa: A002
+    ) -> Response:
+        return await act(request, study_uid, user, "report", _back(next, study_uid))
+
+    @router.post("/studies/{study_uid}/feedback")
+    async def feedback_page(
+        request: Request,
+        study_uid: str,
+        user: HumanPage,
+        verdict: Annotated[str, Form()],
+        finding: Annotated[str, Form()] = "",
+        label: Annotated[str, Form()] = "",
+        model: Annotated[str, Form()] = "",
+        comment: Annotated[str, Form()] = "",
+    ) -> Response:
+        url = _study_url(study_uid)
+        try:
+            index = int(finding) if finding.strip() else None
+            await asyncio.to_thread(record_feedback, request, study_uid, user, verdict, index, label, model, comment)
+        except (InvalidAccountError, NotFoundError, ValueError) as exc:
+            return _redirect(_with_message(url, error=f"Feedback not saved: {exc}"))
+        return _redirect(_with_message(url, notice="Feedback saved. Thank you."))
+
+    # ------------------------------------------------------------------------------------------ admin
+    @router.get("/admin/audit", response_class=HTMLResponse)
+    def audit_page(
+        request: Request,
+        user: AdminPage,
+        who: str | None = None,
+        action: str | None = None,
+        study: str | None = None,
+        page: Annotated[int, Query(ge=1)] = 1,
+    ) -> HTMLResponse:
+        per_page = 100
+        entries = accounts_of(request).audit_entries(
+            limit=per_page + 1,
+            offset=(page - 1) * per_page,
+            user=who or None,
+            action=action or None,
+            study_uid=study or None,
+        )
+        query = urlencode({k: v for k, v in (("who", who), ("action", action), ("study", study)) if v})
+        return render(
+            request,
+            "audit.html",
+            user,
+            entries=entries[:per_page],
+            more=len(entries) > per_page,
+            page=page,
+            filters={"who": who or "", "action": action or "", "study": study or ""},
+            query=query,
+        )
+
+    @router.get("/admin/audit.csv")
+    def audit_export(
+        request: Request, user: AdminPage, who: str | None = None, action: str | None = None, study: str | None = None
+    ) -> Response:
+        accounts = accounts_of(request)
+        body = audit_csv(accounts, user=who or None, action=action or None, study_uid=study or None)
+        accounts.audit(user.name, "export-audit", utcnow())
+        return Response(
+            body, media_type="text/csv", headers={"Content-Disposition": 'attachment; filename="triage-audit.csv"'}
+        )
+
+    @router.get("/admin/users", response_class=HTMLResponse)
+    def users_page(request: Request, user: AdminPage) -> HTMLResponse:
+        return render(
+            request, "users.html", user, users=accounts_of(request).list_users(), roles=[r.value for r in Role]
+        )
+
+    @router.post("/admin/users", response_class=HTMLResponse)
+    def add_user_page(
+        request: Request,
+        user: AdminPage,
+        name: Annotated[str, Form()],
+        role: Annotated[str, Form()],
+        password: Annotated[str, Form()] = "",
+    ) -> Response:
+        accounts = accounts_of(request)
+        try:
+            created, secret = accounts.add_user(name.strip(), role, password or None, utcnow())
+        except (InvalidAccountError, ConflictError) as exc:
+            return _redirect(_with_message("/admin/users", error=str(exc)))
+        accounts.audit(user.name, "user-add", utcnow(), detail={"name": created.name, "role": created.role.value})
+        # The secret is shown once, in this response only (never in a URL or the log).
+        return render(
+            request,
+            "users.html",
+            user,
+            users=accounts.list_users(),
+            roles=[r.value for r in Role],
+            created=created,
+            secret=secret if (created.role == Role.SERVICE or not password) else None,
+        )
+
+    @router.post("/admin/users/{name}/disable")
+    def disable_user_page(request: Request, name: str, user: AdminPage) -> Response:
+        return _set_disabled(request, name, user, True)
+
+    @router.post("/admin/users/{name}/enable")
+    def enable_user_page(request: Request, name: str, user: AdminPage) -> Response:
+        return _set_disabled(request, name, user, False)
+
+    def _set_disabled(request: Request, name: str, user: User, disabled: bool) -> Response:
+        if disabled and name == user.name:
+            return _redirect(_with_message("/admin/users", error="You cannot disable your own account."))
+        accounts = accounts_of(request)
+        try:
+            accounts.set_disabled(name, disabled)
+        except NotFoundError as exc:
+            return _redirect(_with_message("/admin/users", error=str(exc)))
+        accounts.audit(user.name, "user-disable" if disabled else "user-enable", utcnow(), detail={"name": name})
+        return _redirect(_with_message("/admin/users", notice=f"{name} {'disabled' if disabled else 'enabled'}."))
+
+    return router
+
+
+def _card_labels(card: Any) -> list[str]:
+    """Finding labels a model card declares, for the "missed finding" choices."""
+    return [spec.label for spec in getattr(card, "findings", [])]
+
+
+def record_feedback(
+    request: Request,
+    study_uid: str,
+    user: User,
+    verdict: str,
+    finding_index: int | None,
+    label: str,
+    model: str,
+    comment: str,
+) -> FeedbackEntry:
+    """Store one piece of feedback with the model name and version it is about, and audit it.
+
+    Raises:
+        NotFoundError: unknown study or finding index.
+        InvalidAccountError: a bad verdict, label or comment.
+    """
+    accounts = accounts_of(request)
+    detail = _worklist(request).get_study(study_uid, utcnow())
+    parsed = Verdict.parse(verdict)
+    findings = detail.item.findings
+    if parsed == Verdict.MISSED:
+        series_uid, version = "", ""
+        for series in detail.series:
+            routed = series.routing or {}
+            if routed.get("model") and (not model or routed.get("model") == model):
+                series_uid = series.series_uid
+                model = model or str(routed.get("model"))
+                version = str(routed.get("model_version") or "")
+                break
+        if not series_uid and detail.series:
+            series_uid = detail.series[0].series_uid
+        version = version or next((str(f.get("model_version", "")) for f in findings if f.get("model") == model), "")
+        entry = accounts.add_feedback(
+            user.name,
+            study_uid,
+            label,
+            parsed,
+            utcnow(),
+            series_uid=series_uid,
+            model=model,
+            model_version=version,
+            comment=comment.strip(),
+        )
+    else:
+        if finding_index is None or not 0 <= finding_index < len(findings):
+            raise NotFoundError(f"study {study_uid!r} has no finding number {finding_index}")
+        found = findings[finding_index]
+        entry = accounts.add_feedback(
+            user.name,
+            study_uid,
+            str(found.get("label", "")),
+            parsed,
+            utcnow(),
+            series_uid=str(found.get("series_uid", "")),
+            ai_flagged=bool(found.get("flagged")),
+            ai_probability=float(found.get("probability", 0.0)),
+            model=str(found.get("model", "")),
+            model_version=str(found.get("model_version", "")),
+            comment=comment.strip(),
+        )
+    accounts.audit(
+        user.name,
+        "feedback",
+        utcnow(),
+        study_uid,
+        {
+            "label": entry.label,
+            "verdict": entry.verdict.value,
+            "model": entry.model,
+            "model_version": entry.model_version,
+        },
+    )
+    return entry
+
+
+def preview_response(request: Request, study_uid: str, finding: int | None) -> Response:
+    """The preview PNG (not cached anywhere: it is an image of a patient)."""
+    service = _service(request)
+    detail = service.worklist.get_study(study_uid, utcnow())
+    routing = [{"series_uid": s.series_uid, "model": (s.routing or {}).get("model")} for s in detail.series]
+    try:
+        png = previews.study_preview(
+            service.worklist.engine, service.settings.overlay_dir, study_uid, detail.item.findings, routing, finding
+        )
+    except TriageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a preview failure must not look like a server crash
+        log.exception("study %s: preview failed", study_uid)
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"preview cannot be rendered: {exc}") from exc
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
