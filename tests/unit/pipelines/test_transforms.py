@@ -197,6 +197,16 @@ def test_resampling_matches_a_voxel_by_voxel_statement_of_the_rule() -> None:
     assert np.any(volume.array == AIR_HU)  # the shear leaves corners of the grid outside every slice
 
 
+def test_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    import triage.pipelines.transforms as transforms
+
+    stack = make_stack([0.0, 3.0, 4.0, 9.0, 15.0], [10.0, 13.0, 14.0, 18.0, 20.0], rows=30, cols=26)
+    whole = resample_stack(stack, (1.0, 1.0, 1.0)).array
+    monkeypatch.setattr(transforms, "_CHUNK_VOXELS", 100)  # a few rows per chunk
+    monkeypatch.setattr(transforms, "_CHUNK_ELEMENTS", 150)
+    assert np.array_equal(resample_stack(stack, (1.0, 1.0, 1.0)).array, whole)
+
+
 def test_the_grid_spans_the_stack_and_covers_every_source_pixel_in_plane() -> None:
     stack = make_stack([0.0, 4.0, 8.0, 20.0], 15.0, rows=20, cols=16, spacing=(2.0, 2.0))
     volume = resample_stack(stack, (1.0, 1.0, 1.0))
