@@ -145,9 +145,13 @@ class StorageSCP:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
+            decoded = len(ds) > 0
         except Exception as exc:  # the bytes are not a data set in the negotiated transfer syntax
             logger.warning("C-STORE of %s from %s: cannot decode the data set: %s", sop_instance, calling_ae, exc)
             return self._failure(event, DicomStatus.CANNOT_UNDERSTAND, "cannot decode the data set")
+        if not decoded:
+            logger.warning("C-STORE of %s from %s: no data element could be decoded", sop_instance, calling_ae)
+            return self._failure(event, DicomStatus.CANNOT_UNDERSTAND, "no data element could be decoded")
         try:
             self._accept(ds, calling_ae)
         except TriageError as exc:

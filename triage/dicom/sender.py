@@ -94,7 +94,18 @@ def _has_part10_preamble(path: Path) -> bool:
 
 
 def _is_bare_dataset(path: Path) -> bool:
-    """A data set written without preamble and File Meta (older devices): it names its SOP class and instance."""
+    """A data set written without preamble and File Meta (older devices): it names its SOP class and instance.
+
+    Only files starting with a group 0002 or 0008 tag (either byte order) are parsed, so that text files and
+    the like are not fed to pydicom's lenient reader.
+    """
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(2)
+    except OSError:
+        return False
+    if head not in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08"):
+        return False
     try:
         ds = dcmread(path, force=True, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
     except Exception:
@@ -368,12 +379,16 @@ class _Session:
             if not self._ensure_open():
                 break
             assert self.assoc is not None
-            result = _send_one(self.assoc, item)
+            result, dropped = _send_one(self.assoc, item)
             if result.status is not None:
                 self.answered_since_open += 1
                 return result
-            if self.assoc.is_established:
+            if not dropped:
                 return result  # a local problem (unreadable file, no context): another association won't help
+            # No answer: the association timed out, was aborted, or got an invalid response. Make sure it is
+            # closed on our side too before opening a new one.
+            if self.assoc.is_established:
+                self.assoc.abort()
         if result is not None and not self.error:
             return result
         return SendResult(item.path, item.sop_instance, None, self.error or "not sent")
@@ -383,33 +398,30 @@ def _association_failure(assoc: Association, host: str, port: int, called_ae: st
     target = f"{called_ae}@{host}:{port}"
     if assoc.is_rejected:
         return f"association rejected by {target} (check the calling and called AE titles)"
-    if assoc.is_aborted:
-        return f"association with {target} aborted by the peer"
-    return f"cannot associate with {target} (connection refused or timed out)"
+    return f"cannot associate with {target} (connection refused, timed out or aborted by the peer)"
 
 
-def _send_one(assoc: Association, item: _Item) -> SendResult:
+def _send_one(assoc: Association, item: _Item) -> tuple[SendResult, bool]:
+    """Send one file; returns its result and whether the association was lost without an answer."""
     try:
         ds = _read_for_sending(item.path, item.transfer_syntax)
     except Exception as exc:
-        return SendResult(item.path, item.sop_instance, None, f"cannot read: {exc}")
+        return SendResult(item.path, item.sop_instance, None, f"cannot read: {exc}"), False
     try:
         response = assoc.send_c_store(ds)
     except ValueError as exc:  # no accepted presentation context for this SOP class / transfer syntax
-        return SendResult(
-            item.path,
-            item.sop_instance,
-            None,
+        reason = (
             f"the peer accepted no presentation context for {UID(item.sop_class).name} in "
-            f"{UID(item.transfer_syntax).name}: {exc}",
+            f"{UID(item.transfer_syntax).name}: {exc}"
         )
+        return SendResult(item.path, item.sop_instance, None, reason), False
     except (AttributeError, RuntimeError) as exc:
-        return SendResult(item.path, item.sop_instance, None, f"cannot send: {exc}")
+        return SendResult(item.path, item.sop_instance, None, f"cannot send: {exc}"), not assoc.is_established
     if response is None or "Status" not in response:
-        return SendResult(item.path, item.sop_instance, None, "no response (association aborted or timed out)")
+        return SendResult(item.path, item.sop_instance, None, "no response (association aborted or timed out)"), True
     status = int(response.Status)
     comment = str(response.get("ErrorComment", "") or "")
     error = "" if status_category(status) in ("success", "warning") else describe_status(status)
     if comment and error:
         error = f"{error}: {comment}"
-    return SendResult(item.path, item.sop_instance, status, error)
+    return SendResult(item.path, item.sop_instance, status, error), False

@@ -64,7 +64,7 @@ def validate_uid(value: object, keyword: str) -> str:
         raise InvalidStudyError(f"{keyword} is missing or empty; every stored instance needs one")
     if len(text) > _UID_MAX_CHARS or not _UID_PATTERN.match(text):
         raise InvalidStudyError(
-            f"{keyword} {text[:80]!r} is not a valid UID (PS3.5 9.1: digits and dots, at most 64 characters)"
+            f"{keyword} is not a valid UID: {text[:80]!r} (PS3.5 9.1: digits and dots, at most 64 characters)"
         )
     return text
 
@@ -103,7 +103,7 @@ def check_complete(ds: Dataset) -> None:
             continue
         if len(element.value) < element.length:
             raise InvalidStudyError(
-                f"the data is truncated: element {element.tag} declares {element.length} bytes "
+                f"truncated data: element {element.tag} declares {element.length} bytes "
                 f"but only {len(element.value)} are present"
             )
 
@@ -115,8 +115,8 @@ def _expected_native_pixel_bytes(ds: Dataset) -> int:
         bits_allocated = int(ds.BitsAllocated)
     except (AttributeError, TypeError, ValueError) as exc:
         raise InvalidStudyError(
-            "an image without Rows, Columns or Bits Allocated cannot be decoded; "
-            f"SOP Instance UID {ds.get('SOPInstanceUID', '')!s}"
+            "image without Rows, Columns or Bits Allocated: it cannot be decoded "
+            f"(SOP Instance UID {ds.get('SOPInstanceUID', '')!s})"
         ) from exc
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -140,7 +140,7 @@ def validate_instance(ds: Dataset) -> None:
     if not is_accepted_sop_class(sop_class):
         accepted = sorted(UID(uid).name for uid in ACCEPTED_SOP_CLASSES)
         raise UnsupportedInputError(
-            f"SOP Class UID {sop_class!r} ({UID(sop_class).name}) is not accepted; accepted: {', '.join(accepted)}"
+            f"SOP class not accepted: {UID(sop_class).name} ({sop_class!r}); accepted: {', '.join(accepted)}"
         )
     sop_instance = validate_uid(ds.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)")
     validate_uid(ds.get("StudyInstanceUID"), "Study Instance UID (0020,000D)")
@@ -151,19 +151,19 @@ def validate_instance(ds: Dataset) -> None:
         meta_instance = str(file_meta.get("MediaStorageSOPInstanceUID", "") or "").strip().rstrip("\x00")
         if meta_instance and meta_instance != sop_instance:
             raise InvalidStudyError(
-                f"the request or File Meta names SOP Instance UID {meta_instance!r} "
-                f"but the data set's is {sop_instance!r}"
+                f"SOP Instance UID mismatch: the request or File Meta names {meta_instance!r}, "
+                f"the data set {sop_instance!r}"
             )
         meta_class = str(file_meta.get("MediaStorageSOPClassUID", "") or "").strip().rstrip("\x00")
         if meta_class and meta_class != sop_class:
             raise InvalidStudyError(
-                f"the request or File Meta names SOP Class UID {meta_class!r} but the data set's is {sop_class!r}"
+                f"SOP Class UID mismatch: the request or File Meta names {meta_class!r}, the data set {sop_class!r}"
             )
 
     syntax = transfer_syntax_of(ds)
     if not is_accepted_transfer_syntax(syntax):
         raise UnsupportedInputError(
-            f"transfer syntax {syntax!r} ({UID(syntax).name}) is not accepted; "
+            f"transfer syntax not accepted: {UID(syntax).name} ({syntax!r}); "
             "see triage.dicom.sopclasses.ACCEPTED_TRANSFER_SYNTAXES"
         )
 
@@ -172,20 +172,20 @@ def validate_instance(ds: Dataset) -> None:
     pixel_data = ds.get("PixelData")
     if not pixel_data:
         raise InvalidStudyError(
-            f"{UID(sop_class).name} instance {sop_instance!r} has no Pixel Data (7FE0,0010) "
+            f"no Pixel Data (7FE0,0010) in {UID(sop_class).name} instance {sop_instance!r} "
             "(an image SOP class must carry it; the data may also be truncated)"
         )
     if is_native_transfer_syntax(syntax):
         expected = _expected_native_pixel_bytes(ds)
         if len(pixel_data) < expected:
             raise InvalidStudyError(
-                f"Pixel Data of instance {sop_instance!r} has {len(pixel_data)} bytes, "
-                f"its Rows, Columns, Samples, Bits Allocated and Frames imply {expected}: truncated"
+                f"truncated Pixel Data: {len(pixel_data)} bytes where Rows, Columns, Samples per Pixel, "
+                f"Bits Allocated and Number of Frames imply {expected} (instance {sop_instance!r})"
             )
     elif bytes(pixel_data[:4]) not in (_ITEM_TAG_LE, _ITEM_TAG_BE):
         raise InvalidStudyError(
-            f"Pixel Data of instance {sop_instance!r} is not encapsulated although the transfer syntax "
-            f"{UID(syntax).name} is compressed (PS3.5 A.4)"
+            f"Pixel Data not encapsulated although the transfer syntax {UID(syntax).name} is compressed "
+            f"(PS3.5 A.4; instance {sop_instance!r})"
         )
 
 

@@ -1,0 +1,211 @@
+"""STOW-RS: multipart/related parsing (RFC 2046, PS3.18 10.5), the DICOM JSON response, the whole transaction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from tests.dicom_factory import make_ct_series, make_radiograph, make_sr, to_bytes
+from triage.dicom.status import DicomStatus
+from triage.dicom.store import DicomStore
+from triage.dicom.stow import build_stow_response, parse_multipart_related, stow_instances
+from triage.domain import InstanceMeta
+from triage.errors import InvalidStudyError, UnsupportedInputError
+
+CONTENT_TYPE = 'multipart/related; type="application/dicom"; boundary="XXbound-123"'
+BASE = "http://triage.test/dicomweb"
+
+
+def multipart(parts: list[bytes], boundary: str = "XXbound-123", newline: bytes = b"\r\n", headers: bool = True):
+    body = b"This preamble is ignored." + newline
+    for part in parts:
+        body += b"--" + boundary.encode() + newline
+        if headers:
+            body += b"Content-Type: application/dicom" + newline
+        body += newline + part + newline
+    body += b"--" + boundary.encode() + b"--" + newline + b"and so is this epilogue"
+    return body
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DicomStore:
+    seen: set[str] = set()
+
+    def index(meta: InstanceMeta) -> bool:
+        new = meta.sop_instance_uid not in seen
+        seen.add(meta.sop_instance_uid)
+        return new
+
+    return DicomStore(tmp_path / "store", "salt", index)
+
+
+def test_parts_are_returned_byte_for_byte():
+    parts = [to_bytes(ds) for ds in make_ct_series(2)] + [to_bytes(make_sr())]
+    assert parse_multipart_related(multipart(parts), CONTENT_TYPE) == parts
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "multipart/related; boundary=XXbound-123",  # type may be omitted
+        'Multipart/Related; Type="Application/DICOM"; Boundary="XXbound-123"',
+        'multipart/related;type="application/dicom";boundary=XXbound-123',
+    ],
+)
+def test_content_type_variants_are_understood(content_type: str):
+    part = to_bytes(make_sr())
+    assert parse_multipart_related(multipart([part]), content_type) == [part]
+
+
+def test_bare_lf_line_ends_and_parts_without_headers_are_tolerated():
+    parts = [to_bytes(make_sr()), to_bytes(make_radiograph(rows=32, columns=32))]
+    assert parse_multipart_related(multipart(parts, newline=b"\n", headers=False), CONTENT_TYPE) == parts
+
+
+def test_whitespace_after_a_boundary_is_transport_padding():
+    part = to_bytes(make_sr())
+    body = b"--XXbound-123 \t\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n--XXbound-123--"
+    assert parse_multipart_related(body, CONTENT_TYPE) == [part]
+
+
+def test_a_line_that_only_starts_like_the_boundary_is_content():
+    tricky = b"abc\r\n--XXbound-123456 is not a boundary\r\nxyz"
+    body = b"--XXbound-123\r\n\r\n" + tricky + b"\r\n--XXbound-123--\r\n"
+    assert parse_multipart_related(body, CONTENT_TYPE) == [tricky]
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/dicom",
+        "multipart/form-data; boundary=XXbound-123",
+        'multipart/related; type="application/dicom+json"; boundary=XXbound-123',
+        'multipart/related; type="application/octet-stream"; boundary=XXbound-123',
+        "",
+    ],
+)
+def test_other_media_types_are_unsupported_and_quoted(content_type: str):
+    with pytest.raises(UnsupportedInputError) as caught:
+        parse_multipart_related(multipart([b"x"]), content_type)
+    assert "not supported" in str(caught.value)
+
+
+def test_part_of_another_type_is_unsupported():
+    body = b"--XXbound-123\r\nContent-Type: image/jpeg\r\n\r\nJFIF\r\n--XXbound-123--"
+    with pytest.raises(UnsupportedInputError, match="image/jpeg"):
+        parse_multipart_related(body, CONTENT_TYPE)
+
+
+def test_base64_parts_are_unsupported():
+    body = b"--XXbound-123\r\nContent-Transfer-Encoding: base64\r\n\r\nAAAA\r\n--XXbound-123--"
+    with pytest.raises(UnsupportedInputError, match="base64"):
+        parse_multipart_related(body, CONTENT_TYPE)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "message"),
+    [
+        (b"--XXbound-123\r\n\r\nabc\r\n--XXbound-123--", 'multipart/related; type="application/dicom"', "boundary"),
+        (b"--XXbound-123\r\n\r\nabc\r\n", CONTENT_TYPE, "closing boundary"),  # truncated upload
+        (b"no delimiters here", CONTENT_TYPE, "no part"),
+        (b"--XXbound-123--\r\n", CONTENT_TYPE, "no parts"),
+    ],
+)
+def test_malformed_bodies_are_invalid(body: bytes, content_type: str, message: str):
+    with pytest.raises(InvalidStudyError, match=message):
+        parse_multipart_related(body, content_type)
+
+
+def test_all_stored_is_200_with_retrieve_urls(store: DicomStore):
+    series = make_ct_series(3)
+
+    status, response = stow_instances(multipart([to_bytes(ds) for ds in series]), CONTENT_TYPE, store, BASE + "/")
+
+    assert status == 200
+    study = series[0].StudyInstanceUID
+    assert response["00081190"] == {"vr": "UR", "Value": [f"{BASE}/studies/{study}"]}
+    assert "00081198" not in response
+    items = response["00081199"]["Value"]
+    assert [i["00081155"]["Value"][0] for i in items] == [ds.SOPInstanceUID for ds in series]
+    assert items[0]["00081150"] == {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]}
+    first = series[0]
+    assert items[0]["00081190"]["Value"][0] == (
+        f"{BASE}/studies/{study}/series/{first.SeriesInstanceUID}/instances/{first.SOPInstanceUID}"
+    )
+    assert len(list(store.iter_files())) == 3
+
+
+def test_some_failed_is_202_with_failure_reasons(store: DicomStore):
+    good = make_radiograph()
+    no_pixels = make_radiograph()
+    del no_pixels.PixelData
+    mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    body = multipart([to_bytes(good), b"\x00garbage", to_bytes(no_pixels), to_bytes(mr)])
+
+    status, response = stow_instances(body, CONTENT_TYPE, store, BASE)
+
+    assert status == 202
+    failed = response["00081198"]["Value"]
+    assert [f["00081197"]["Value"][0] for f in failed] == [
+        DicomStatus.CANNOT_UNDERSTAND,
+        DicomStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+        DicomStatus.SOP_CLASS_NOT_SUPPORTED,
+    ]
+    assert failed[0]["00081155"] == {"vr": "UI"}  # unparseable: no UID known
+    assert failed[1]["00081155"]["Value"] == [no_pixels.SOPInstanceUID]
+    assert failed[2]["00081150"]["Value"] == [mr.SOPClassUID]
+    assert [i["00081155"]["Value"][0] for i in response["00081199"]["Value"]] == [good.SOPInstanceUID]
+
+
+def test_nothing_stored_is_409(store: DicomStore):
+    status, response = stow_instances(multipart([b"not dicom"]), CONTENT_TYPE, store, BASE)
+    assert status == 409
+    assert "00081199" not in response
+    assert "00081190" not in response
+    assert len(response["00081198"]["Value"]) == 1
+
+
+def test_wrong_media_type_is_415_and_malformed_body_is_400(store: DicomStore):
+    status, response = stow_instances(b"{}", "application/dicom+json", store, BASE)
+    assert status == 415
+    assert "application/dicom+json" in response["error"]
+    status, response = stow_instances(b"--XXbound-123\r\n\r\nabc", CONTENT_TYPE, store, BASE)
+    assert status == 400
+    assert "closing boundary" in response["error"]
+
+
+def test_instances_of_another_study_than_the_url_names_are_refused(store: DicomStore):
+    mine, other = make_ct_series(1)[0], make_ct_series(1)[0]
+    body = multipart([to_bytes(mine), to_bytes(other)])
+
+    status, response = stow_instances(body, CONTENT_TYPE, store, BASE, study_uid=mine.StudyInstanceUID)
+
+    assert status == 202
+    assert response["00081198"]["Value"][0]["00081155"]["Value"] == [other.SOPInstanceUID]
+    assert response["00081198"]["Value"][0]["00081197"]["Value"] == [DicomStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS]
+
+
+def test_a_resent_instance_is_stored_again_not_failed(store: DicomStore):
+    ds = make_sr()
+    body = multipart([to_bytes(ds)])
+    assert stow_instances(body, CONTENT_TYPE, store, BASE)[0] == 200
+    status, response = stow_instances(body, CONTENT_TYPE, store, BASE)
+    assert status == 200
+    assert len(response["00081199"]["Value"]) == 1
+
+
+def test_response_of_several_studies_has_no_study_retrieve_url(store: DicomStore):
+    a, b = store.write(make_sr()), store.write(make_sr())
+    response = build_stow_response([a, b], [], BASE)
+    assert "00081190" not in response
+    assert list(response) == ["00081199"]
+    response = build_stow_response([a], [("1.2.3", "4.5.6", 0xA700)], BASE)
+    assert list(response) == ["00081190", "00081198", "00081199"]  # tag order (PS3.18 F.2)
+    assert response["00081198"]["Value"][0] == {
+        "00081150": {"vr": "UI", "Value": ["1.2.3"]},
+        "00081155": {"vr": "UI", "Value": ["4.5.6"]},
+        "00081197": {"vr": "US", "Value": [0xA700]},
+    }
