@@ -109,16 +109,18 @@ def synth_chest_radiograph(
     ptx = np.zeros((rows, cols), dtype=bool)
     line = np.zeros((rows, cols), dtype=bool)
     meta: dict[str, Any] = {"positive": bool(positive)}
+    # The pneumothorax draws from its own stream, so the same seed gives the same anatomy with or without it.
+    ptx_rng = np.random.default_rng(int(rng.integers(2**62)))
     if positive:
-        side = int(rng.choice([-1, 1]))
-        location = str(rng.choice(["apical", "lateral"]))
+        side = int(ptx_rng.choice([-1, 1]))
+        location = str(ptx_rng.choice(["apical", "lateral"]))
         lateral = side * (u - cx)
         wall = (~lung_side[side]) & (lateral > inner_edge[side] + 0.01) & (v < diaphragm[side] - 0.02)
         dist = ndimage.distance_transform_edt(~wall)
-        depth_px = rng.uniform(0.025, 0.11) * cols
+        depth_px = ptx_rng.uniform(0.025, 0.11) * cols
         span = base - apex
-        centre = apex + (rng.uniform(0.0, 0.12) if location == "apical" else rng.uniform(0.3, 0.6)) * span
-        spread = rng.uniform(0.12, 0.32) * span
+        centre = apex + (ptx_rng.uniform(0.0, 0.12) if location == "apical" else ptx_rng.uniform(0.3, 0.6)) * span
+        spread = ptx_rng.uniform(0.12, 0.32) * span
         local_depth = depth_px * np.exp(-((v - centre) ** 2) / (2 * spread**2))
         ptx = lung_side[side] & (dist < local_depth)
         line = lung_side[side] & (np.abs(dist - local_depth) < max(0.7, 0.9 * scale)) & (local_depth > 2.0 * scale)
@@ -137,8 +139,8 @@ def synth_chest_radiograph(
     remaining_lung = lungs & ~ptx
     image += lung_detail * ndimage.gaussian_filter(remaining_lung.astype(np.float32), 0.7 * scale)
     if positive:
-        image -= rng.uniform(0.01, 0.04) * ndimage.gaussian_filter(ptx.astype(np.float32), 0.7 * scale)
-        image += rng.uniform(0.06, 0.12) * ndimage.gaussian_filter(line.astype(np.float32), 0.5 * scale)
+        image -= ptx_rng.uniform(0.01, 0.04) * ndimage.gaussian_filter(ptx.astype(np.float32), 0.7 * scale)
+        image += ptx_rng.uniform(0.06, 0.12) * ndimage.gaussian_filter(line.astype(np.float32), 0.5 * scale)
 
     # Ribs: posterior arcs across both hemithoraces, brighter cortex at the edges.
     ribs = np.zeros((rows, cols), dtype=np.float32)
@@ -325,8 +327,6 @@ def make_chest_radiograph_dataset(
         ds.WindowCenter = f"{window[0]:g}"
         ds.WindowWidth = f"{window[1]:g}"
     ds.PixelData = stored.tobytes()
-    ds.is_little_endian = True
-    ds.is_implicit_VR = False
     if compression is not None:
         from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
