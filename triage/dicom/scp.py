@@ -99,7 +99,7 @@ class StorageSCP:
         """
         if self._server is not None:
             raise RuntimeError("the storage SCP is already running")
-        handlers = [
+        handlers: list[evt.EventHandlerType] = [
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_C_ECHO, self._on_c_echo),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -141,7 +141,7 @@ class StorageSCP:
     def _on_c_store(self, event: evt.Event) -> int | Dataset:
         """Decode, hand to `accept`, answer. Never raises: pynetdicom would answer 0xC211 and log a traceback."""
         calling_ae = event.assoc.requestor.ae_title.strip()
-        sop_instance = str(event.request.AffectedSOPInstanceUID or "")
+        sop_instance = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta

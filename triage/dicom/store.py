@@ -332,6 +332,32 @@ class DicomStore:
                     if path.suffix == ".dcm" and not path.name.startswith(".") and path.is_file():
                         yield path
 
+    def reindex(self) -> tuple[int, int, int]:
+        """Offer every stored file to `index` again, e.g. on start-up after the database was lost or restored.
+
+        Reads headers only (no pixels). The calling AE comes back from the File Meta's Source Application Entity
+        Title, which `write` records.
+
+        Returns:
+            (newly indexed, already indexed, unreadable) file counts; unreadable files are logged, not raised.
+        """
+        new = known = unreadable = 0
+        for path in self.iter_files():
+            try:
+                ds = dcmread(path, stop_before_pixels=True)
+                calling_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "")
+                meta = extract_meta(ds, path, calling_ae, self.salt)
+            except Exception as exc:
+                unreadable += 1
+                logger.warning("cannot re-index stored file %s: %s", path.name, exc)
+                continue
+            if self.index(meta):
+                new += 1
+            else:
+                known += 1
+        logger.info("re-indexed the store: %d new, %d already indexed, %d unreadable", new, known, unreadable)
+        return new, known, unreadable
+
     def remove_stale_temp_files(self, older_than_s: float = 3600.0) -> int:
         """Delete temporary files left by a crash during a write; returns how many were removed."""
         cutoff = time.time() - older_than_s

@@ -327,3 +327,14 @@ def test_stored_instance_is_a_plain_record(store: DicomStore):
     result = store.write(make_ct_series(1)[0])
     assert isinstance(result, StoredInstance)
     assert isinstance(result.meta, InstanceMeta)
+
+
+def test_reindex_offers_every_stored_file_again(tmp_path: Path, store: DicomStore, index: MemoryIndex):
+    written = [store.write(ds, calling_ae="ER_CT").meta for ds in make_ct_series(3)]
+    fresh = MemoryIndex()  # e.g. the database was restored from an older backup
+    restarted = DicomStore(store.root, SALT, fresh)
+    Path(written[0].path).write_bytes(b"damaged")
+
+    assert restarted.reindex() == (2, 0, 1)
+    assert restarted.reindex() == (0, 2, 1)
+    assert fresh.metas[written[1].sop_instance_uid] == written[1]
