@@ -77,20 +77,22 @@ NATIVE_TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 
 # Encapsulated (compressed) transfer syntaxes whose decoders are installed (pylibjpeg, openjpeg, pyjpegls).
+# Lossless first, then lossy.
 ENCAPSULATED_TRANSFER_SYNTAXES: tuple[str, ...] = (
     RLELossless,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    JPEGLSNearLossless,
+    JPEG2000,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
 )
 
-# In order of preference when a peer proposes several: uncompressed first, as PS3.5 A.1 (Explicit VR Little
-# Endian is what most archives store), then lossless, then lossy.
+# In order of preference: for each proposed presentation context the SCP accepts the first syntax of this list
+# that the peer proposed (pynetdicom's acceptor negotiation). Uncompressed first, Explicit VR Little Endian
+# leading because it keeps the VRs; then lossless, then lossy. The pipelines decode every one of them.
 ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = NATIVE_TRANSFER_SYNTAXES + ENCAPSULATED_TRANSFER_SYNTAXES
 
 # The Implementation Class UID written into the File Meta of every stored file (PS3.10 7.1): a UUID-derived

@@ -276,7 +276,7 @@ class DicomStore:
     """Instances on disk as root/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm.
 
     `write` returns only once the file is durable (fsynced, atomically renamed, directory fsynced) and
-    indexed, so that an SCP answering success after it has kept its promise to the sender (PS3.4 B.2.2).
+    indexed: a storage SCP's success response tells the sender it may forget the instance (PS3.4 Annex B).
 
     Args:
         root: the store's folder (created if missing).
@@ -301,7 +301,7 @@ class DicomStore:
         """Validate, store and index one instance, in its received transfer syntax.
 
         A second copy of an instance already stored replaces the file (same SOP Instance UID: same
-        instance, PS3.4 B.4.1) and is reported as `duplicate`.
+        instance) and is reported as `duplicate`.
 
         Raises:
             UnsupportedInputError: SOP class or transfer syntax not accepted.

@@ -38,7 +38,7 @@ def _content_type_parts(content_type: str) -> tuple[str, dict[str, str]]:
 
 
 def parse_multipart_related(body: bytes, content_type: str) -> list[bytes]:
-    """Split a STOW-RS request body (PS3.18 10.5.1.2) into the bytes of each DICOM part.
+    """Split a STOW-RS request body (PS3.18 10.5) into the bytes of each DICOM part.
 
     The request must be `multipart/related; type="application/dicom"; boundary=...` (the `type` parameter may
     be omitted); each part may say `Content-Type: application/dicom` and must not use any other content transfer
@@ -145,7 +145,7 @@ def _part_content(part: bytes, number: int) -> bytes:
     encoding = headers.get("content-transfer-encoding", "").lower()
     if encoding not in _ACCEPTED_PART_ENCODINGS:
         raise UnsupportedInputError(
-            f"part {number} has Content-Transfer-Encoding {encoding!r}; only binary is accepted (PS3.18 8.7.3)"
+            f"part {number} has Content-Transfer-Encoding {encoding!r}; only binary is accepted"
         )
     return part[separator + skip :]
 
@@ -162,7 +162,7 @@ def _instance_url(base: str, stored: StoredInstance) -> str:
 def build_stow_response(
     stored: list[StoredInstance], failures: list[Failure], retrieve_base_url: str
 ) -> dict[str, Any]:
-    """The Store Instances response in DICOM JSON (PS3.18 10.5.3, PS3.18 F.2), attributes in tag order.
+    """The Store Instances response in DICOM JSON (PS3.18 10.5.3 and Annex F), attributes in tag order.
 
     (0008,1190) Retrieve URL of the study is present when every stored instance belongs to one study;
     (0008,1198) Failed SOP Sequence lists each failure with its (0008,1197) Failure Reason;
