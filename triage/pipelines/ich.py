@@ -71,6 +71,7 @@ class IchRaw:
     tiles_run: int
     tiles_skipped: int
     providers: list[str] = field(default_factory=list)
+    probabilities: np.ndarray | None = None  # (classes, z, y, x) member mean; only when asked for (measurements)
 
 
 @dataclass(frozen=True)
@@ -134,12 +135,14 @@ def plan_tiles(image_hu: np.ndarray, post: dict[str, Any]) -> TilePlan:
     return TilePlan(tile_out, origins, keep)
 
 
-def segment_volume(volume: HeadVolume, members: list[OnnxModel], card: ModelCard) -> IchRaw:
+def segment_volume(
+    volume: HeadVolume, members: list[OnnxModel], card: ModelCard, return_probabilities: bool = False
+) -> IchRaw:
     """Run every member over the kept tiles and average class probabilities voxel by voxel.
 
     The volume is padded by the receptive margin (40 voxels each side) with the background value of the scaled
     window (-1: below -15 HU), as the network saw outside the head in training; tiles that hold no brain tissue
-    keep probability 1 for background.
+    keep probability 1 for background. With `return_probabilities` the member-mean probabilities are kept too.
 
     Raises:
         InferenceError: when a member's graph does not take the card's tile, or onnxruntime fails.
@@ -179,8 +182,12 @@ def segment_volume(volume: HeadVolume, members: list[OnnxModel], card: ModelCard
                 )
             acc += out[0]
         summed[:, z : z + tile_out, y : y + tile_out, x : x + tile_out] = acc
-    labels = np.argmax(summed[:, : shape[0], : shape[1], : shape[2]], axis=0).astype(np.uint8)
-    return IchRaw(labels, len(members), plan.tiles_run, plan.tiles_skipped, list(members[0].providers))
+    summed = summed[:, : shape[0], : shape[1], : shape[2]]
+    labels = np.argmax(summed, axis=0).astype(np.uint8)
+    raw = IchRaw(labels, len(members), plan.tiles_run, plan.tiles_skipped, list(members[0].providers))
+    if return_probabilities:
+        raw.probabilities = summed / float(len(members))
+    return raw
 
 
 def bleed_probability(volume_ml: float, post: dict[str, Any]) -> float:
