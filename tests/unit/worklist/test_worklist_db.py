@@ -102,3 +102,20 @@ def test_plain_postgresql_url_uses_psycopg3():
 def test_unsupported_urls_are_refused_quoting_the_value(url, message):
     with pytest.raises(TriageError, match=message):
         create_engine_for(url)
+
+
+def test_concurrent_migrations_both_succeed(fresh_db_url):
+    """The service and a worker may start together: the later migration waits and finds the schema at head.
+
+    Separate processes, as in production (Alembic's context is process-global, so threads cannot test this).
+    """
+    import subprocess
+    import sys
+
+    code = "import sys; from triage.worklist.db import migrate; migrate(sys.argv[1])"
+    procs = [subprocess.Popen([sys.executable, "-c", code, fresh_db_url], stderr=subprocess.PIPE) for _ in range(3)]
+    outcomes = [(p.wait(timeout=120), p.stderr.read().decode()) for p in procs]
+    assert outcomes == [(0, "")] * 3
+    engine = create_engine_for(fresh_db_url)
+    assert current_revision(engine) == head_revision()
+    engine.dispose()

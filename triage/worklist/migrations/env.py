@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 
 from alembic import context
+from sqlalchemy import text
 
-from triage.worklist.db import create_engine_for
+from triage.worklist.db import WRITE_OPTION, create_engine_for
 from triage.worklist.tables import Base
+
+# Any fixed 64-bit number; the advisory lock only needs to be the same in every process.
+MIGRATION_LOCK_KEY = 0x7472696167650001
 
 config = context.config
 target_metadata = Base.metadata
@@ -37,10 +41,15 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine, owned = _engine()
     try:
-        with engine.connect() as connection:
+        # A write transaction (BEGIN IMMEDIATE on SQLite) so two processes starting at once queue up.
+        with engine.connect().execution_options(**{WRITE_OPTION: True}) as connection:
             # Batch mode lets later revisions alter tables on SQLite (which cannot ALTER most constraints).
             context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
             with context.begin_transaction():
+                if connection.dialect.name == "postgresql":
+                    # Serialise concurrent migrations (the service and a worker starting together): the second
+                    # waits here, then finds the schema at head and does nothing.
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
                 context.run_migrations()
     finally:
         if owned:
