@@ -12,6 +12,7 @@ Usage: python benchmarks/bench_spine.py [--runner ray|inprocess] [--copies N]
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import subprocess
@@ -28,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from triage.config import Settings  # noqa: E402
+from triage.dicom.dcmtk import DCMTK_ENV, find_dcmtk  # noqa: E402
 from triage.serve.service import TriageService  # noqa: E402
 
 HEAD_CT = REPO / "tests" / "data" / "ct-head-ge"
@@ -42,8 +44,12 @@ def free_port() -> int:
 
 def storescu(port: int, folder: Path, aet: str = "TRIAGE") -> float:
     started = time.perf_counter()
-    subprocess.run(["storescu", "-aec", aet, "+sd", "+r", "127.0.0.1", str(port), str(folder)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [find_dcmtk("storescu") or "storescu", "-aec", aet, "+sd", "+r", "127.0.0.1", str(port), str(folder)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, **DCMTK_ENV},
+    )
     return time.perf_counter() - started
 
 
@@ -81,7 +87,7 @@ def main() -> None:
     parser.add_argument("--runner", default="ray", choices=["ray", "inprocess"])
     parser.add_argument("--copies", type=int, default=4, help="copies of the head CT for the ingest rate")
     args = parser.parse_args()
-    if shutil.which("storescu") is None or shutil.which("storescp") is None:
+    if find_dcmtk("storescu") is None or find_dcmtk("storescp") is None:
         sys.exit("dcmtk (storescu, storescp) is required: apt-get install dcmtk")
 
     work = Path(tempfile.mkdtemp(prefix="triage-bench-"))
@@ -126,8 +132,11 @@ def main() -> None:
         storescp_port = free_port()
         received = work / "storescp"
         received.mkdir()
-        scp = subprocess.Popen(["storescp", "-od", str(received), "+B", str(storescp_port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        scp = subprocess.Popen(
+            [find_dcmtk("storescp") or "storescp", "-od", str(received), "+B", str(storescp_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(0.5)
         try:
             dcmtk_s = storescu(storescp_port, copies_dir, aet="ANY-SCP")

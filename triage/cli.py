@@ -278,9 +278,10 @@ def demo(
     storescu, and print the worklist before and after analysis."""
     from rich.progress import Progress
 
+    from triage.dicom.dcmtk import DCMTK_ENV, find_dcmtk
     from triage.training.synth_xray import generate_dataset
 
-    storescu = shutil.which("storescu")
+    storescu = find_dcmtk("storescu")
     if storescu is None:
         _fail("dcmtk's storescu is not installed (Debian/Ubuntu: apt-get install dcmtk)")
     if data_dir.exists():
@@ -313,7 +314,9 @@ def demo(
         for folder, label in ((ct, "head CT"), (xray_dir, "chest X-rays")):
             err.print(f"storescu: sending the {label} from {folder}")
             subprocess.run(
-                [storescu, "-aec", "TRIAGE", "+sd", "+r", "127.0.0.1", str(dicom_port), str(folder)], check=True
+                [storescu, "-aec", "TRIAGE", "+sd", "+r", "127.0.0.1", str(dicom_port), str(folder)],
+                check=True,
+                env={**os.environ, **DCMTK_ENV},
             )
         time.sleep(1)
         console.print(render_worklist(fetch_worklist(url), "worklist just after the studies arrived"))

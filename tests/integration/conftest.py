@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from triage.dicom.dcmtk import DCMTK_ENV, find_dcmtk
 
 REPO = Path(__file__).resolve().parents[2]
 HEAD_CT = REPO / "tests" / "data" / "ct-head-ge"
@@ -36,9 +37,20 @@ class Server:
 
     def storescu(self, *paths: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Send files or folders with dcmtk's storescu, the real DICOM client."""
-        command = ["storescu", "-aec", "TRIAGE", "-aet", "CI-MODALITY", "+sd", "+r", "127.0.0.1",
-                   str(self.dicom_port), *map(str, paths)]
-        return subprocess.run(command, capture_output=True, text=True, check=check, timeout=300)
+        command = [
+            find_dcmtk("storescu") or "storescu",
+            "-aec",
+            "TRIAGE",
+            "-aet",
+            "CI-MODALITY",
+            "+sd",
+            "+r",
+            "127.0.0.1",
+            str(self.dicom_port),
+            *map(str, paths),
+        ]
+        env = {**os.environ, **DCMTK_ENV}
+        return subprocess.run(command, capture_output=True, text=True, check=check, timeout=300, env=env)
 
     def get(self, path: str, **params: object) -> httpx.Response:
         return httpx.get(self.url + path, params=params, timeout=30, headers=self.headers)
@@ -60,19 +72,33 @@ class Server:
             if value:
                 return value
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited ({self.proc.returncode}); log:\n{self.log_path.read_text()[-4000:]}")
+                raise AssertionError(
+                    f"server exited ({self.proc.returncode}); log:\n{self.log_path.read_text()[-4000:]}"
+                )
             time.sleep(1)
         raise AssertionError(f"timed out waiting for {what}; log:\n{self.log_path.read_text()[-4000:]}")
 
 
 def start_server(data_dir: Path, extra_env: dict[str, str] | None = None, runner: str = "ray") -> Server:
-    if shutil.which("storescu") is None:
+    if find_dcmtk("storescu") is None:
         pytest.fail("dcmtk's storescu is required for integration tests (apt-get install dcmtk)")
     http_port, dicom_port = free_port(), free_port()
     env = {**os.environ, "TRIAGE_DICOM__STABLE_AGE_S": "2", **(extra_env or {})}
     log_path = data_dir.parent / f"{data_dir.name}-server.log"
-    command = [sys.executable, "-m", "triage", "serve", "--http-port", str(http_port), "--dicom-port",
-               str(dicom_port), "--data-dir", str(data_dir), "--runner", runner]
+    command = [
+        sys.executable,
+        "-m",
+        "triage",
+        "serve",
+        "--http-port",
+        str(http_port),
+        "--dicom-port",
+        str(dicom_port),
+        "--data-dir",
+        str(data_dir),
+        "--runner",
+        runner,
+    ]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = Server(f"http://127.0.0.1:{http_port}", dicom_port, data_dir, log_path, proc)

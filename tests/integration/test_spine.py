@@ -3,13 +3,13 @@ ONNX Runtime, SQLite), and they come out on the worklist analysed, once, in prio
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from tests.integration.conftest import HEAD_CT, Server
+from triage.dicom.dcmtk import find_dcmtk
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +91,7 @@ def test_corrupt_file_gets_a_failure_status_and_the_server_keeps_serving(server:
     result = server.storescu(corrupt, check=False)
     assert result.returncode != 0 or "Failed" in result.stderr or "Error" in result.stderr
     assert server.get("/healthz").status_code == 200
-    echo = shutil.which("echoscu")
+    echo = find_dcmtk("echoscu")
     if echo:
         import subprocess
 
@@ -113,15 +113,19 @@ def test_stow_rs_stores_and_lists_the_study(server: Server, tmp_path: Path) -> N
     response = server.post(
         "/dicomweb/studies",
         content=body,
-        headers={**(server.headers or {}),
-                 "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
+        headers={
+            **(server.headers or {}),
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        },
     )
     assert response.status_code == 200, response.text
     referenced = response.json()["00081199"]["Value"]
     assert referenced[0]["00081155"]["Value"] == [str(ds.SOPInstanceUID)]
     server.wait_for(lambda items: _item(items, str(ds.StudyInstanceUID)), timeout_s=60, what="the STOW study")
 
-    wrong = server.post("/dicomweb/studies", content=b"hello", headers={**(server.headers or {}), "Content-Type": "text/plain"})
+    wrong = server.post(
+        "/dicomweb/studies", content=b"hello", headers={**(server.headers or {}), "Content-Type": "text/plain"}
+    )
     assert wrong.status_code == 415
 
 

@@ -81,6 +81,13 @@ class TriageService:
             except Exception as exc:  # noqa: BLE001 - refuse that model, keep serving the others
                 self.model_errors[model.card.name] = str(exc)
                 log.error("%s", exc)
+        # Files written before a crash but not yet indexed are indexed now: no received study is lost.
+        self.store.remove_stale_temp_files()
+        new, _, unreadable = self.store.reindex()
+        if new or unreadable:
+            log.warning(
+                "start-up: indexed %d stored instance(s) missing from the index; %d unreadable", new, unreadable
+            )
         self.worklist.recover_interrupted(utcnow())
         if self.scp is not None:
             self.scp.start()
