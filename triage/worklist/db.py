@@ -70,7 +70,7 @@ def create_engine_for(url: str | URL, **kwargs: Any) -> Engine:
     if memory:
         kwargs.setdefault("poolclass", StaticPool)
     else:
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(str(parsed.database)).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(parsed, connect_args=connect_args, **kwargs)
 
     @event.listens_for(engine, "connect")

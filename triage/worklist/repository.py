@@ -143,7 +143,7 @@ def _as_dict(record: Mapping[str, Any] | Any) -> dict[str, Any]:
         return record.to_dict()
     if is_dataclass(record) and not isinstance(record, type):
         return asdict(record)
-    return dict(record)
+    return dict(record)  # type: ignore[arg-type]
 
 
 def _normalise_findings(findings: Iterable[Mapping[str, Any] | Finding]) -> list[dict[str, Any]]:
@@ -216,6 +216,7 @@ class Worklist:
             except ValueError as exc:
                 raise ValueError(f"sender_priority[{ae!r}]: {exc}") from None
         dialect = self.engine.dialect.name
+        self._upsert: Any
         if dialect == "postgresql":
             self._upsert = pg_insert
         elif dialect == "sqlite":
@@ -237,6 +238,10 @@ class Worklist:
         engine = create_engine_for(url)
         migrate(engine)
         return cls(engine, settings, events, sender_priority)
+
+    def close(self) -> None:
+        """Release the engine's pooled connections (the engine stays usable and reconnects on demand)."""
+        self.engine.dispose()
 
     # ----------------------------------------------------------------------------------------- helpers
 
