@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from triage.dicom.series import read_series_attributes
 from triage.domain import AIStatus, Finding, RoutingDecision, SeriesInfo, SeriesResult, StageTimings
 from triage.models.registry import ModelRegistry
 from triage.pipelines.routing import RoutingRules, route_study
@@ -39,6 +40,14 @@ class AnalysisOutcome:
     findings: list[dict[str, Any]] = field(default_factory=list)
     timings: StageTimings = field(default_factory=StageTimings)
     superseded: bool = False
+
+
+def _with_attributes(series: SeriesInfo) -> SeriesInfo:
+    """The series with the attributes routing rules look at, read from its first stored instance."""
+    if not series.files:
+        return series
+    attributes = {**series.attributes, **read_series_attributes(series.files[0])}
+    return replace(series, attributes=attributes)
 
 
 def _routing_record(series: SeriesInfo, decision: RoutingDecision) -> dict[str, Any]:
@@ -98,7 +107,7 @@ def analyse_study(
     generation = worklist.begin_analysis(study_uid, now())
     try:
         started = time.perf_counter()
-        series_list = worklist.series_of(study_uid)
+        series_list = [_with_attributes(s) for s in worklist.series_of(study_uid)]
         timings.add("database", time.perf_counter() - started)
         installed = set(registry.names()) - (unavailable_models or set())
         decisions = route_study(series_list, rules, installed)
