@@ -24,6 +24,8 @@ from triage.logs import configure_logging
 app = typer.Typer(help="AI triage for teleradiology worklists.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="Installed models: list, validate, export, evaluate, benchmark.", no_args_is_help=True)
 synth_app = typer.Typer(help="Generate synthetic data (demonstration and tests).", no_args_is_help=True)
+users_app = typer.Typer(help="Users, roles and API tokens (same --data-dir as serve).", no_args_is_help=True)
+app.add_typer(users_app, name="users")
 app.add_typer(models_app, name="models")
 app.add_typer(synth_app, name="synth")
 console = Console()
@@ -188,10 +190,17 @@ def infer(
 
 
 # ----------------------------------------------------------------------------------------------- worklist
-def fetch_worklist(url: str) -> list[dict[str, Any]]:
+def fetch_worklist(url: str, token: str | None) -> list[dict[str, Any]]:
     import httpx
 
-    response = httpx.get(f"{url.rstrip('/')}/api/v1/worklist", params={"include_reported": True}, timeout=30)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    response = httpx.get(
+        f"{url.rstrip('/')}/api/v1/worklist", params={"include_reported": True}, headers=headers, timeout=30
+    )
+    if response.status_code == 401:
+        _fail(
+            "the server wants an API token: pass --token or set TRIAGE_API_TOKEN (triage users add NAME --role service)"
+        )
     response.raise_for_status()
     items: list[dict[str, Any]] = response.json()
     return items
@@ -233,9 +242,12 @@ def render_worklist(items: list[dict[str, Any]], title: str) -> Table:
 
 
 @app.command()
-def worklist(url: Annotated[str, typer.Option(help="A running triage server")] = "http://127.0.0.1:8000") -> None:
+def worklist(
+    url: Annotated[str, typer.Option(help="A running triage server")] = "http://127.0.0.1:8000",
+    token: Annotated[str | None, typer.Option(envvar="TRIAGE_API_TOKEN", help="API token of a service account")] = None,
+) -> None:
     """Print the worklist of a running server, highest priority first, with the reasons for each position."""
-    console.print(render_worklist(fetch_worklist(url), "worklist"))
+    console.print(render_worklist(fetch_worklist(url, token), "worklist"))
 
 
 # ----------------------------------------------------------------------------------------------- demo
@@ -287,6 +299,10 @@ def demo(
     if data_dir.exists():
         shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True)
+    from triage.worklist.accounts import add_user
+
+    settings = _settings(data_dir)
+    _, token = add_user(settings, "demo", "service")
     xray_dir = Path(tempfile.mkdtemp(prefix="triage-demo-xr-"))
     generate_dataset(xray_dir, n=n_xrays, positive_fraction=0.67, seed=7, fmt="dicom")
     http_port, dicom_port = _free_port(), _free_port()
@@ -319,19 +335,19 @@ def demo(
                 env={**os.environ, **DCMTK_ENV},
             )
         time.sleep(1)
-        console.print(render_worklist(fetch_worklist(url), "worklist just after the studies arrived"))
+        console.print(render_worklist(fetch_worklist(url, token), "worklist just after the studies arrived"))
         expected = 1 + n_xrays
         with Progress(console=err) as progress:
             task = progress.add_task("analysing", total=expected)
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
-                items = fetch_worklist(url)
+                items = fetch_worklist(url, token)
                 done = sum(1 for i in items if i["ai_status"] not in ("pending", "analysing"))
                 progress.update(task, completed=done)
                 if len(items) >= expected and done >= expected:
                     break
                 time.sleep(2)
-        console.print(render_worklist(fetch_worklist(url), "worklist after analysis"))
+        console.print(render_worklist(fetch_worklist(url, token), "worklist after analysis"))
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -393,6 +409,47 @@ def models_validate(weights_dir: Annotated[Path | None, typer.Option()] = None) 
             console.print(f"[green]ok[/green] {model.card.key}")
     if failures:
         raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------------------------- users
+@users_app.command("add")
+def users_add(
+    name: str,
+    role: Annotated[str, typer.Option(help="radiologist, admin or service")] = "radiologist",
+    password: Annotated[str | None, typer.Option(help="Password for a person (generated when omitted)")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Add a user. For role service the new API token is printed alone on the last line."""
+    from triage.worklist.accounts import add_user
+
+    user, secret = add_user(_settings(data_dir), name, role, password)
+    if user.role == "service":
+        err.print(f"service account {user.name} added; its API token (use as 'Authorization: Bearer TOKEN'):")
+    else:
+        err.print(f"user {user.name} ({user.role}) added; password{' (generated)' if password is None else ''}:")
+    print(secret)
+
+
+@users_app.command("list")
+def users_list(data_dir: DataDir = None) -> None:
+    """List users with their role and whether they are disabled."""
+    from triage.worklist.accounts import list_users
+
+    table = Table(title="users")
+    for column in ("name", "role", "disabled"):
+        table.add_column(column)
+    for user in list_users(_settings(data_dir)):
+        table.add_row(user.name, str(user.role), "yes" if getattr(user, "disabled", False) else "no")
+    console.print(table)
+
+
+@users_app.command("disable")
+def users_disable(name: str, data_dir: DataDir = None) -> None:
+    """Disable a user: their sessions end and their API tokens stop working."""
+    from triage.worklist.accounts import disable_user
+
+    user = disable_user(_settings(data_dir), name)
+    console.print(f"disabled {user.name}")
 
 
 def main() -> None:

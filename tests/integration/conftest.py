@@ -15,7 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from triage.config import Settings
 from triage.dicom.dcmtk import DCMTK_ENV, find_dcmtk
+from triage.worklist.accounts import add_user
 
 REPO = Path(__file__).resolve().parents[2]
 HEAD_CT = REPO / "tests" / "data" / "ct-head-ge"
@@ -83,6 +85,10 @@ def start_server(data_dir: Path, extra_env: dict[str, str] | None = None, runner
     if find_dcmtk("storescu") is None:
         pytest.fail("dcmtk's storescu is required for integration tests (apt-get install dcmtk)")
     http_port, dicom_port = free_port(), free_port()
+    # The API needs a signed-in user or an API token: the tests act as a service account.
+    settings = Settings()
+    settings.data_dir = data_dir
+    _, token = add_user(settings, "ci-service", "service")
     env = {**os.environ, "TRIAGE_DICOM__STABLE_AGE_S": "2", **(extra_env or {})}
     log_path = data_dir.parent / f"{data_dir.name}-server.log"
     command = [
@@ -102,6 +108,7 @@ def start_server(data_dir: Path, extra_env: dict[str, str] | None = None, runner
     with log_path.open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = Server(f"http://127.0.0.1:{http_port}", dicom_port, data_dir, log_path, proc)
+    server.headers = {"Authorization": f"Bearer {token}"}
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if proc.poll() is not None:
