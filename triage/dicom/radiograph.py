@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -110,7 +111,7 @@ def select_radiograph(files: Sequence[str | Path]) -> tuple[Path, str]:
     return paths[0], f"no PA/AP view stated; first of {len(paths)} images in the series"
 
 
-def radiograph_from_dataset(ds: object, source: str = "dataset") -> Radiograph:
+def radiograph_from_dataset(ds: Any, source: str = "dataset") -> Radiograph:
     """Turn a decoded pydicom Dataset into presentation values.
 
     Order (PS3.4 N.2, greyscale pipeline): Modality LUT (Modality LUT Sequence or Rescale Slope/Intercept), then
@@ -185,7 +186,7 @@ def radiograph_from_dataset(ds: object, source: str = "dataset") -> Radiograph:
     )
 
 
-def _pixel_spacing(ds: object) -> tuple[float, float] | None:
+def _pixel_spacing(ds: Any) -> tuple[float, float] | None:
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = getattr(ds, keyword, None)
         if value is not None and len(value) == 2:
@@ -200,7 +201,7 @@ def _pixel_spacing(ds: object) -> tuple[float, float] | None:
     return None
 
 
-def _lut_output_range(ds: object, item: object) -> tuple[float, float]:
+def _lut_output_range(ds: Any, item: Any) -> tuple[float, float]:
     """The output range of the first VOI LUT: the smallest and largest of its entries (PS3.3 C.11.2.1.1).
 
     The LUT Descriptor's bit depth is not trusted on its own: writers declare 16 bits for 8-bit data.
@@ -215,7 +216,7 @@ def _lut_output_range(ds: object, item: object) -> tuple[float, float]:
     return float(outputs.min()), float(outputs.max())
 
 
-def _window_output_range(ds: object) -> tuple[float, float]:
+def _window_output_range(ds: Any) -> tuple[float, float]:
     """The range pydicom's windowing maps into: the modality LUT's output range (PS3.3 C.11.2.1.2)."""
     bits_stored = int(getattr(ds, "BitsStored", 16))
     modality_luts = getattr(ds, "ModalityLUTSequence", None)
@@ -241,8 +242,9 @@ def _read_png(path: Path) -> Radiograph:
             mode = image.mode
             if mode in ("RGB", "RGBA", "P", "CMYK", "LA", "YCbCr"):
                 raise UnsupportedInputError(f"{path.name}: colour PNG (mode {mode!r}); expected greyscale L or I;16")
-            if getattr(image, "n_frames", 1) > 1:
-                raise UnsupportedInputError(f"{path.name}: animated PNG with {image.n_frames} frames")
+            frames = int(getattr(image, "n_frames", 1))
+            if frames > 1:
+                raise UnsupportedInputError(f"{path.name}: animated PNG with {frames} frames")
             array = np.asarray(image)
     except (UnidentifiedImageError, OSError) as exc:
         raise InvalidStudyError(f"{path.name}: not a readable PNG ({exc})") from exc

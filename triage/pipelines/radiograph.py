@@ -107,7 +107,7 @@ class RadiographPreprocess:
         """
         from monai.transforms import SpatialPad
 
-        pixels = np.asarray(radiograph.pixels, dtype=np.float32)[None]
+        pixels: Any = np.asarray(radiograph.pixels, dtype=np.float32)[None]
         rows, cols = pixels.shape[1:]
         if self.params["keep_aspect"] == "pad":
             canvas = max(rows, cols)
@@ -118,7 +118,7 @@ class RadiographPreprocess:
             )
         else:
             canvas, pad_before = max(rows, cols), (0, 0)
-        image = self._resize(pixels)
+        image: Any = self._resize(pixels)
         if self._normalise is not None:
             image = self._normalise(image)
         return np.asarray(image, dtype=np.float32), pad_before, canvas

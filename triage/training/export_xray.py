@@ -23,7 +23,7 @@ from triage.models.card import (
     write_card,
 )
 from triage.models.registry import sha256_file
-from triage.models.xray_net import build_xray_net, heatmap_stride
+from triage.models.xray_net import build_xray_net, heatmap_stride, network_params
 from triage.pipelines.radiograph import SYNTHETIC_NOTICE, RadiographPreprocess, prepare_files
 from triage.training.synth_xray import GENERATOR_NAME, GENERATOR_VERSION, make_chest_radiograph_dataset
 from triage.training.train_xray import CHECKPOINT_FILE, MODEL_NAME, TRAINING_RECORD
@@ -69,6 +69,7 @@ def export(
     if not record_path.is_file() or not state_path.is_file():
         raise ModelLoadError(f"{source}: expected {TRAINING_RECORD} and {CHECKPOINT_FILE} from a training run")
     record = json.loads(record_path.read_text())
+    record["network"] = network_params(record["network"])  # every parameter explicit in the card
     net = build_xray_net(record["network"])
     net.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
     net.eval()
@@ -112,6 +113,8 @@ def _export_onnx(net: Any, image_size: tuple[int, int], path: Path) -> None:
         external_data=False,
         verbose=False,
     )
+    if program is None:  # only the legacy exporter returns nothing
+        raise ModelLoadError("torch.onnx.export returned no program")
     program.save(str(path), external_data=False)
     import onnx
 
@@ -150,6 +153,12 @@ def measure_parity(net: Any, onnx_path: Path, preprocessing: dict[str, Any]) -> 
         "providers": ["CPUExecutionProvider"],
         "torch_logit": float(logit_t.reshape(-1)[0]),
     }
+
+
+def _pooling_words(network: dict[str, Any]) -> str:
+    if network.get("pooling") == "lse":
+        return f"log-sum-exp smooth maximum (r={network['lse_r']})"
+    return "spatial mean"
 
 
 def _card(
@@ -230,8 +239,8 @@ def _card(
                 threshold=round(float(record["operating_threshold"]), 4),
                 description="Air in the pleural space: a visceral pleural line with absent lung markings beyond it.",
                 probability_method=(
-                    "sigmoid of the logit; the logit is the spatial mean of the class activation map (output "
-                    f"'heatmap'); threshold: {record['operating_point']}"
+                    f"sigmoid of the logit; the logit is the {_pooling_words(record['network'])} of the class "
+                    f"activation map (output 'heatmap'); threshold: {record['operating_point']}"
                 ),
             )
         ],

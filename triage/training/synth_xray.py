@@ -250,7 +250,7 @@ def make_chest_radiograph_dataset(
     """
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     if image is None:
         image = synth_chest_radiograph(seed, positive, shape).image
@@ -264,13 +264,13 @@ def make_chest_radiograph_dataset(
     sop_uid = {"DX": DX_PRESENTATION_SOP, "DX-PROCESSING": DX_PROCESSING_SOP, "CR": CR_SOP}.get(
         sop_class, SECONDARY_CAPTURE_SOP
     )
-    uid_seed = f"{seed}-{int(positive)}-{rows}x{cols}-{photometric}-{sop_class}"
+    uid_seed = f"{seed}-{int(positive)}-{rows}x{cols}-{photometric}-{sop_class}-{view}"
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(sop_uid)
     meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[uid_seed, "sop"])
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)  # type: ignore[arg-type]
     today = dt.date(2024, 1, 1) + dt.timedelta(days=seed % 365)
     ds.SOPClassUID = sop_uid
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
