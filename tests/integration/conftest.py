@@ -47,6 +47,8 @@ class Server:
             "CI-MODALITY",
             "+sd",
             "+r",
+            "+sp",
+            "*.dcm",  # the folder also holds the licence and README
             "127.0.0.1",
             str(self.dicom_port),
             *map(str, paths),

@@ -1,0 +1,108 @@
+"""Clinical fail-safe: whatever the AI does, a received study stays on the worklist at its clinical priority."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tests.dicom_factory import make_ct_series, make_radiograph
+from triage.config import Settings
+from triage.domain import AIStatus
+from triage.serve.analysis import analyse_study
+from triage.serve.service import TriageService
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> TriageService:
+    settings = Settings()
+    settings.data_dir = tmp_path / "data"
+    svc = TriageService(settings, runner_kind="inprocess", start_scp=False)
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+def _receive(service: TriageService, datasets: list) -> str:
+    for ds in datasets:
+        service.accept(ds, "TEST-AE")
+    return str(datasets[0].StudyInstanceUID)
+
+
+def _item(service: TriageService, study_uid: str) -> dict:
+    items = [i.to_dict() for i in service.worklist.list_worklist(datetime.now(UTC), include_reported=True)]
+    matches = [i for i in items if i["study_uid"] == study_uid]
+    assert len(matches) == 1
+    return matches[0]
+
+
+def test_unreadable_ct_geometry_fails_the_ai_but_keeps_the_study_at_stat(service: TriageService) -> None:
+    datasets = make_ct_series(12, requested_priority="STAT")
+    datasets[4].Rows, datasets[4].Columns = 32, 128  # inconsistent matrix: the stack cannot be built
+
+    study_uid = _receive(service, datasets)
+    outcome = service._analyse(study_uid)
+    assert outcome.ai_status == AIStatus.FAILED
+    item = _item(service, study_uid)
+    assert item["ai_status"] == "failed"
+    assert "ct-head-ich" in item["ai_reason"]
+    assert item["priority"]["level"] == "stat"
+    assert item["findings"] == []
+
+
+def test_runner_crash_is_recorded_as_failed_not_raised(service: TriageService) -> None:
+    class CrashingRunner:
+        def analyse(self, study_uid: str, work: object) -> list:
+            raise RuntimeError("worker died")
+
+    study_uid = _receive(service, make_ct_series(12, requested_priority="HIGH"))
+    outcome = analyse_study(
+        study_uid,
+        service.worklist,
+        service.registry,
+        service.rules,
+        CrashingRunner(),  # type: ignore[arg-type]
+        service.settings.overlay_dir,
+    )
+    assert outcome.ai_status == AIStatus.FAILED
+    item = _item(service, study_uid)
+    assert item["ai_status"] == "failed" and "worker died" in item["ai_reason"]
+    assert item["priority"]["level"] == "urgent"
+
+
+def test_modality_no_model_handles_is_listed_not_applicable_with_the_reason(service: TriageService) -> None:
+    ds = make_radiograph("DX", body_part="ABDOMEN")
+    ds.StudyDescription = "ABDOMEN AP"
+    study_uid = _receive(service, [ds])
+    service._analyse(study_uid)
+    item = _item(service, study_uid)
+    assert item["ai_status"] == "not-applicable"
+    assert "no-rule-matched" in item["ai_reason"]
+    assert item["priority"]["level"] == "routine"
+
+
+def test_model_with_tampered_weights_is_refused_and_its_studies_are_not_analysed(tmp_path: Path) -> None:
+    weights = tmp_path / "weights"
+    shutil.copytree(Settings().weights_dir / "xr-chest-pneumothorax", weights / "xr-chest-pneumothorax")
+    card_path = next(weights.glob("xr-chest-pneumothorax/*/card.json"))
+    card = json.loads(card_path.read_text())
+    onnx = card_path.parent / card["weights"][0]["file"]
+    onnx.write_bytes(onnx.read_bytes()[:-1] + b"\1")
+    settings = Settings()
+    settings.data_dir = tmp_path / "data"
+    settings.weights_dir = weights
+    svc = TriageService(settings, runner_kind="inprocess", start_scp=False)
+    svc.start()
+    try:
+        assert "sha256" in svc.model_errors["xr-chest-pneumothorax"]
+        study_uid = _receive(svc, [make_radiograph("DX")])
+        svc._analyse(study_uid)
+        item = _item(svc, study_uid)
+        assert item["ai_status"] == "not-applicable"
+        routing = svc.worklist.get_study(study_uid, datetime.now(UTC)).to_dict()
+        assert "model-unavailable" in json.dumps(routing)
+    finally:
+        svc.stop()
