@@ -9,9 +9,9 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from conftest import RADIOLOGIST_PASSWORD, Site, ich_finding, pneumothorax_finding, utcnow
 from fastapi.testclient import TestClient
 from PIL import Image
+from serve_site import RADIOLOGIST_PASSWORD, Site, ich_finding, pneumothorax_finding, utcnow
 from sqlalchemy import update
 
 from tests.dicom_factory import SYNTHETIC_BIRTH_DATE, SYNTHETIC_PATIENT_ID, SYNTHETIC_PATIENT_NAME

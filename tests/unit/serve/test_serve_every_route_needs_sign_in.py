@@ -10,7 +10,7 @@ from typing import Any
 
 import fastapi.routing
 import pytest
-from conftest import Site
+from serve_site import Site
 from starlette.routing import Mount
 
 PUBLIC = {("/healthz", "GET"), ("/readyz", "GET"), ("/login", "GET"), ("/login", "POST")}
