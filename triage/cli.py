@@ -330,7 +330,7 @@ def demo(
         for folder, label in ((ct, "head CT"), (xray_dir, "chest X-rays")):
             err.print(f"storescu: sending the {label} from {folder}")
             subprocess.run(
-                [storescu, "-aec", "TRIAGE", "+sd", "+r", "127.0.0.1", str(dicom_port), str(folder)],
+                [storescu, "-aec", "TRIAGE", "+sd", "+r", "+sp", "*.dcm", "127.0.0.1", str(dicom_port), str(folder)],
                 check=True,
                 env={**os.environ, **DCMTK_ENV},
             )
@@ -409,6 +409,144 @@ def models_validate(weights_dir: Annotated[Path | None, typer.Option()] = None) 
             console.print(f"[green]ok[/green] {model.card.key}")
     if failures:
         raise typer.Exit(1)
+
+
+@models_app.command("export")
+def models_export(
+    name: Annotated[str, typer.Argument(help="ct-head-ich or xr-chest-pneumothorax")],
+    source: Annotated[
+        Path | None, typer.Option(help="ct-head-ich: the state dicts; xr: the training run folder")
+    ] = None,
+    version: Annotated[str, typer.Option(help="Version to write under weights/NAME/")] = "1.0.0",
+    tile: Annotated[int, typer.Option(help="ct-head-ich: the exported input tile (edge, voxels)")] = 0,
+    members: Annotated[str, typer.Option(help="ct-head-ich: members to export, e.g. 1-12")] = "1-12",
+) -> None:
+    """Rebuild a network in torch, load its weights, export ONNX, check parity and write the card."""
+    settings = Settings()
+    if name == "ct-head-ich":
+        from triage.models.registry import ModelRegistry
+        from triage.training.export_ich import export_ich, parse_members
+
+        if not tile:  # re-export at the tile size of the installed card
+            shape = ModelRegistry(settings.weights_dir).get(name).card.inputs.tensor.shape
+            tile = int(shape[-1] or 0)
+        paths = export_ich(
+            source or REPO_ROOT / "weights-src" / "blast-ct-v1",
+            settings.weights_dir / name / version,
+            tile,
+            parse_members(members),
+        )
+        for path in paths:
+            console.print(str(path))
+    elif name == "xr-chest-pneumothorax":
+        from triage.training.export_xray import export
+
+        if source is None:
+            _fail("--source must name a training run folder (model.pt + training.json) from `triage train`")
+        console.print(str(export(source, settings.weights_dir, version)))  # type: ignore[arg-type]
+    else:
+        _fail(f"no exporter for {name!r}; known: ct-head-ich, xr-chest-pneumothorax")
+
+
+@models_app.command("evaluate")
+def models_evaluate(
+    name: str,
+    data: Annotated[Path, typer.Option(help="Folder the CSV's image paths are relative to")],
+    labels: Annotated[Path | None, typer.Option(help="CSV with columns image,label (default DATA/labels.csv)")] = None,
+    out: Annotated[Path, typer.Option(help="Report folder")] = Path("reports/evaluate"),
+    version: Annotated[str | None, typer.Option()] = None,
+    members: int = 0,
+    bootstrap: int = 1000,
+) -> None:
+    """Run the service's pipeline on a labelled set: ROC AUC, sensitivity, specificity with 95% bootstrap CIs,
+    confusion matrix and ROC curve, written to a report folder (JSON + PNG + Markdown)."""
+    from triage.models.registry import ModelRegistry
+    from triage.training.evaluate import evaluate
+
+    settings = Settings()
+    model = ModelRegistry(settings.weights_dir).get(name, version)
+    command = " ".join(["triage", "models", "evaluate", *sys.argv[3:]])
+    with err.status(f"evaluating {model.card.key} on {data} ..."):
+        report = evaluate(model, data, labels, out, settings.inference.providers, members, bootstrap, command=command)
+    if model.card.synthetic:
+        err.print(f"[yellow]{model.card.key} is a {SYNTHETIC_NOTICE}[/yellow]")
+    console.print((out / "summary.md").read_text())
+    console.print(f"report: {out / 'report.json'}, {out / 'roc.png'}, {out / 'summary.md'}")
+    del report
+
+
+@models_app.command("bench")
+def models_bench(
+    name: str,
+    input_path: Annotated[
+        Path | None, typer.Option("--input", help="A DICOM series (default: a shipped/generated one)")
+    ] = None,
+    repeats: int = 1,
+    members: int = 0,
+    torch_eager: Annotated[bool, typer.Option(help="Also time torch eager on the same network input")] = True,
+) -> None:
+    """Per-stage latency and throughput on this machine; ONNX Runtime providers against torch eager; threads."""
+    from triage.models.registry import ModelRegistry
+    from triage.training.bench import bench_model, print_report
+
+    model = ModelRegistry(Settings().weights_dir).get(name)
+    print_report(bench_model(model, input_path, repeats, members, torch_eager=torch_eager))
+
+
+@app.command()
+def train(
+    name: Annotated[str, typer.Argument(help="The model to train (xr-chest-pneumothorax)")],
+    data: Annotated[Path | None, typer.Option(help="Folder of DICOM or PNG images")] = None,
+    labels: Annotated[Path | None, typer.Option(help="CSV with columns image,label (default DATA/labels.csv)")] = None,
+    siim: Annotated[Path | None, typer.Option(help="A folder in the SIIM-ACR layout (DICOM + train-rle.csv)")] = None,
+    out: Annotated[Path, typer.Option(help="Training run folder")] = Path("runs/xr-chest-pneumothorax"),
+    epochs: int = 4,
+    seed: int = 0,
+) -> None:
+    """Train a model on your own labelled data; then `triage models export NAME --source OUT` installs it."""
+    if name != "xr-chest-pneumothorax":
+        _fail(f"training is available for xr-chest-pneumothorax; {name!r} ships pretrained weights")
+    from triage.training.train_xray import train as train_xray
+
+    if (data is None) == (siim is None):
+        _fail("give exactly one of --data (with --labels) or --siim")
+    result = train_xray(
+        siim or data, labels, out, epochs, siim=siim is not None, seed=seed, progress=lambda line: err.print(line)
+    )
+    console.print_json(json.dumps(result, default=str))
+
+
+@synth_app.command("xray")
+def synth_xray(
+    out: Path,
+    n: Annotated[int, typer.Option(help="Number of radiographs")] = 100,
+    positive_fraction: float = 0.5,
+    seed: int = 0,
+    fmt: Annotated[str, typer.Option("--format", help="png or dicom")] = "dicom",
+    siim: Annotated[bool, typer.Option(help="Write the SIIM-ACR layout instead")] = False,
+) -> None:
+    """Generate synthetic chest radiographs (with and without pneumothorax) and their labels."""
+    from triage.training.synth_xray import generate_dataset, write_siim_layout
+
+    if siim:
+        write_siim_layout(out, n, seed)
+    else:
+        generate_dataset(out, n, positive_fraction, seed, fmt)  # type: ignore[arg-type]
+    console.print(f"wrote {n} synthetic radiograph(s) to {out}")
+
+
+@synth_app.command("ich")
+def synth_ich(
+    source: Annotated[Path, typer.Argument(help="A head CT folder")],
+    out: Path,
+    volume_ml: float = 5.0,
+    seed: int = 0,
+) -> None:
+    """Copy a head CT with a synthetic hyperdense region (55-75 HU) inserted in the parenchyma (pipeline check)."""
+    from triage.training.synth_ich import insert_haemorrhage
+
+    inserted = insert_haemorrhage(source, out, volume_ml=volume_ml, seed=seed)
+    console.print(str(inserted))
 
 
 # ----------------------------------------------------------------------------------------------- users
