@@ -20,6 +20,9 @@ class DicomSettings(BaseModel):
     allowed_calling_aets: list[str] = Field(default_factory=list)
     # A study is complete when no instance has arrived for this long (as Orthanc's StableAge).
     stable_age_s: float = 10.0
+    # A study that keeps growing is analysed anyway this long after its first instance (never starved);
+    # instances arriving later trigger a re-analysis that supersedes the first result.
+    max_study_wait_s: float = 600.0
     # Clinical priority given to studies from a calling AE that sends none, e.g. {"ER_CT": "stat"}.
     sender_priority: dict[str, str] = Field(default_factory=dict)
     max_pdu_bytes: int = 0  # 0: unlimited

@@ -121,7 +121,8 @@ class TriageService:
                 log.exception("study watcher iteration failed")
 
     def dispatch_ready(self) -> list[str]:
-        ready = self.worklist.studies_ready(self.settings.dicom.stable_age_s, utcnow())
+        dicom = self.settings.dicom
+        ready = self.worklist.studies_ready(dicom.stable_age_s, utcnow(), max_wait_s=dicom.max_study_wait_s)
         started = []
         with self._lock:
             for study_uid in ready:

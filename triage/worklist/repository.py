@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, case, select, update
+from sqlalchemy import Engine, and_, case, or_, select, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -480,18 +480,26 @@ class Worklist:
 
     # --------------------------------------------------------------------------------------- analysis
 
-    def studies_ready(self, stable_age_s: float, now: datetime) -> list[str]:
+    def studies_ready(self, stable_age_s: float, now: datetime, max_wait_s: float | None = None) -> list[str]:
         """Studies complete (no instance for `stable_age_s`) with a generation not yet analysed, oldest first.
 
         A study being analysed at its current generation is left out; one whose analysis is running on an
         older generation (instances arrived since) is included, and that older result will be discarded.
+        With `max_wait_s`, a study that keeps growing is not starved: one never analysed whose first instance
+        arrived more than `max_wait_s` ago is ready even while instances still arrive (later instances then
+        trigger a re-analysis that supersedes this one).
         """
-        cutoff = require_utc(now, "now") - timedelta(seconds=float(stable_age_s))
+        now = require_utc(now, "now")
+        cutoff = now - timedelta(seconds=float(stable_age_s))
+        complete = Study.last_instance_at <= cutoff
+        if max_wait_s is not None:
+            overdue = and_(Study.analysed_generation == 0, Study.received_at <= now - timedelta(seconds=max_wait_s))
+            complete = or_(complete, overdue)
         with self._read() as session:
             rows = session.execute(
                 select(Study.study_uid)
                 .where(
-                    Study.last_instance_at <= cutoff,
+                    complete,
                     Study.analysis_generation > Study.analysed_generation,
                     Study.analysing_generation < Study.analysis_generation,
                 )
@@ -569,12 +577,14 @@ class Worklist:
     ) -> bool:
         """Store the results of the analysis that `begin_analysis` returned `generation` for.
 
-        If instances arrived after that analysis began, its results are discarded: the newer analysis
-        supersedes it and the study stays queued (the study is always one row). With `AIStatus.FAILED` the
+        If instances arrived after that analysis began, the newer analysis supersedes it and the study stays
+        queued (the study is always one row); meanwhile its findings are kept provisionally unless newer ones
+        are stored. With `AIStatus.FAILED` the
         study stays on the worklist at its clinical priority, marked as not analysed, with `reason` shown.
 
         Returns:
-            True when the results were stored, False when they were stale and discarded.
+            True when the results were stored as the study's analysis, False when they were stale (kept only
+            provisionally, or discarded when newer results exist).
 
         Raises:
             NotFoundError: when the study is not on the worklist.
@@ -601,8 +611,14 @@ class Worklist:
                     f" (analysed generation {study.analysed_generation})"
                 )
             if generation < study.analysis_generation:
-                # Instances arrived during this analysis: its results are superseded by the newer analysis,
-                # queued or already stored.
+                # Instances arrived during this analysis: the newer analysis supersedes it. Until then its
+                # findings are the best the study has (a study that keeps growing must still show a bleed),
+                # so they are kept provisionally when nothing newer is stored; the study stays queued.
+                if generation > study.analysed_generation and status is not AIStatus.FAILED:
+                    study.findings = stored_findings
+                    study.routing = stored_routing
+                    study.analysed_generation = generation
+                    study.analysis_finished_at = now
                 if study.analysing_generation == generation:
                     study.ai_status = AIStatus.PENDING.value
                     study.ai_reason = f"new instances arrived during analysis {generation}; re-analysis queued"

@@ -216,6 +216,23 @@ def test_study_is_ready_once_stable_and_not_while_analysed(wl):
         wl.finish_analysis(uid("1"), generation, [], [], AIStatus.DONE, "", T0 + timedelta(seconds=41))
 
 
+def test_a_study_that_keeps_growing_is_analysed_after_max_wait_and_again_when_stable(wl):
+    for second in range(0, 700, 5):  # an instance every 5 s for over 11 minutes: never stable for 10 s
+        wl.record_instance(meta("g", n=second), T0 + timedelta(seconds=second))
+        now = T0 + timedelta(seconds=second + 1)
+        ready = wl.studies_ready(10, now, max_wait_s=600)
+        if ready:
+            break
+    assert ready == [uid("g")]
+    assert 600 <= second < 610
+    generation = wl.begin_analysis(uid("g"), now)
+    wl.record_instance(meta("g", n=9999), now + timedelta(seconds=2))
+    assert wl.finish_analysis(uid("g"), generation, [], [], AIStatus.DONE, "", now + timedelta(seconds=3)) is False
+    # Once it stops growing, the newer generation is analysed; the study is still one item.
+    assert wl.studies_ready(10, now + timedelta(seconds=20), max_wait_s=600) == [uid("g")]
+    assert len(wl.list_worklist(now)) == 1
+
+
 def test_ready_studies_are_oldest_first(wl):
     wl.record_instance(meta("b"), T0 + timedelta(seconds=1))
     wl.record_instance(meta("a"), T0 + timedelta(seconds=2))
@@ -232,7 +249,8 @@ def test_instance_during_analysis_supersedes_it(wl):
     assert wl.finish_analysis(uid("1"), first, [ich()], [], AIStatus.DONE, "", T0 + timedelta(seconds=41)) is False
     [item] = wl.list_worklist(T0 + timedelta(seconds=42))
     assert item.ai_status == "pending"
-    assert item.findings == []  # the stale results were not stored
+    # The stale results are kept provisionally (a growing study must still show a bleed) until superseded.
+    assert item.findings[0]["flagged"] is True and item.priority.level == "stat"
     assert "re-analysis queued" in item.ai_reason
     second = wl.begin_analysis(uid("1"), T0 + timedelta(seconds=45))
     assert second == first + 1
