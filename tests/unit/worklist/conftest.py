@@ -34,7 +34,10 @@ def postgres_database() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:
-        pytest.skip(f"no PostgreSQL server answers at {postgres_server_url()} ({type(exc).__name__}: {exc})")
+        message = f"no PostgreSQL server answers at {postgres_server_url()} ({type(exc).__name__}: {exc})"
+        if os.environ.get("TRIAGE_REQUIRE_POSTGRES"):  # CI sets it: there, a missing server is a failure
+            pytest.fail(message)
+        pytest.skip(message)
     name = f"triage_test_{uuid.uuid4().hex[:12]}"
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
@@ -86,7 +89,10 @@ def fresh_db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:
-        pytest.skip(f"no PostgreSQL server answers at {postgres_server_url()} ({type(exc).__name__}: {exc})")
+        message = f"no PostgreSQL server answers at {postgres_server_url()} ({type(exc).__name__}: {exc})"
+        if os.environ.get("TRIAGE_REQUIRE_POSTGRES"):  # CI sets it: there, a missing server is a failure
+            pytest.fail(message)
+        pytest.skip(message)
     name = f"triage_test_{uuid.uuid4().hex[:12]}"
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
