@@ -44,6 +44,11 @@ def test_source_state_dicts_match_their_checksums() -> None:
         assert sha256_file(SOURCE / name) == digest, name
 
 
+@pytest.fixture(scope="module")
+def real_tile(installed) -> np.ndarray:
+    return _real_tile(installed, installed.card.inputs.tensor.shape[-1])
+
+
 def _real_tile(installed, edge: int) -> np.ndarray:
     series_dir = next((d for d in HEAD_CT_DIRS if d.is_dir()), None)
     if series_dir is None:
@@ -61,7 +66,7 @@ def _real_tile(installed, edge: int) -> np.ndarray:
     return tile
 
 
-def test_onnx_equals_torch_eager_on_a_real_tile(installed) -> None:
+def test_onnx_equals_torch_eager_on_a_real_tile(installed, real_tile: np.ndarray) -> None:
     pytest.importorskip("blast_ct", reason="torch eager parity needs pip install 'triage[train]'")
     import torch
 
@@ -69,8 +74,7 @@ def test_onnx_equals_torch_eager_on_a_real_tile(installed) -> None:
 
     card = installed.card
     tolerance = float(card.postprocessing["onnx_parity_tolerance"])
-    edge = card.inputs.tensor.shape[-1]
-    tile = _real_tile(installed, edge)
+    tile = real_tile
     net = probability_network(load_deepmedic(SOURCE / "model_1.pt"))
     with torch.inference_mode():
         expected = net(torch.from_numpy(tile)).numpy()
@@ -82,3 +86,15 @@ def test_onnx_equals_torch_eager_on_a_real_tile(installed) -> None:
         assert diff <= tolerance, f"{provider}: max |onnx - torch| = {diff:.2e} > {tolerance:.0e}"
         # Probabilities: each voxel's classes sum to one, so the graph really ends in the softmax the card says.
         np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_reexport_reproduces_the_shipped_member(installed, real_tile: np.ndarray, tmp_path: Path) -> None:
+    """A fresh clone can rebuild the weights: re-exporting member 1 gives the same outputs (files differ in bytes)."""
+    pytest.importorskip("blast_ct", reason="export needs pip install 'triage[train]'")
+    from triage.training.export_ich import export_member
+
+    edge = installed.card.inputs.tensor.shape[-1]
+    rebuilt = export_member(SOURCE / "model_1.pt", tmp_path / "member_01.onnx", edge)
+    shipped = OnnxModel.load(installed.weight_paths()[0], ["CPUExecutionProvider"]).run(real_tile)
+    again = OnnxModel.load(rebuilt, ["CPUExecutionProvider"]).run(real_tile)
+    assert float(np.max(np.abs(shipped - again))) <= float(installed.card.postprocessing["onnx_parity_tolerance"])
