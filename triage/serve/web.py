@@ -102,10 +102,16 @@ def format_time(value: datetime | str | None) -> str:
 
 
 def format_probability(value: Any) -> str:
+    """0.934 -> "93%"; the ends are shown as ">99%" and "<1%" so that 0.998 never reads as certainty."""
     try:
-        return f"{float(value) * 100:.0f}%"
+        percent = float(value) * 100
     except (TypeError, ValueError):
         return "-"
+    if percent > 99.5:
+        return ">99%"
+    if percent < 0.5:
+        return "<1%"
+    return f"{percent:.0f}%"
 
 
 def short_uid(value: str | None) -> str:
