@@ -342,8 +342,13 @@ def generate_dataset(
     seed: int = 0,
     fmt: Literal["png", "dicom"] = "png",
     size: int = 256,
+    max_size: int | None = None,
 ) -> Path:
     """Write `n` synthetic radiographs and a labels.csv (columns: image, label) into `out_dir`.
+
+    Images are `size` x `size` pixels; with `max_size`, each image's rows are drawn from [size, max_size] and its
+    columns from 0.8-1.15 times that (clipped to the range), so that a model sees radiographs of several
+    resolutions and aspect ratios resampled by the preprocessing, as it will in service.
 
     For fmt="dicom" every image is its own DX or CR study (a random mix of MONOCHROME1/2, Window Center/Width,
     some with Rescale Slope/Intercept, PA or AP), named so that storescu can send the folder as it is.
@@ -362,14 +367,17 @@ def generate_dataset(
         raise ValueError(f"fmt={fmt!r}; valid: 'png', 'dicom'")
     if size < 32:
         raise ValueError(f"size={size} is too small; use at least 32")
+    if max_size is not None and max_size < size:
+        raise ValueError(f"max_size={max_size} is smaller than size={size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = _balanced_labels(n, positive_fraction, seed)
+    shapes = _image_shapes(n, size, max_size, seed)
     rows_out: list[tuple[str, int]] = []
     for index in range(n):
         image_seed = seed * 1_000_003 + index
         rng = np.random.default_rng(image_seed)
-        drawn = synth_chest_radiograph(image_seed, bool(labels[index]), (size, size), rng=rng)
+        drawn = synth_chest_radiograph(image_seed, bool(labels[index]), shapes[index], rng=rng)
         if fmt == "png":
             name = f"img_{index:05d}.png"
             _write_png(out / name, drawn.image)
@@ -386,6 +394,15 @@ def generate_dataset(
         writer.writerow(["image", "label"])
         writer.writerows(rows_out)
     return labels_csv
+
+
+def _image_shapes(n: int, size: int, max_size: int | None, seed: int) -> list[tuple[int, int]]:
+    if max_size is None or max_size == size:
+        return [(size, size)] * n
+    rng = np.random.default_rng(seed + 104_729)  # its own stream: the images themselves do not change
+    rows = rng.integers(size, max_size + 1, n)
+    cols = np.clip(np.round(rows * rng.uniform(0.8, 1.15, n)), size, max_size).astype(int)
+    return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True)]
 
 
 def _balanced_labels(n: int, positive_fraction: float, seed: int) -> np.ndarray:

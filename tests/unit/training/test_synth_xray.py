@@ -94,3 +94,13 @@ def test_bad_arguments_are_named(tmp_path) -> None:
         generate_dataset(tmp_path, 4, 1.5)
     with pytest.raises(ValueError, match="fmt='jpeg'"):
         generate_dataset(tmp_path, 4, fmt="jpeg")  # type: ignore[arg-type]
+
+
+def test_max_size_gives_several_resolutions_without_changing_labels(tmp_path) -> None:
+    fixed = generate_dataset(tmp_path / "fixed", 6, 0.5, seed=3, fmt="png", size=64)
+    varied = generate_dataset(tmp_path / "varied", 6, 0.5, seed=3, fmt="png", size=64, max_size=96)
+    assert fixed.read_text() == varied.read_text()  # same names, same labels
+    shapes = {read_image_file(tmp_path / "varied" / f"img_{i:05d}.png").pixels.shape for i in range(6)}
+    assert len(shapes) > 1 and all(64 <= r <= 96 and 64 <= c <= 96 for r, c in shapes)
+    with pytest.raises(ValueError, match="max_size=32 is smaller than size=64"):
+        generate_dataset(tmp_path, 4, size=64, max_size=32)
