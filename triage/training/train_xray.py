@@ -41,7 +41,7 @@ def train(
     data_dir: str | Path,
     labels_csv: str | Path | None,
     out_dir: str | Path,
-    epochs: int = 4,
+    epochs: int = 10,
     *,
     siim: bool = False,
     batch_size: int = 32,
