@@ -457,6 +457,7 @@ def models_evaluate(
     version: Annotated[str | None, typer.Option()] = None,
     members: int = 0,
     bootstrap: int = 1000,
+    record: Annotated[bool, typer.Option(help="Write the measured figures into the model's card")] = False,
 ) -> None:
     """Run the service's pipeline on a labelled set: ROC AUC, sensitivity, specificity with 95% bootstrap CIs,
     confusion matrix and ROC curve, written to a report folder (JSON + PNG + Markdown)."""
@@ -472,7 +473,10 @@ def models_evaluate(
         err.print(f"[yellow]{model.card.key} is a {SYNTHETIC_NOTICE}[/yellow]")
     console.print((out / "summary.md").read_text())
     console.print(f"report: {out / 'report.json'}, {out / 'roc.png'}, {out / 'summary.md'}")
-    del report
+    if record:
+        from triage.training.evaluate import record_evaluation
+
+        console.print(f"figures recorded in {record_evaluation(model, report)}")
 
 
 @models_app.command("bench")
@@ -500,7 +504,7 @@ def train(
     labels: Annotated[Path | None, typer.Option(help="CSV with columns image,label (default DATA/labels.csv)")] = None,
     siim: Annotated[Path | None, typer.Option(help="A folder in the SIIM-ACR layout (DICOM + train-rle.csv)")] = None,
     out: Annotated[Path, typer.Option(help="Training run folder")] = Path("runs/xr-chest-pneumothorax"),
-    epochs: int = 4,
+    epochs: int = 10,
     seed: int = 0,
 ) -> None:
     """Train a model on your own labelled data; then `triage models export NAME --source OUT` installs it."""
@@ -523,15 +527,17 @@ def synth_xray(
     positive_fraction: float = 0.5,
     seed: int = 0,
     fmt: Annotated[str, typer.Option("--format", help="png or dicom")] = "dicom",
+    size: Annotated[int, typer.Option(help="Image edge in pixels (smallest, with --max-size)")] = 256,
+    max_size: Annotated[int | None, typer.Option(help="Draw each image's size from [size, max-size]")] = None,
     siim: Annotated[bool, typer.Option(help="Write the SIIM-ACR layout instead")] = False,
 ) -> None:
     """Generate synthetic chest radiographs (with and without pneumothorax) and their labels."""
     from triage.training.synth_xray import generate_dataset, write_siim_layout
 
     if siim:
-        write_siim_layout(out, n, seed)
+        write_siim_layout(out, n, seed, size)
     else:
-        generate_dataset(out, n, positive_fraction, seed, fmt)  # type: ignore[arg-type]
+        generate_dataset(out, n, positive_fraction, seed, fmt, size, max_size)  # type: ignore[arg-type]
     console.print(f"wrote {n} synthetic radiograph(s) to {out}")
 
 
