@@ -40,6 +40,9 @@ class RaySettings(BaseModel):
     num_cpus: int | None = None
     # Fraction of a GPU each inference worker asks for when the cluster has GPUs.
     gpus_per_inference_worker: float = 1.0
+    # CPUs each inference worker reserves for its whole life. 0 (the default) lets the long-lived actors share
+    # the cores with preprocessing tasks; reserving a core per model on a small node would leave none for them.
+    cpus_per_inference_worker: float = 0.0
     inference_workers: int = 1
 
 

@@ -179,8 +179,9 @@ class RayRunner:
         self._preprocess = ray.remote(num_cpus=1)(_ray_preprocess)
         self._postprocess = ray.remote(num_cpus=1)(_ray_postprocess)
         gpus = ray_settings.gpus_per_inference_worker if self.has_gpu else 0
-        # Actors take no CPU slot while idle (Ray's default for actors), so they never starve the CPU tasks.
-        self._actor_cls = ray.remote(num_gpus=gpus)(_InferenceWorker)
+        # An actor holds its resources for life: by default it reserves no CPU, so preprocessing tasks are never
+        # starved of a slot by idle inference workers (each model has one).
+        self._actor_cls = ray.remote(num_gpus=gpus, num_cpus=ray_settings.cpus_per_inference_worker)(_InferenceWorker)
         self._actors: dict[str, list[Any]] = {}
         self._next: dict[str, int] = {}
         self._lock = threading.Lock()
