@@ -52,7 +52,7 @@ def test_head_ct_over_storescu_is_listed_once_analysed_and_resend_changes_nothin
     detail = server.get(f"/api/v1/studies/{study_uid}").json()
     stored = sorted((server.data_dir / "dicom" / study_uid).rglob("*.dcm"))
     assert len(stored) == 28
-    routed = [s for s in detail["series"] if s.get("model") == "ct-head-ich"]
+    routed = [s for s in detail["series"] if (s["routing"] or {}).get("model") == "ct-head-ich"]
     assert len(routed) == 1
 
     # The same instances again: no new files, still one item, no re-analysis.
