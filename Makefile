@@ -22,7 +22,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # dcmtk (storescu, the real DICOM client), chromium + chromedriver (browser tests), postgresql (worklist tests).
 system-deps:
-	@if ! command -v storescu >/dev/null || ! command -v chromedriver >/dev/null || ! command -v pg_ctlcluster >/dev/null; then \
+	@# dcmtk's own storescu (pynetdicom installs a Python app of the same name into the venv).
+	@if [ ! -x /usr/bin/storescu ] || [ ! -x /usr/bin/chromedriver ] || ! command -v pg_ctlcluster >/dev/null; then \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk chromium chromium-driver postgresql >/dev/null; \
 	fi
 
