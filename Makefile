@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 CONSTRAINTS := -c constraints.txt
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-deps demo serve test test-fast bench lint clean
+.PHONY: setup dcmtk system-deps demo serve test test-fast bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -20,16 +20,22 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q $(CONSTRAINTS) --no-deps blast-ct==2.1.0
 	touch $@
 
-# dcmtk (storescu, the real DICOM client), chromium + chromedriver (browser tests), postgresql (worklist tests).
-system-deps:
-	@# dcmtk's own storescu (pynetdicom installs a Python app of the same name into the venv).
-	@if [ ! -x /usr/bin/storescu ] || [ ! -x /usr/bin/chromedriver ] || ! command -v pg_ctlcluster >/dev/null; then \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk chromium chromium-driver postgresql >/dev/null; \
+# dcmtk: storescu is the real DICOM client the demo and tests send with. Look for dcmtk's own tool: pynetdicom
+# installs a Python app of the same name into the venv.
+dcmtk:
+	@if [ ! -x /usr/bin/storescu ]; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk >/dev/null; \
+	fi
+
+# For the tests also chromium + chromedriver (browser tests) and postgresql (worklist tests).
+system-deps: dcmtk
+	@if [ ! -x /usr/bin/chromedriver ] || ! command -v pg_ctlcluster >/dev/null; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver postgresql >/dev/null; \
 	fi
 
 # The main job: the service on the embedded defaults (SQLite, local Ray, CPU inference), the real head CT and
 # generated chest X-rays sent with storescu, and the worklist printed before and after analysis.
-demo: setup system-deps
+demo: setup dcmtk
 	$(VENV)/bin/triage demo
 
 serve: setup
@@ -41,7 +47,7 @@ test: setup system-deps
 test-fast: setup
 	$(PY) -m pytest -q tests -m "not slow and not integration"
 
-bench: setup system-deps
+bench: setup dcmtk
 	$(PY) benchmarks/bench_spine.py
 
 lint: setup
