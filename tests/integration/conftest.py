@@ -60,7 +60,8 @@ class Server:
         return httpx.get(self.url + path, params=params, timeout=30, headers=self.headers)
 
     def post(self, path: str, **kwargs: object) -> httpx.Response:
-        return httpx.post(self.url + path, timeout=60, headers=self.headers, **kwargs)  # type: ignore[arg-type]
+        headers = {**(self.headers or {}), **kwargs.pop("headers", {})}  # type: ignore[dict-item]
+        return httpx.post(self.url + path, timeout=60, headers=headers, **kwargs)  # type: ignore[arg-type]
 
     headers: dict[str, str] | None = None
 
