@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 from triage.config import REPO_ROOT
 from triage.domain import SeriesInfo
 from triage.models.registry import ModelRegistry, sha256_file
 from triage.models.runtime import OnnxModel, available_providers
+
+onnx = pytest.importorskip("onnx", reason="reading the graphs needs onnx (pip install 'triage[train]')")
 
 HEAD_CT_DIRS = (REPO_ROOT / "tests" / "data" / "ct-head-ge", Path("/work/shared/data/ct-head-ge"))
 SOURCE = REPO_ROOT / "weights-src" / "blast-ct-v1"
