@@ -11,6 +11,7 @@ import asyncio
 import csv
 import io
 import logging
+import re
 import secrets
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -114,6 +115,14 @@ def format_probability(value: Any) -> str:
     return f"{percent:.0f}%"
 
 
+def detail_label(key: str) -> str:
+    """A finding detail's key as a label: "volume_ml" -> "Volume (mL)", "key_slice_sop_instance_uid" -> "Key slice
+    SOP Instance UID"."""
+    text = str(key).replace("sop_instance_uid", "SOP Instance UID").replace("_uid", " UID")
+    text = re.sub(r"_ml\b", " (mL)", text).replace("_", " ")
+    return text[:1].upper() + text[1:]
+
+
 def short_uid(value: str | None) -> str:
     if not value:
         return "-"
@@ -124,7 +133,12 @@ def build_templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
     env = templates.env
     env.filters.update(
-        minutes=format_minutes, left=format_left, when=format_time, pct=format_probability, short_uid=short_uid
+        minutes=format_minutes,
+        left=format_left,
+        detail_label=detail_label,
+        when=format_time,
+        pct=format_probability,
+        short_uid=short_uid,
     )
     env.globals.update(levels=LEVELS, ai_statuses=AI_STATUSES, csrf_field=CSRF_FIELD)
     return templates
