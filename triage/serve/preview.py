@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,15 +236,16 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 def add_caption(image: Image.Image, lines: list[str]) -> Image.Image:
     """A black band under the image with the caption in white (first line) and details in grey."""
     size = max(12, image.width // 40)
-    font, small = _font(size), _font(max(10, size * 3 // 4))
-    band = size + 12 + (len(lines) - 1) * (small.size if hasattr(small, "size") else 12) + 8 * len(lines)
+    small_size = max(10, size * 3 // 4)
+    font, small = _font(size), _font(small_size)
+    band = size + 12 + (len(lines) - 1) * small_size + 8 * len(lines)
     out = Image.new("RGB", (image.width, image.height + band), (0, 0, 0))
     out.paste(image, (0, 0))
     draw = ImageDraw.Draw(out)
     y = image.height + 6
     for i, line in enumerate(lines):
         draw.text((8, y), line, fill=(255, 255, 255) if i == 0 else (190, 190, 190), font=font if i == 0 else small)
-        y += (size if i == 0 else getattr(small, "size", 12)) + 8
+        y += (size if i == 0 else small_size) + 8
     return out
 
 
@@ -277,7 +279,7 @@ def study_preview(
     overlay_dir: Path,
     study_uid: str,
     findings: list[dict[str, Any]],
-    routing: list[dict[str, Any] | None],
+    routing: Sequence[dict[str, Any] | None],
     finding_index: int | None = None,
 ) -> bytes:
     """Render the preview the study page shows.
@@ -299,11 +301,11 @@ def study_preview(
         overlay = load_overlay(overlay_dir, study_uid, str(finding["overlay_file"]))
         image = read_preview_image(instance_path(engine, study_uid, overlay.sop_instance_uid))
         return render_png(image, overlay, finding_caption(finding, image.kind))
-    finding = findings[finding_index] if finding_index is not None else None
+    chosen = findings[finding_index] if finding_index is not None else None
     series_uids = [r["series_uid"] for r in routing if r and r.get("model")]
     series_uids += [r["series_uid"] for r in routing if r and not r.get("model")]
-    if finding is not None and finding.get("series_uid"):
-        series_uids.insert(0, str(finding["series_uid"]))
+    if chosen is not None and chosen.get("series_uid"):
+        series_uids.insert(0, str(chosen["series_uid"]))
     for series_uid in series_uids:
         files = series_files(engine, study_uid, series_uid)
         if not files:
@@ -314,6 +316,6 @@ def study_preview(
         except (InvalidStudyError, ValueError, TypeError) as exc:
             log.info("study %s: series %s cannot be previewed: %s", study_uid, series_uid, exc)
             continue
-        details = finding_caption(finding, image.kind) + "  (no region stored)" if finding else "no AI region"
+        details = finding_caption(chosen, image.kind) + "  (no region stored)" if chosen else "no AI region"
         return render_png(image, None, details)
     raise NotFoundError(f"study {study_uid!r} has no image that can be previewed")

@@ -385,8 +385,8 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
         feedback = await asyncio.to_thread(accounts_of(request).feedback_entries, study_uid)
         service = _service(request)
         models = sorted(
-            {(s.routing or {}).get("model") for s in detail.series if (s.routing or {}).get("model")}
-            | {f.get("model") for f in detail.item.findings if f.get("model")}
+            {str((s.routing or {}).get("model")) for s in detail.series if (s.routing or {}).get("model")}
+            | {str(f.get("model")) for f in detail.item.findings if f.get("model")}
         )
         labels = sorted(
             {f.get("label") for f in detail.item.findings if f.get("label")}
