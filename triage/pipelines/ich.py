@@ -110,7 +110,7 @@ def tissue_mask(image_hu: np.ndarray, post: dict[str, Any]) -> np.ndarray:
     lo, hi = post["tissue_hu"]
     head = image_hu > float(post["head_threshold_hu"])
     head = ndimage.binary_fill_holes(head)
-    erosion = int(post["tissue_erosion_mm"])
+    erosion = int(post["tissue_erosion_mm"])  # voxels = mm on the card's 1 mm grid
     if erosion > 0:
         head = ndimage.binary_erosion(head, iterations=erosion)
     return head & (image_hu >= lo) & (image_hu <= hi)
@@ -119,8 +119,10 @@ def tissue_mask(image_hu: np.ndarray, post: dict[str, Any]) -> np.ndarray:
 def plan_tiles(image_hu: np.ndarray, post: dict[str, Any]) -> TilePlan:
     """Cover the volume with output tiles of the card's size; skip those with too little brain tissue.
 
-    A tile is skipped only when its output region holds fewer than `min_tissue_voxels` tissue voxels, so a
-    skipped tile can never hide a bleed inside the brain (an AI miss must not come from tiling).
+    A tile is skipped only when its output region holds fewer than `min_tissue_voxels` tissue voxels (the card
+    sets it to the volume of the smallest bleed component that counts), and dense blood lies inside the tissue
+    range, so tiling alone cannot drop a bleed that would be reported. Tiles at the far edge of an axis are pulled
+    back to end at the volume's edge (they overlap their neighbour rather than run past the volume).
     """
     tile_out = int(post["tile_output_voxels"])
     tissue = tissue_mask(image_hu, post)
