@@ -366,3 +366,28 @@ def test_pages_carry_security_headers(site: Site) -> None:
     headers = site.client.get("/worklist").headers
     assert "script-src 'self'" in headers["content-security-policy"]
     assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+
+
+def test_repeated_wrong_passwords_are_throttled(site: Site) -> None:
+    def attempt(password: str) -> int:
+        form = site.client.get("/login")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+        data = {"username": "admin", "password": password, "csrf_token": token}
+        return site.client.post("/login", data=data, follow_redirects=False).status_code
+
+    assert [attempt("guess") for _ in range(5)] == [401] * 5
+    assert attempt("admin-password-for-tests") == 429  # even the right password waits out the lockout
+    assert site.accounts.audit_entries(action="sign-in-throttled")
+
+
+def test_throttle_forgets_old_failures_and_resets_on_success() -> None:
+    from triage.serve.web import SignInThrottle
+
+    throttle = SignInThrottle(max_failures=2, window_s=100, lockout_s=10)
+    throttle.failed("Reader", 0.0)
+    throttle.failed("reader", 1.0)
+    assert throttle.wait_s("READER", 2.0) == pytest.approx(9.0)
+    assert throttle.wait_s("reader", 11.5) == 0.0
+    assert throttle.wait_s("reader", 200.0) == 0.0  # outside the window
+    throttle.succeeded("reader")
+    assert throttle.wait_s("reader", 2.0) == 0.0
