@@ -75,7 +75,7 @@ def probability_network(model: Any) -> Any:
     """Wrap DeepMedic so that it returns per-voxel softmax probabilities, shape (1, 5, T-80, T-80, T-80)."""
     torch = _torch()
 
-    class _Probabilities(torch.nn.Module):
+    class _Probabilities(torch.nn.Module):  # type: ignore[name-defined]
         def __init__(self, net: Any) -> None:
             super().__init__()
             self.net = net

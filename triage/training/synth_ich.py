@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from triage.errors import InvalidStudyError
@@ -37,8 +37,8 @@ class InsertedBleed:
 
 
 def _load(datasets_or_dir: Path | str | Sequence[Dataset]) -> list[Dataset]:
+    datasets: list[Dataset] = []
     if isinstance(datasets_or_dir, (str, Path)):
-        datasets = []
         for path in sorted(p for p in Path(datasets_or_dir).iterdir() if p.is_file()):
             try:
                 datasets.append(pydicom.dcmread(path))
@@ -252,7 +252,7 @@ def _relabel(ds: Dataset, study_uid: str, series_uid: str, frame_uid: str, sop_u
     ds.SeriesInstanceUID = series_uid
     ds.FrameOfReferenceUID = frame_uid
     ds.SOPInstanceUID = sop_uid
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds.PatientName = "SYNTHETIC^ICH"
     ds.PatientID = f"SYNTH-ICH-{seed}"
     ds.SeriesDescription = f"{getattr(ds, 'SeriesDescription', '')} + synthetic hyperdense insert".strip()
