@@ -22,6 +22,8 @@ OUTPUT_NAME = "probabilities"
 # DeepMedic's unpadded convolutions shrink every axis by its receptive field minus one (README beside the weights).
 RECEPTIVE_MARGIN = 80
 CLASS_LABELS = ["background", "IPH", "EAH", "oedema", "IVH"]
+# The committed card holds the measured figures and post-processing facts; an export refreshes shapes and sha256.
+SHIPPED_CARD = Path(__file__).resolve().parents[2] / "weights" / MODEL_NAME / MODEL_VERSION / "card.json"
 
 
 def _import_deepmedic() -> Any:
@@ -131,9 +133,10 @@ def _check_single_file(path: Path) -> None:
 def export_ich(source_dir: Path, out_dir: Path, tile: int, members: Sequence[int]) -> list[Path]:
     """Export BLAST-CT members to `out_dir/member_NN.onnx` and write `out_dir/card.json`.
 
-    The card is built from `card_template.json` kept beside this module's output (an existing card.json in
-    `out_dir` is used as the template, so figures measured earlier survive a re-export); the tile size,
-    tensor shapes and sha256 of every file are rewritten from what was exported.
+    The card is refreshed from the existing card.json in `out_dir` (else the committed one), so the measured
+    figures and post-processing facts survive a re-export; the tile size, tensor shapes and the sha256 of every
+    file are rewritten from what was exported. A new tile size needs its figures measured again
+    (benchmarks/bench_ich_tiles.py, `python -m triage.training.bench agreement`).
 
     Args:
         source_dir: folder with `model_1.pt .. model_12.pt` (weights-src/blast-ct-v1).
@@ -173,11 +176,10 @@ def _copy_licence(source_dir: Path, model_dir: Path) -> None:
 def _write_card(out_dir: Path, tile: int) -> None:
     """Refresh the card's tensor shapes, tile and weights list from the ONNX files present in `out_dir`."""
     card_path = out_dir / "card.json"
-    if not card_path.is_file():
-        raise ModelLoadError(
-            f"no card template at {card_path}; keep the committed card.json there (it holds the measured figures)"
-        )
-    card: ModelCard = read_card(card_path)
+    template = card_path if card_path.is_file() else SHIPPED_CARD
+    if not template.is_file():
+        raise ModelLoadError(f"no card template at {card_path} or {SHIPPED_CARD}; restore the committed card.json")
+    card: ModelCard = read_card(template)
     out_edge = check_tile(tile)
     files = sorted(out_dir.glob("member_*.onnx"))
     raw = card.model_dump(mode="json")
@@ -198,7 +200,7 @@ def _write_card(out_dir: Path, tile: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m triage.training.export_ich [--tile 150] [--members 1-12]` (the CLI's `triage models export`)."""
+    """`python -m triage.training.export_ich [--tile 110] [--members 1-12]` (the CLI's `triage models export`)."""
     import argparse
 
     from triage.config import REPO_ROOT
@@ -206,11 +208,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--source", type=Path, default=REPO_ROOT / "weights-src" / "blast-ct-v1")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "weights" / MODEL_NAME / MODEL_VERSION)
-    parser.add_argument("--tile", type=int, default=150)
+    parser.add_argument(
+        "--tile", type=int, default=None, help="input edge in voxels (default: the committed card's tile)"
+    )
     parser.add_argument("--members", default="1-12", help="e.g. 1-12 or 1,2,3")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    for path in export_ich(args.source, args.out, args.tile, parse_members(args.members)):
+    tile = args.tile or int(read_card(SHIPPED_CARD).postprocessing["tile_input_voxels"])
+    for path in export_ich(args.source, args.out, tile, parse_members(args.members)):
         print(path)
 
 
