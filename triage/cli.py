@@ -493,8 +493,18 @@ def models_bench(
     from triage.models.registry import ModelRegistry
     from triage.training.bench import bench_model, print_report
 
-    model = ModelRegistry(Settings().weights_dir).get(name)
-    print_report(bench_model(model, input_path, repeats, members, torch_eager=torch_eager))
+    settings = Settings()
+    model = ModelRegistry(settings.weights_dir).get(name)
+    report = bench_model(
+        model,
+        input_path,
+        repeats,
+        members,
+        settings.inference.providers,
+        settings.inference.intra_op_threads,
+        torch_eager=torch_eager,
+    )
+    print_report(report)
 
 
 @app.command()
