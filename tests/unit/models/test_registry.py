@@ -17,7 +17,7 @@ SHIPPED = Settings().weights_dir
 
 
 def _copy_model(tmp_path: Path, name: str) -> Path:
-    src = sorted((SHIPPED / name).iterdir())[-1]
+    src = sorted(p for p in (SHIPPED / name).iterdir() if p.is_dir())[-1]
     dst = tmp_path / name / src.name
     shutil.copytree(src, dst)
     return dst
