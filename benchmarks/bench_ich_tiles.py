@@ -65,7 +65,8 @@ def main() -> None:
             per_provider = {}
             outputs = {}
             for provider in providers:
-                onnx_model = OnnxModel.load(path, [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"])
+                chosen = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+                onnx_model = OnnxModel.load(path, chosen)
                 onnx_model.run(tile_in)  # warm-up (OpenVINO compiles on first run)
                 best = float("inf")
                 for _ in range(args.repeats):
@@ -85,8 +86,9 @@ def main() -> None:
             rows.append((tile, per_provider, diff, whole, raw.tiles_run, raw.tiles_skipped))
             cpu = per_provider.get("CPUExecutionProvider", float("nan"))
             tile_times = "  ".join(f"{p.replace('ExecutionProvider', '')} {s:.2f}s" for p, s in per_provider.items())
+            cpu_ratio = cpu / per_provider[providers[0]]
             print(
-                f"tile {tile:3d} -> out {tile - 80:3d}: one tile {tile_times} (CPU/first = {cpu / per_provider[providers[0]]:.2f}x,"
+                f"tile {tile:3d} -> out {tile - 80:3d}: one tile {tile_times} (CPU/first = {cpu_ratio:.2f}x,"
                 f" max|diff| {diff:.1e}); whole head {whole:.1f} s with {providers[0]}, tiles run {raw.tiles_run},"
                 f" skipped {raw.tiles_skipped}",
                 flush=True,

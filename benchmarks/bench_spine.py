@@ -45,7 +45,18 @@ def free_port() -> int:
 def storescu(port: int, folder: Path, aet: str = "TRIAGE") -> float:
     started = time.perf_counter()
     subprocess.run(
-        [find_dcmtk("storescu") or "storescu", "-aec", aet, "+sd", "+r", "127.0.0.1", str(port), str(folder)],
+        [
+            find_dcmtk("storescu") or "storescu",
+            "-aec",
+            aet,
+            "+sd",
+            "+r",
+            "+sp",
+            "*.dcm",
+            "127.0.0.1",
+            str(port),
+            str(folder),
+        ],
         check=True,
         capture_output=True,
         env={**os.environ, **DCMTK_ENV},
