@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from triage.config import Settings
 from triage.errors import ConflictError, NotFoundError
@@ -28,11 +32,37 @@ from triage.worklist.db import create_engine_for, migrate
 T0 = datetime(2026, 1, 5, 22, 0, tzinfo=UTC)
 
 
-@pytest.fixture()
-def accounts(tmp_path: Path) -> Accounts:
-    url = f"sqlite:///{tmp_path / 'accounts.db'}"
-    migrate(url)
-    return Accounts(create_engine_for(url), session_ttl=timedelta(hours=12))
+POSTGRES_URL = os.environ.get("TRIAGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def accounts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Accounts]:
+    """The accounts on a fresh SQLite file and on a fresh database of a real PostgreSQL server."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'accounts.db'}"
+        migrate(url)
+        engine = create_engine_for(url)
+        yield Accounts(engine, session_ttl=timedelta(hours=12))
+        engine.dispose()
+        return
+    psycopg = pytest.importorskip("psycopg")
+    server = make_url(POSTGRES_URL).set(drivername="postgresql")
+    admin_url = server.render_as_string(hide_password=False)
+    name = "triage_accounts_" + uuid.uuid4().hex[:10]
+    try:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL server answers at {server.render_as_string()}: {exc}")
+    url = server.set(drivername="postgresql+psycopg", database=name)
+    try:
+        migrate(url)
+        engine = create_engine_for(url)
+        yield Accounts(engine, session_ttl=timedelta(hours=12))
+        engine.dispose()
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def test_password_is_stored_as_argon2_and_verified(accounts: Accounts) -> None:
