@@ -83,8 +83,13 @@ def serve(
         f"triage: HTTP http://{settings.http.host}:{settings.http.port}  DICOM {settings.dicom.ae_title}@"
         f"{settings.dicom.port}  data {settings.data_dir.resolve()}  runner {runner}"
     )
+    # A browser holding the live-update stream open must not keep the server from stopping.
     uvicorn.run(
-        create_app(settings, runner_kind=runner), host=settings.http.host, port=settings.http.port, log_level="warning"
+        create_app(settings, runner_kind=runner),
+        timeout_graceful_shutdown=3,
+        host=settings.http.host,
+        port=settings.http.port,
+        log_level="warning",
     )
 
 

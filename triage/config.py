@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     phi_salt: str = "change-me"
     log_json: bool = False
     log_level: str = "INFO"
+    # Password of the first admin, created at first start; empty: generated and printed once on stderr.
+    admin_password: str = ""
+    # Sign-in sessions expire after this many hours.
+    session_ttl_h: float = 12.0
 
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)

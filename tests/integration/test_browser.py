@@ -32,10 +32,8 @@ READER = ("night-reader", "reader-password-1")
 # Synthetic radiographs the installed xr-chest-pneumothorax model scores far from its threshold (0.69):
 # seed 103 with a pneumothorax at p>=0.97, seed 200 without at p=0.22 (measured with `triage infer`).
 POSITIVE_SEED, NEGATIVE_SEED = 103, 200
-# The page does not depend on the runner. With the Ray runner on a 2-CPU machine the two inference actors hold
-# both CPUs and the preprocessing task never starts (reported to the runner's owner); the in-process runner
-# keeps this test about the browser. Set TRIAGE_TEST_BROWSER_RUNNER=ray to run it on Ray.
-RUNNER = os.environ.get("TRIAGE_TEST_BROWSER_RUNNER", "inprocess")
+# The service as `triage serve` runs it (Ray); TRIAGE_TEST_BROWSER_RUNNER=inprocess to debug the page alone.
+RUNNER = os.environ.get("TRIAGE_TEST_BROWSER_RUNNER", "ray")
 
 
 def chrome(user_data_dir: Path, width: int = 1440, height: int = 1000):  # type: ignore[no-untyped-def]

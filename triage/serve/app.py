@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
@@ -26,12 +25,10 @@ from triage.serve.errors import install_error_handlers
 from triage.serve.service import TriageService
 from triage.worklist.accounts import (
     ADMIN_NAME,
-    ADMIN_PASSWORD_ENV,
     Accounts,
     InvalidAccountError,
     Role,
     User,
-    session_ttl_from_env,
 )
 
 
@@ -283,13 +280,14 @@ PAGE_CSP = (
 
 def open_accounts_for(service: TriageService) -> Accounts:
     """The accounts in the service's database; on first start creates `admin` and prints its password once."""
-    accounts = Accounts(service.worklist.engine, session_ttl_from_env())
-    password = os.environ.get(ADMIN_PASSWORD_ENV) or None
+    settings = service.settings
+    accounts = Accounts(service.worklist.engine, timedelta(hours=settings.session_ttl_h))
+    password = settings.admin_password or None
     generated = accounts.ensure_admin(utcnow(), password)
     if generated is not None:
         print(
             f"triage: first start: created user {ADMIN_NAME!r} with password: {generated}\n"
-            f"triage: this password is shown once; set {ADMIN_PASSWORD_ENV} before the first start to choose it",
+            f"triage: this password is shown once; set TRIAGE_ADMIN_PASSWORD before the first start to choose it",
             file=sys.stderr,
             flush=True,
         )

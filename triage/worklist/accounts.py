@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
 from collections.abc import Iterator, Sequence
@@ -34,11 +33,9 @@ from triage.worklist.tables import UID_LEN, Base, UTCDateTime
 log = logging.getLogger(__name__)
 
 # Environment variable holding the first admin's password (otherwise one is generated and printed once).
-ADMIN_PASSWORD_ENV = "TRIAGE_ADMIN_PASSWORD"
 ADMIN_NAME = "admin"
 # Sessions end this long after sign-in, whatever the activity: a night shift fits in it.
 DEFAULT_SESSION_TTL = timedelta(hours=12)
-SESSION_TTL_ENV = "TRIAGE_SESSION_TTL_H"
 MIN_PASSWORD_LEN = 8
 TOKEN_PREFIX = "trg_"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -239,20 +236,6 @@ def check_password(password: str) -> str:
     if len(password) < MIN_PASSWORD_LEN:
         raise InvalidAccountError(f"password too short ({len(password)} characters); use at least {MIN_PASSWORD_LEN}")
     return password
-
-
-def session_ttl_from_env() -> timedelta:
-    """The session lifetime from TRIAGE_SESSION_TTL_H (hours), else 12 hours."""
-    raw = os.environ.get(SESSION_TTL_ENV, "").strip()
-    if not raw:
-        return DEFAULT_SESSION_TTL
-    try:
-        hours = float(raw)
-    except ValueError:
-        raise InvalidAccountError(f"{SESSION_TTL_ENV}={raw!r} is not a number of hours") from None
-    if hours <= 0:
-        raise InvalidAccountError(f"{SESSION_TTL_ENV}={raw!r} must be positive")
-    return timedelta(hours=hours)
 
 
 class Accounts:
@@ -564,7 +547,7 @@ def open_accounts(settings: Settings) -> Accounts:
     url = settings.resolved_database_url
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(url)
-    return Accounts(create_engine_for(url), session_ttl_from_env())
+    return Accounts(create_engine_for(url), timedelta(hours=settings.session_ttl_h))
 
 
 def _now() -> datetime:

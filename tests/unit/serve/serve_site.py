@@ -24,7 +24,6 @@ from triage.config import Settings  # noqa: E402
 from triage.domain import AIStatus  # noqa: E402
 from triage.serve.app import create_app  # noqa: E402
 from triage.serve.service import TriageService  # noqa: E402
-from triage.worklist.accounts import ADMIN_PASSWORD_ENV  # noqa: E402
 
 ADMIN_PASSWORD = "admin-password-for-tests"
 RADIOLOGIST_PASSWORD = "reader-password-1"
@@ -149,8 +148,8 @@ def pneumothorax_finding(sop_uid: str, series_uid: str, overlay_file: str | None
 
 
 @pytest.fixture()
-def site(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
-    monkeypatch.setenv(ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
+def site(settings: Settings) -> Iterator[Site]:
+    settings.admin_password = ADMIN_PASSWORD
     service = TriageService(settings, runner_kind="inprocess", start_scp=False)
     app = create_app(settings, runner_kind="inprocess", service=service)
     with TestClient(app, base_url="http://testserver") as client:
