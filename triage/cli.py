@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from triage.config import REPO_ROOT, Settings
@@ -28,7 +29,8 @@ users_app = typer.Typer(help="Users, roles and API tokens (same --data-dir as se
 app.add_typer(users_app, name="users")
 app.add_typer(models_app, name="models")
 app.add_typer(synth_app, name="synth")
-console = Console()
+# Tables stay readable when the output is a pipe or a CI log (rich falls back to 80 columns there).
+console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 SYNTHETIC_NOTICE = "synthetic demonstration model, not validated"
@@ -222,7 +224,7 @@ def _finding_text(f: dict[str, Any]) -> str:
     text = f"{flag}{f['label']} p={f['probability']:.2f} ({f['model']} {f['model_version']}"
     text += (", " + ", ".join(extra) if extra else "") + ")"
     if f.get("synthetic"):
-        text += f" [yellow][{SYNTHETIC_NOTICE}][/yellow]"
+        text += f" [yellow]{escape('[' + SYNTHETIC_NOTICE + ']')}[/yellow]"
     return text
 
 
@@ -289,6 +291,10 @@ def demo(
     ),
     ct: Annotated[Path, typer.Option(help="Head CT folder to send")] = DEMO_CT,
     n_xrays: Annotated[int, typer.Option(help="Synthetic chest X-rays to generate and send")] = 3,
+    synthetic_bleed: Annotated[
+        bool, typer.Option(help="Also send a copy of the head CT with a synthetic 8 mL hyperdense insert")
+    ] = True,
+    keep_running: Annotated[bool, typer.Option(help="Leave the service running for the web page")] = False,
     timeout_s: Annotated[float, typer.Option(help="Give up waiting for the analyses after this long")] = 900,
 ) -> None:
     """Start the service on the embedded defaults, send the head CT and synthetic chest X-rays with dcmtk's
@@ -297,43 +303,40 @@ def demo(
 
     from triage.dicom.dcmtk import DCMTK_ENV, find_dcmtk
     from triage.training.synth_xray import generate_dataset
+    from triage.worklist.accounts import add_user
 
     storescu = find_dcmtk("storescu")
     if storescu is None:
         _fail("dcmtk's storescu is not installed (Debian/Ubuntu: apt-get install dcmtk)")
+    if not any(ct.glob("*.dcm")):
+        _fail(f"no head CT at {ct}")
     if data_dir.exists():
         shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True)
-    from triage.worklist.accounts import add_user
+    _, token = add_user(_settings(data_dir), "demo", "service")
+    scratch = Path(tempfile.mkdtemp(prefix="triage-demo-"))
+    sends = [(ct, "the real head CT (tests/data/ct-head-ge, no known bleed)")]
+    if synthetic_bleed:
+        from triage.training.synth_ich import insert_haemorrhage
 
-    settings = _settings(data_dir)
-    _, token = add_user(settings, "demo", "service")
-    xray_dir = Path(tempfile.mkdtemp(prefix="triage-demo-xr-"))
-    generate_dataset(xray_dir, n=n_xrays, positive_fraction=0.67, seed=7, fmt="dicom")
+        bleed = insert_haemorrhage(ct, scratch / "ct-synthetic-bleed", volume_ml=8.0, seed=1)
+        sends.append((bleed.out_dir, f"the same CT with a SYNTHETIC {bleed.volume_ml:.1f} mL insert (pipeline check)"))
+    generate_dataset(scratch / "xr", n=n_xrays, positive_fraction=0.67, seed=7, fmt="dicom")
+    sends.append((scratch / "xr", f"{n_xrays} synthetic chest X-rays"))
     http_port, dicom_port = _free_port(), _free_port()
     url = f"http://127.0.0.1:{http_port}"
     env = {**os.environ, "TRIAGE_DICOM__STABLE_AGE_S": os.environ.get("TRIAGE_DICOM__STABLE_AGE_S", "5")}
-    command = [
-        sys.executable,
-        "-m",
-        "triage",
-        "serve",
-        "--http-port",
-        str(http_port),
-        "--dicom-port",
-        str(dicom_port),
-        "--data-dir",
-        str(data_dir),
-    ]
+    command = [sys.executable, "-m", "triage", "serve", "--http-port", str(http_port), "--dicom-port",
+               str(dicom_port), "--data-dir", str(data_dir)]  # fmt: skip
     log_path = data_dir / "server.log"
-    err.print(f"starting the service (log: {log_path}) ...")
+    err.print(f"starting the service on the embedded defaults (log: {log_path}) ...")
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     try:
         with err.status("waiting for the service (Ray, models) ..."):
             _wait_ready(url, proc, 300)
-        for folder, label in ((ct, "head CT"), (xray_dir, "chest X-rays")):
-            err.print(f"storescu: sending the {label} from {folder}")
+        for folder, label in sends:
+            err.print(f"storescu -> {dicom_port}: {label}")
             subprocess.run(
                 [storescu, "-aec", "TRIAGE", "+sd", "+r", "+sp", "*.dcm", "127.0.0.1", str(dicom_port), str(folder)],
                 check=True,
@@ -341,7 +344,7 @@ def demo(
             )
         time.sleep(1)
         console.print(render_worklist(fetch_worklist(url, token), "worklist just after the studies arrived"))
-        expected = 1 + n_xrays
+        expected = len(sends) - 1 + n_xrays
         with Progress(console=err) as progress:
             task = progress.add_task("analysing", total=expected)
             deadline = time.monotonic() + timeout_s
@@ -353,13 +356,18 @@ def demo(
                     break
                 time.sleep(2)
         console.print(render_worklist(fetch_worklist(url, token), "worklist after analysis"))
+        if keep_running:
+            err.print(f"web worklist: {url}/  (user admin; its password is in {log_path}); Ctrl-C stops it")
+            proc.wait()
+    except KeyboardInterrupt:
+        pass
     finally:
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-        shutil.rmtree(xray_dir, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------- models

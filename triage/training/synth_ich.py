@@ -256,6 +256,8 @@ def _relabel(ds: Dataset, study_uid: str, series_uid: str, frame_uid: str, sop_u
     ds.PatientName = "SYNTHETIC^ICH"
     ds.PatientID = f"SYNTH-ICH-{seed}"
     ds.SeriesDescription = f"{getattr(ds, 'SeriesDescription', '')} + synthetic hyperdense insert".strip()
+    # The worklist shows the study description: a synthetic study must say so wherever it appears.
+    ds.StudyDescription = f"{getattr(ds, 'StudyDescription', '')} (SYNTHETIC INSERT)".strip()
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
     ds.DerivationDescription = "synthetic hyperdense region inserted by triage.training.synth_ich (not a real bleed)"
     ds.AccessionNumber = ""
