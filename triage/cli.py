@@ -142,7 +142,7 @@ def infer_path(path: Path, settings: Settings, model: str | None = None) -> dict
     files = collect_files([path])
     if not files:
         raise typer.BadParameter(f"no DICOM files under {path}")
-    metas = [extract_meta(pydicom.dcmread(f, stop_before_pixels=True), str(f), "", settings.phi_salt) for f in files]
+    metas = [extract_meta(pydicom.dcmread(f, stop_before_pixels=True), str(f), "", "infer") for f in files]
     registry = ModelRegistry(settings.weights_dir)
     studies: dict[str, list[Any]] = {}
     for meta in metas:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -61,6 +62,8 @@ class InferenceSettings(BaseModel):
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per core)
     # How many ensemble members of a multi-member model run; 0 means the card's default for the device.
     ensemble_members: int = 0
+    # Deadline for each pipeline stage of one series on Ray; past it the analysis is recorded as failed.
+    timeout_s: float = 1800.0
 
 
 class PrioritySettings(BaseModel):
@@ -85,8 +88,9 @@ class Settings(BaseSettings):
     database_url: str = ""  # empty: SQLite file under data_dir
     weights_dir: Path = REPO_ROOT / "weights"
     routing_rules: Path = REPO_ROOT / "triage" / "pipelines" / "routing.yaml"
-    # Salt for hashing patient IDs and accession numbers in logs and the database.
-    phi_salt: str = "change-me"
+    # Secret salt for hashing patient IDs in the database and logs. Empty: a random one is created on first
+    # start and kept in <data_dir>/phi_salt (readable by the service user only).
+    phi_salt: str = ""
     log_json: bool = False
     log_level: str = "INFO"
     # Password of the first admin, created at first start; empty: generated and printed once on stderr.
@@ -107,6 +111,20 @@ class Settings(BaseSettings):
     @property
     def overlay_dir(self) -> Path:
         return self.data_dir / "overlays"
+
+    def ensure_phi_salt(self) -> str:
+        """The salt in use: the setting, else the one kept under the data dir (created once, mode 0600)."""
+        if not self.phi_salt:
+            path = self.data_dir / "phi_salt"
+            if not path.exists():
+                import secrets
+
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(secrets.token_hex(32))
+            self.phi_salt = path.read_text().strip()
+        return self.phi_salt
 
     @property
     def resolved_database_url(self) -> str:

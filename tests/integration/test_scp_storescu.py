@@ -6,10 +6,8 @@ syntax dcmtk can propose, the real 28-slice head CT, duplicates, refused instanc
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator, Sequence
-from functools import cache
 from pathlib import Path
 
 import pydicom
@@ -27,6 +25,7 @@ from tests.dicom_factory import (
     write_datasets,
 )
 from triage.config import DicomSettings
+from triage.dicom.dcmtk import find_dcmtk
 from triage.dicom.scp import StorageSCP
 from triage.dicom.store import DicomStore
 from triage.domain import InstanceMeta
@@ -53,17 +52,12 @@ PROPOSE = {
 }
 
 
-@cache
 def dcmtk(tool: str) -> str:
     """dcmtk's binary (pynetdicom installs Python apps of the same names into the virtual environment)."""
-    for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin"]:
-        candidate = Path(folder) / tool
-        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
-            continue
-        version = subprocess.run([str(candidate), "--version"], capture_output=True, text=True, timeout=30)
-        if "dcmtk" in (version.stdout + version.stderr).lower():
-            return str(candidate)
-    pytest.skip(f"dcmtk's {tool} is not installed (apt-get install dcmtk)")
+    path = find_dcmtk(tool)
+    if path is None:
+        pytest.fail(f"dcmtk's {tool} is not installed (apt-get install dcmtk): the real DICOM peer is required")
+    return path
 
 
 class Index:

@@ -176,8 +176,14 @@ class RayRunner:
             else:
                 ray.init(num_cpus=ray_settings.num_cpus, **kwargs)
         self.has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        self._preprocess = ray.remote(num_cpus=1)(_ray_preprocess)
+        # Studies live in this node's store, so reading and preprocessing run on this node; inference actors
+        # and post-processing may run anywhere in the cluster.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self._preprocess = ray.remote(num_cpus=1, scheduling_strategy=here)(_ray_preprocess)
         self._postprocess = ray.remote(num_cpus=1)(_ray_postprocess)
+        self.timeout_s = inference.timeout_s
         gpus = ray_settings.gpus_per_inference_worker if self.has_gpu else 0
         # An actor holds its resources for life: by default it reserves no CPU, so preprocessing tasks are never
         # starved of a slot by idle inference workers (each model has one).
@@ -235,12 +241,15 @@ class RayRunner:
                 )
                 continue
             try:
-                prepared, load_s, preprocess_s = self._ray.get(prepared_ref)
+                # A hung worker must not hold an analysis thread for ever: each stage has a deadline.
+                prepared, load_s, preprocess_s = self._ray.get(prepared_ref, timeout=self.timeout_s)
                 timings.add("load", load_s)
                 timings.add("preprocess", preprocess_s)
-                raw, seconds = self._ray.get(self._actor(decision.model).infer.remote(prepared))  # type: ignore[arg-type]
+                actor = self._actor(decision.model)  # type: ignore[arg-type]
+                raw, seconds = self._ray.get(actor.infer.remote(prepared), timeout=self.timeout_s)
                 timings.add("inference", seconds)
-                findings, seconds = self._ray.get(self._postprocess.remote(card_json, prepared, raw, series))
+                post_ref = self._postprocess.remote(card_json, prepared, raw, series)
+                findings, seconds = self._ray.get(post_ref, timeout=self.timeout_s)
                 timings.add("postprocess", seconds)
                 results.append(SeriesResult(series.series_uid, card.name, version, True, findings, "", timings))  # type: ignore[union-attr]
             except Exception as exc:  # noqa: BLE001 - an AI failure is recorded, never raised to the worklist

@@ -18,6 +18,7 @@ import numpy as np
 
 from triage.dicom.series import read_series_attributes
 from triage.domain import AIStatus, Finding, RoutingDecision, SeriesInfo, SeriesResult, StageTimings
+from triage.errors import ConflictError, NotFoundError
 from triage.models.registry import ModelRegistry
 from triage.pipelines.routing import RoutingRules, route_study
 from triage.pipelines.runner import Runner
@@ -50,6 +51,16 @@ def _with_attributes(series: SeriesInfo) -> SeriesInfo:
     return replace(series, attributes=attributes)
 
 
+def _earlier_findings(worklist: Worklist, study_uid: str, models: set[str], now: datetime) -> list[dict[str, Any]]:
+    """The study's stored findings from `models`, marked as carried over from an earlier analysis."""
+    earlier = worklist.get_study(study_uid, now).item.findings
+    return [
+        {**f, "details": {**(f.get("details") or {}), "carried_over": "from an earlier analysis; the latest failed"}}
+        for f in earlier
+        if f.get("model") in models
+    ]
+
+
 def _routing_record(series: SeriesInfo, decision: RoutingDecision) -> dict[str, Any]:
     return {
         "series_uid": series.series_uid,
@@ -60,6 +71,36 @@ def _routing_record(series: SeriesInfo, decision: RoutingDecision) -> dict[str, 
         "rule": decision.rule,
         "reason": decision.reason,
     }
+
+
+def _record(
+    worklist: Worklist,
+    study_uid: str,
+    generation: int,
+    findings: list[dict[str, Any]],
+    routing: list[dict[str, Any]],
+    status: AIStatus,
+    reason: str,
+    now: Callable[[], datetime],
+    attempts: int = 3,
+) -> None:
+    """Store the outcome, retrying a busy or briefly unreachable database; a study must not stay "analysing".
+
+    Raises:
+        Exception: the database's error when every attempt failed (the watcher logs it; on the next start
+            `recover_interrupted` re-queues the study).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            worklist.finish_analysis(study_uid, generation, findings, routing, status, reason, now())
+            return
+        except (ConflictError, NotFoundError, ValueError):
+            raise  # not transient
+        except Exception:  # noqa: BLE001 - database errors differ per driver
+            if attempt == attempts:
+                raise
+            log.warning("study %s: storing the analysis failed (attempt %d); retrying", study_uid, attempt)
+            time.sleep(0.5 * attempt)
 
 
 def save_overlay(overlay_dir: Path, study_uid: str, finding: Finding) -> str | None:
@@ -105,6 +146,7 @@ def analyse_study(
     """Analyse one ready study and record the result on the worklist. Never raises for an AI failure."""
     timings = StageTimings()
     generation = worklist.begin_analysis(study_uid, now())
+    findings: list[dict[str, Any]] = []
     try:
         started = time.perf_counter()
         series_list = [_with_attributes(s) for s in worklist.series_of(study_uid)]
@@ -124,6 +166,10 @@ def analyse_study(
                 record = finding.to_dict()
                 record["overlay_file"] = save_overlay(overlay_dir, study_uid, finding)
                 findings.append(record)
+        failed_models = {r.model for r in results if not r.ok}
+        if failed_models and status is not AIStatus.FAILED:
+            # A model that failed this time keeps its earlier findings: an AI failure never lowers a priority.
+            findings += _earlier_findings(worklist, study_uid, failed_models, now())
         routing = [_routing_record(by_uid[d.series_uid], d) for d in decisions]
         for record in routing:
             match = next((r for r in results if r.series_uid == record["series_uid"]), None)
@@ -134,7 +180,7 @@ def analyse_study(
         log.exception("study %s: analysis failed outside the models", study_uid)
         status, reason, findings, routing = AIStatus.FAILED, f"{type(exc).__name__}: {exc}", [], []
     started = time.perf_counter()
-    worklist.finish_analysis(study_uid, generation, findings, routing, status, reason, now())
+    _record(worklist, study_uid, generation, findings, routing, status, reason, now)
     timings.add("database", time.perf_counter() - started)
     log.info("study %s: ai_status=%s (%s)", study_uid, status, reason)
     return AnalysisOutcome(study_uid, status, reason, findings, timings)

@@ -48,7 +48,7 @@ class TriageService:
             events=self.events,
             sender_priority=settings.dicom.sender_priority,
         )
-        self.store = DicomStore(settings.store_dir, settings.phi_salt, index=self._index)
+        self.store = DicomStore(settings.store_dir, settings.ensure_phi_salt(), index=self._index)
         self.registry = ModelRegistry(settings.weights_dir)
         self.rules = RoutingRules.load(settings.routing_rules)
         self.runner_kind = runner_kind
@@ -129,9 +129,20 @@ class TriageService:
                 running = self._running.get(study_uid)
                 if running is not None and not running.done():
                     continue  # new instances arrived mid-analysis: re-analysed after this run finishes
-                self._running[study_uid] = self._pool.submit(self._analyse, study_uid)
+                future = self._pool.submit(self._analyse, study_uid)
+                future.add_done_callback(lambda f, uid=study_uid: self._finished(uid, f))
+                self._running[study_uid] = future
                 started.append(study_uid)
         return started
+
+    def _finished(self, study_uid: str, future: Future[AnalysisOutcome]) -> None:
+        with self._lock:
+            if self._running.get(study_uid) is future:
+                del self._running[study_uid]
+        if not future.cancelled() and future.exception() is not None:
+            # Only the database can fail here (AI failures are recorded as such); the study stays listed and
+            # is re-queued by `recover_interrupted` on the next start.
+            log.error("study %s: the analysis could not be recorded: %r", study_uid, future.exception())
 
     def _analyse(self, study_uid: str) -> AnalysisOutcome:
         assert self.runner is not None

@@ -16,7 +16,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from triage.config import PrioritySettings
-from triage.domain import AIStatus, Finding, InstanceMeta, Priority, PriorityLevel, RoutingDecision, SeriesInfo
+from triage.domain import (
+    AIStatus,
+    Finding,
+    InstanceMeta,
+    Priority,
+    PriorityLevel,
+    PriorityReason,
+    RoutingDecision,
+    SeriesInfo,
+)
 from triage.errors import ConflictError, NotFoundError
 from triage.worklist.db import WRITE_OPTION, create_engine_for
 from triage.worklist.events import STUDY_UPDATED, Broadcaster
@@ -269,16 +278,24 @@ class Worklist:
         session.add(StudyEvent(study_uid=study_uid, kind=kind, at=at, user=user, detail=detail))
 
     def _priority(self, study: Study, now: datetime) -> Priority:
-        return compute_priority(
-            PriorityLevel(study.clinical_priority),
-            study.findings or [],
-            study.ai_status,
-            study.received_at,
-            now,
-            self.settings,
-            ai_reason=study.ai_reason,
-            clinical_source=study.clinical_priority_source,
-        )
+        try:
+            return compute_priority(
+                PriorityLevel(study.clinical_priority),
+                study.findings or [],
+                study.ai_status,
+                study.received_at,
+                now,
+                self.settings,
+                ai_reason=study.ai_reason,
+                clinical_source=study.clinical_priority_source,
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            # One unreadable row must never hide the worklist or this study: list it at the highest level it
+            # could have (a study is never demoted by an error), with the reason, and log its UID.
+            log.error("study %s: priority could not be computed (%s); listed at stat", study.study_uid, exc)
+            reason = PriorityReason("priority-error", f"priority could not be computed ({exc}); listed at stat",
+                                    PriorityLevel.STAT)  # fmt: skip
+            return Priority(PriorityLevel.STAT, float(PriorityLevel.STAT.rank), (reason,))
 
     def _refresh_priority(self, study: Study, now: datetime) -> None:
         priority = self._priority(study, now)
@@ -628,7 +645,10 @@ class Worklist:
                 )
                 stored = False
             else:
-                study.findings = stored_findings
+                if status is not AIStatus.FAILED:
+                    # A failed re-analysis keeps the findings stored before it: an AI failure never lowers
+                    # a priority.
+                    study.findings = stored_findings
                 study.routing = stored_routing
                 study.ai_status = status.value
                 study.ai_reason = reason

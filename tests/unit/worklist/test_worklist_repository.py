@@ -233,6 +233,19 @@ def test_a_study_that_keeps_growing_is_analysed_after_max_wait_and_again_when_st
     assert len(wl.list_worklist(now)) == 1
 
 
+def test_failed_reanalysis_keeps_the_earlier_flag_and_priority(wl):
+    wl.record_instance(meta("f", n=1), T0)
+    first = wl.begin_analysis(uid("f"), T0 + timedelta(seconds=20))
+    assert wl.finish_analysis(uid("f"), first, [ich()], [], AIStatus.DONE, "", T0 + timedelta(seconds=30))
+    wl.record_instance(meta("f", n=2), T0 + timedelta(seconds=40))
+    second = wl.begin_analysis(uid("f"), T0 + timedelta(seconds=60))
+    assert wl.finish_analysis(uid("f"), second, [], [], AIStatus.FAILED, "worker died", T0 + timedelta(seconds=70))
+    [item] = wl.list_worklist(T0 + timedelta(seconds=71))
+    assert item.ai_status == "failed" and "worker died" in item.ai_reason
+    assert item.priority.level == "stat"  # an AI failure never lowers a priority
+    assert item.findings[0]["flagged"] is True
+
+
 def test_ready_studies_are_oldest_first(wl):
     wl.record_instance(meta("b"), T0 + timedelta(seconds=1))
     wl.record_instance(meta("a"), T0 + timedelta(seconds=2))
