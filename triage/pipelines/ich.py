@@ -240,16 +240,27 @@ class IchPipeline(ModelPipeline):
             raise ModelLoadError(f"{card.key}: bleed classes {unknown} are not in outputs.labels {card.outputs.labels}")
 
     # ------------------------------------------------------------------ preprocess
-    def preprocess(self, series: SeriesInfo) -> HeadVolume:
-        """Read the CT slices, resample to the card's grid, crop to the head, window and scale.
+    def load(self, series: SeriesInfo) -> Any:
+        """Read the CT slices in HU, sorted along the slice normal (a SliceStack).
+
+        Raises:
+            InvalidStudyError: when the slices cannot form a volume (from read_ct_stack).
+        """
+        from triage.dicom.series import read_ct_stack
+
+        return read_ct_stack(series.files)
+
+    def preprocess(self, series: Any) -> HeadVolume:
+        """Resample the slices to the card's grid, crop to the head, window and scale.
+
+        Takes what `load` returned, or a SeriesInfo (then it loads first).
 
         Raises:
             InvalidStudyError: when the slices cannot form a volume (from read_ct_stack) or the result is empty.
         """
-        from triage.dicom.series import read_ct_stack
         from triage.pipelines.transforms import build_ct_preprocess
 
-        stack = read_ct_stack(series.files)
+        stack = self.load(series) if isinstance(series, SeriesInfo) else series
         data = build_ct_preprocess(self.card.inputs.preprocessing)({"image": stack})
         return head_volume_from(data, stack)
 

@@ -143,8 +143,15 @@ class ChestRadiographPipeline(ModelPipeline):
         """Preprocess an already-read radiograph."""
         return prepare_radiograph(self.transform, radiograph, selection)
 
-    def preprocess(self, series: SeriesInfo) -> PreparedRadiograph:
-        return prepare_files(self.transform, series.files)
+    def load(self, series: SeriesInfo) -> Any:
+        """Pick the frontal image of the series and read it (Modality and VOI LUTs applied)."""
+        path, selection = select_radiograph(series.files)
+        return read_image_file(path), selection
+
+    def preprocess(self, series: Any) -> PreparedRadiograph:
+        """Pad, resize and normalise what `load` returned (or load a SeriesInfo first)."""
+        image, selection = self.load(series) if isinstance(series, SeriesInfo) else series
+        return prepare_radiograph(self.transform, image, selection)
 
     def infer(self, prepared: PreparedRadiograph, members: list[OnnxModel]) -> RadiographOutput:
         """Run every member; the probability is the mean of the members' sigmoid probabilities.
