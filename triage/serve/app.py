@@ -67,7 +67,8 @@ class FeedbackIn(BaseModel):
     verdict: Literal["agree", "disagree", "missed"]
     finding: int | None = Field(default=None, description="Index into the study's findings (agree, disagree)")
     label: str = Field(default="", description="The missed finding's label (missed only)")
-    model: str = Field(default="", description="The model that missed it (missed only; optional)")
+    model: str = Field(default="", description="The model (missed: the one that missed it; else checked)")
+    model_version: str = Field(default="", description="Optional check that the finding is still this version's")
     comment: str = ""
 
 
@@ -163,7 +164,15 @@ def build_api() -> APIRouter:
     def feedback(study_uid: str, body: FeedbackIn, user: Human, request: Request) -> FeedbackOut:
         try:
             entry = web.record_feedback(
-                request, study_uid, user, body.verdict, body.finding, body.label, body.model, body.comment
+                request,
+                study_uid,
+                user,
+                body.verdict,
+                body.finding,
+                body.label,
+                body.model,
+                body.comment,
+                body.model_version,
             )
         except InvalidAccountError as exc:
             raise HTTPException(400, str(exc)) from exc

@@ -501,13 +501,16 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
         finding: Annotated[str, Form()] = "",
         label: Annotated[str, Form()] = "",
         model: Annotated[str, Form()] = "",
+        model_version: Annotated[str, Form()] = "",
         comment: Annotated[str, Form()] = "",
     ) -> Response:
         url = _study_url(study_uid)
         try:
             index = int(finding) if finding.strip() else None
-            await asyncio.to_thread(record_feedback, request, study_uid, user, verdict, index, label, model, comment)
-        except (InvalidAccountError, NotFoundError, ValueError) as exc:
+            await asyncio.to_thread(
+                record_feedback, request, study_uid, user, verdict, index, label, model, comment, model_version
+            )
+        except (InvalidAccountError, NotFoundError, ConflictError, ValueError) as exc:
             return _redirect(_with_message(url, error=f"Feedback not saved: {exc}"))
         return _redirect(_with_message(url, notice="Feedback saved. Thank you."))
 
@@ -619,8 +622,13 @@ def record_feedback(
     label: str,
     model: str,
     comment: str,
+    model_version: str = "",
 ) -> FeedbackEntry:
     """Store one piece of feedback with the model name and version it is about, and audit it.
+
+    For agree/disagree, the finding is named by its index on the page plus, when given, its label, model and
+    version: if a re-analysis replaced the findings since the page was shown, the feedback is refused rather than
+    attached to a different finding (it becomes a training label).
 
     Raises:
         NotFoundError: unknown study or finding index.
@@ -657,6 +665,13 @@ def record_feedback(
         if finding_index is None or not 0 <= finding_index < len(findings):
             raise NotFoundError(f"study {study_uid!r} has no finding number {finding_index}")
         found = findings[finding_index]
+        expected = {"label": label, "model": model, "model_version": model_version}
+        changed = [k for k, v in expected.items() if v and str(found.get(k, "")) != v]
+        if changed:
+            raise ConflictError(
+                f"finding {finding_index} of study {study_uid!r} changed since it was shown ({', '.join(changed)});"
+                " reload the study and give the feedback again"
+            )
         entry = accounts.add_feedback(
             user.name,
             study_uid,

@@ -303,6 +303,19 @@ def test_bad_feedback_is_refused_with_the_reason(site: Site) -> None:
     assert site.accounts.feedback_entries() == []
 
 
+def test_feedback_on_a_finding_that_changed_since_the_page_was_shown_is_refused(site: Site) -> None:
+    study_uid = flagged_ct(site)
+    csrf = site.sign_in()
+    stale = {"csrf_token": csrf, "verdict": "disagree", "finding": "0", "label": "intracranial_haemorrhage",
+             "model": "ct-head-ich", "model_version": "0.9.0"}  # fmt: skip
+    response = site.client.post(f"/studies/{study_uid}/feedback", data=stale)
+    assert "Feedback not saved" in response.text and "changed since it was shown" in response.text
+    assert site.accounts.feedback_entries() == []
+    current = {**stale, "model_version": "1.0.0"}
+    assert "Feedback saved" in site.client.post(f"/studies/{study_uid}/feedback", data=current).text
+    assert [e.model_version for e in site.accounts.feedback_entries()] == ["1.0.0"]
+
+
 # ------------------------------------------------------------------------------------------------------ previews
 def red_fraction(png: bytes, box: tuple[slice, slice]) -> float:
     rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=int)
