@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware in UTC: every time triage stores or compares is UTC."""
+    return datetime.now(UTC)
 
 
 class AIStatus(StrEnum):
@@ -40,9 +45,16 @@ class PriorityLevel(StrEnum):
             return default or cls.ROUTINE
         text = str(value).strip().lower()
         aliases = {
-            "stat": cls.STAT, "critical": cls.STAT, "emergency": cls.STAT,
-            "high": cls.URGENT, "urgent": cls.URGENT, "asap": cls.URGENT,
-            "routine": cls.ROUTINE, "medium": cls.ROUTINE, "low": cls.ROUTINE, "normal": cls.ROUTINE,
+            "stat": cls.STAT,
+            "critical": cls.STAT,
+            "emergency": cls.STAT,
+            "high": cls.URGENT,
+            "urgent": cls.URGENT,
+            "asap": cls.URGENT,
+            "routine": cls.ROUTINE,
+            "medium": cls.ROUTINE,
+            "low": cls.ROUTINE,
+            "normal": cls.ROUTINE,
         }
         if text not in aliases:
             raise ValueError(f"unknown priority {value!r}; valid: {sorted(aliases)}")

@@ -10,14 +10,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from triage.dicom.series import read_series_attributes
-from triage.domain import AIStatus, Finding, RoutingDecision, SeriesInfo, SeriesResult, StageTimings
+from triage.domain import AIStatus, Finding, RoutingDecision, SeriesInfo, SeriesResult, StageTimings, utcnow
 from triage.errors import ConflictError, NotFoundError
 from triage.models.registry import ModelRegistry
 from triage.pipelines.routing import RoutingRules, route_study
@@ -25,10 +25,6 @@ from triage.pipelines.runner import Runner
 from triage.worklist.repository import Worklist
 
 log = logging.getLogger(__name__)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass

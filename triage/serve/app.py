@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from triage import __version__
 from triage.config import Settings
 from triage.dicom.stow import stow_instances
+from triage.domain import utcnow
 from triage.serve import web
 from triage.serve.auth import SignInRequired, current_user, page_user, require_roles, sign_in_location
 from triage.serve.errors import install_error_handlers
@@ -30,10 +31,6 @@ from triage.worklist.accounts import (
     Role,
     User,
 )
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def get_service(request: Request) -> TriageService:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import HTTPException, Request, status
 
+from triage.domain import utcnow
 from triage.worklist.accounts import Accounts, Role, User, constant_time_equal
 
 SESSION_COOKIE = "triage_session"
@@ -29,10 +29,6 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SIGN_IN_PATH = "/login"
 
 __all__ = ["Principal", "SignInRequired", "User", "current_user", "page_user", "require_roles", "principal"]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import UTC, datetime
 from typing import Any
 
 from pydicom import Dataset
@@ -15,7 +14,7 @@ from pydicom import Dataset
 from triage.config import Settings
 from triage.dicom.scp import StorageSCP
 from triage.dicom.store import DicomStore, StoredInstance
-from triage.domain import InstanceMeta
+from triage.domain import InstanceMeta, utcnow
 from triage.models.registry import ModelRegistry
 from triage.pipelines.routing import RoutingRules
 from triage.pipelines.runner import Runner, make_runner
@@ -25,10 +24,6 @@ from triage.worklist.events import Broadcaster
 from triage.worklist.repository import Worklist
 
 log = logging.getLogger(__name__)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class TriageService:

@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, Res
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
-from triage.domain import AIStatus, PriorityLevel
+from triage.domain import AIStatus, PriorityLevel, utcnow
 from triage.errors import ConflictError, NotFoundError, TriageError
 from triage.serve import preview as previews
 from triage.serve.auth import (
@@ -73,10 +73,6 @@ LABEL_CSV_COLUMNS = [
     "at",
 ]
 AUDIT_CSV_COLUMNS = ["at", "user", "action", "study_uid", "detail"]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # ---------------------------------------------------------------------------------------------------- formatting
