@@ -106,3 +106,28 @@ def test_model_with_tampered_weights_is_refused_and_its_studies_are_not_analysed
         assert "model-unavailable" in json.dumps(routing)
     finally:
         svc.stop()
+
+
+def test_files_stored_but_not_indexed_before_a_crash_are_listed_at_start_with_their_waiting_time(
+    tmp_path: Path,
+) -> None:
+    import os
+    import time
+
+    from triage.dicom.store import DicomStore
+
+    settings = Settings()
+    settings.data_dir = tmp_path / "data"
+    ds = make_radiograph("DX", requested_priority="HIGH")
+    # The store wrote the file, then the process died before the index was updated.
+    stored = DicomStore(settings.store_dir, settings.ensure_phi_salt(), index=lambda meta: True).write(ds)
+    two_hours_ago = time.time() - 7200
+    os.utime(stored.meta.path, (two_hours_ago, two_hours_ago))
+    svc = TriageService(settings, runner_kind="inprocess", start_scp=False)
+    svc.start()
+    try:
+        item = _item(svc, str(ds.StudyInstanceUID))
+        assert item["clinical_priority"] == "urgent"
+        assert 115 <= item["waiting_min"] <= 125  # from when the file arrived, not from the restart
+    finally:
+        svc.stop()

@@ -5,8 +5,10 @@ complete studies (no instance for `stable_age_s`) to send them to the pipeline.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 from pydicom import Dataset
@@ -57,10 +59,15 @@ class TriageService:
         self.outcomes: list[AnalysisOutcome] = []
         self.model_errors: dict[str, str] = {}
         self.ready = False
+        self._reindexing = False
 
     # ------------------------------------------------------------------ ingest
     def _index(self, meta: InstanceMeta) -> bool:
-        return self.worklist.record_instance(meta, utcnow())
+        received_at = utcnow()
+        if self._reindexing:
+            # Files found on disk at start-up arrived before the restart: their waiting time counts from then.
+            received_at = datetime.fromtimestamp(os.stat(meta.path).st_mtime, UTC)
+        return self.worklist.record_instance(meta, received_at)
 
     def accept(self, ds: Dataset, calling_ae: str = "") -> StoredInstance:
         """Store and index one instance; returns only once it is durable (the sender may then hear success)."""
@@ -78,7 +85,11 @@ class TriageService:
                 log.error("%s", exc)
         # Files written before a crash but not yet indexed are indexed now: no received study is lost.
         self.store.remove_stale_temp_files()
-        new, _, unreadable = self.store.reindex()
+        self._reindexing = True
+        try:
+            new, _, unreadable = self.store.reindex()
+        finally:
+            self._reindexing = False
         if new or unreadable:
             log.warning(
                 "start-up: indexed %d stored instance(s) missing from the index; %d unreadable", new, unreadable
