@@ -53,6 +53,7 @@ bench: setup dcmtk
 lint: setup
 	$(VENV)/bin/ruff check triage tests benchmarks
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy triage
 
 clean:
 	rm -rf var test-artifacts reports .pytest_cache

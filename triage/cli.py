@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -47,7 +47,7 @@ def _settings(data_dir: Path | None = None, **dicom: Any) -> Settings:
     return settings
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
 
@@ -537,8 +537,10 @@ def train(
 
     if (data is None) == (siim is None):
         _fail("give exactly one of --data (with --labels) or --siim")
+    source = siim or data
+    assert source is not None
     result = train_xray(
-        siim or data, labels, out, epochs, siim=siim is not None, seed=seed, progress=lambda line: err.print(line)
+        source, labels, out, epochs, siim=siim is not None, seed=seed, progress=lambda line: err.print(line)
     )
     console.print_json(json.dumps(result, default=str))
 

@@ -72,9 +72,7 @@ class PrioritySettings(BaseModel):
     finding_levels: dict[str, str] = Field(
         default_factory=lambda: {"intracranial_haemorrhage": "stat", "pneumothorax": "stat"}
     )
-    turnaround_min: dict[str, float] = Field(
-        default_factory=lambda: {"stat": 60.0, "urgent": 240.0, "routine": 1440.0}
-    )
+    turnaround_min: dict[str, float] = Field(default_factory=lambda: {"stat": 60.0, "urgent": 240.0, "routine": 1440.0})
     # A study is promoted one level once this fraction of its turnaround target has elapsed.
     promote_at_fraction: float = 0.75
 

@@ -12,6 +12,7 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from triage.config import InferenceSettings, RaySettings
@@ -142,7 +143,7 @@ class _InferenceWorker:
     def __init__(self, weights_dir: str, name: str, inference: dict[str, Any]) -> None:
         settings = InferenceSettings.model_validate(inference)
         started = time.perf_counter()
-        model = ModelRegistry(weights_dir).get(name)
+        model = ModelRegistry(Path(weights_dir)).get(name)
         self.pipeline = pipeline_for(model.card)
         self.members = load_members(model, settings.providers, settings.ensemble_members, settings.intra_op_threads)
         self.load_s = time.perf_counter() - started
@@ -181,7 +182,7 @@ class RayRunner:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        self._preprocess = ray.remote(num_cpus=1, scheduling_strategy=here)(_ray_preprocess)
+        self._preprocess = ray.remote(num_cpus=1, scheduling_strategy=here)(_ray_preprocess)  # type: ignore[call-overload]
         self._postprocess = ray.remote(num_cpus=1)(_ray_postprocess)
         self.timeout_s = inference.timeout_s
         gpus = ray_settings.gpus_per_inference_worker if self.has_gpu else 0
@@ -221,7 +222,7 @@ class RayRunner:
                     self._actors.pop(name, None)
 
     def analyse(self, study_uid: str, work: Work) -> list[SeriesResult]:
-        pending = []
+        pending: list[tuple[SeriesInfo, RoutingDecision, ModelCard | None, Any, Any, Exception | None]] = []
         for series, decision in work:
             assert decision.model is not None
             try:

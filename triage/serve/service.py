@@ -4,6 +4,7 @@ complete studies (no instance for `stable_age_s`) to send them to the pipeline.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -136,7 +137,7 @@ class TriageService:
                 if running is not None and not running.done():
                     continue  # new instances arrived mid-analysis: re-analysed after this run finishes
                 future = self._pool.submit(self._analyse, study_uid)
-                future.add_done_callback(lambda f, uid=study_uid: self._finished(uid, f))
+                future.add_done_callback(functools.partial(self._finished, study_uid))
                 self._running[study_uid] = future
                 started.append(study_uid)
         return started
