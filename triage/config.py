@@ -29,6 +29,16 @@ class DicomSettings(BaseModel):
     max_pdu_bytes: int = 0  # 0: unlimited
 
 
+class ResultsSettings(BaseModel):
+    """Where AI results go back to (a PACS, by DICOM C-STORE): a Basic Text SR and an overlay capture per finding,
+    in the same study, marked not for diagnostic use. An empty host disables it."""
+
+    host: str = ""
+    port: int = 104
+    ae_title: str = "PACS"
+    calling_ae: str = "TRIAGE"
+
+
 class HttpSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -101,6 +111,7 @@ class Settings(BaseSettings):
     ray: RaySettings = Field(default_factory=RaySettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     priority: PrioritySettings = Field(default_factory=PrioritySettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
 
     @property
     def store_dir(self) -> Path:

@@ -131,3 +131,53 @@ def test_files_stored_but_not_indexed_before_a_crash_are_listed_at_start_with_th
         assert 115 <= item["waiting_min"] <= 125  # from when the file arrived, not from the restart
     finally:
         svc.stop()
+
+
+def test_results_go_back_to_pacs_after_the_worklist_is_updated_and_a_dead_pacs_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    import socket
+
+    import pydicom
+
+    from triage.config import DicomSettings
+    from triage.dicom.scp import StorageSCP
+    from triage.dicom.store import DicomStore
+    from triage.training.synth_xray import generate_dataset
+
+    received: list = []
+    pacs_store = DicomStore(tmp_path / "pacs", "pacs", index=lambda meta: received.append(meta) or True)
+    pacs = StorageSCP(DicomSettings(ae_title="PACS", port=0), pacs_store.write)
+    pacs.start()
+    settings = Settings()
+    settings.data_dir = tmp_path / "data"
+    settings.results.host, settings.results.port, settings.results.ae_title = "127.0.0.1", pacs.port, "PACS"
+    svc = TriageService(settings, runner_kind="inprocess", start_scp=False)
+    svc.start()
+    try:
+        generate_dataset(tmp_path / "xr", n=1, positive_fraction=1.0, seed=3, fmt="dicom")
+        ds = pydicom.dcmread(next((tmp_path / "xr").rglob("*.dcm")))
+        study_uid = _receive(svc, [ds])
+        svc._analyse(study_uid)
+        assert _item(svc, study_uid)["ai_status"] == "done"
+        modalities = sorted(m.modality for m in received)
+        # A Basic Text SR with the findings and a secondary capture of the radiograph with the AI's region.
+        assert sorted(m.sop_class_uid for m in received) == [
+            "1.2.840.10008.5.1.4.1.1.7",
+            "1.2.840.10008.5.1.4.1.1.88.11",
+        ]
+        assert modalities == ["OT", "SR"]
+        assert all(m.study_uid == study_uid for m in received)
+
+        # The PACS goes away: the next study is still analysed and listed; only a log line records it.
+        pacs.stop()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            settings.results.port = sock.getsockname()[1]
+        generate_dataset(tmp_path / "xr2", n=1, positive_fraction=1.0, seed=4, fmt="dicom")
+        second = _receive(svc, [pydicom.dcmread(next((tmp_path / "xr2").rglob("*.dcm")))])
+        svc._analyse(second)
+        assert _item(svc, second)["ai_status"] == "done"
+    finally:
+        svc.stop()
+        pacs.stop()

@@ -15,9 +15,11 @@ from typing import Any
 from pydicom import Dataset
 
 from triage.config import Settings
+from triage.dicom.results import export_study_results
 from triage.dicom.scp import StorageSCP
 from triage.dicom.store import DicomStore, StoredInstance
-from triage.domain import InstanceMeta, utcnow
+from triage.domain import AIStatus, InstanceMeta, utcnow
+from triage.errors import TriageError
 from triage.models.registry import ModelRegistry
 from triage.pipelines.routing import RoutingRules
 from triage.pipelines.runner import Runner, make_runner
@@ -165,7 +167,29 @@ class TriageService:
         with self._lock:
             self.outcomes.append(outcome)
             del self.outcomes[:-200]
+        self._send_results(outcome)
         return outcome
+
+    def _send_results(self, outcome: AnalysisOutcome) -> None:
+        """Send the analysis back to PACS when one is configured. After the worklist is updated, and a PACS that
+        is down only costs a log line: it never touches the study's place on the worklist."""
+        results = self.settings.results
+        if not results.host or outcome.ai_status != AIStatus.DONE or not outcome.findings:
+            return
+        try:
+            sent = export_study_results(
+                self.settings.store_dir,
+                self.settings.overlay_dir,
+                outcome.study_uid,
+                outcome.findings,
+                str(outcome.ai_status),
+                outcome.reason,
+                (results.ae_title, results.host, results.port),
+                calling_ae=results.calling_ae,
+            )
+            log.info("study %s: %d result instance(s) sent to %s", outcome.study_uid, sent, results.ae_title)
+        except TriageError as exc:
+            log.warning("study %s: AI results not sent to %s: %s", outcome.study_uid, results.ae_title, exc)
 
     def health(self) -> dict[str, Any]:
         return {
