@@ -498,7 +498,8 @@ class Worklist:
     # --------------------------------------------------------------------------------------- analysis
 
     def studies_ready(self, stable_age_s: float, now: datetime, max_wait_s: float | None = None) -> list[str]:
-        """Studies complete (no instance for `stable_age_s`) with a generation not yet analysed, oldest first.
+        """Studies complete (no instance for `stable_age_s`) with a generation not yet analysed: clinically stat
+        first, then urgent, then routine, oldest first within each.
 
         A study being analysed at its current generation is left out; one whose analysis is running on an
         older generation (instances arrived since) is included, and that older result will be discarded.
@@ -520,7 +521,16 @@ class Worklist:
                     Study.analysis_generation > Study.analysed_generation,
                     Study.analysing_generation < Study.analysis_generation,
                 )
-                .order_by(Study.received_at, Study.study_uid)
+                # Stat studies are analysed first, then urgent, then routine; oldest first within a level.
+                .order_by(
+                    case(
+                        (Study.clinical_priority == PriorityLevel.STAT.value, 0),
+                        (Study.clinical_priority == PriorityLevel.URGENT.value, 1),
+                        else_=2,
+                    ),
+                    Study.received_at,
+                    Study.study_uid,
+                )
             )
             return [row[0] for row in rows]
 

@@ -253,6 +253,13 @@ def test_ready_studies_are_oldest_first(wl):
     assert wl.studies_ready(5, T0 + timedelta(minutes=1)) == [uid("c"), uid("b"), uid("a")]
 
 
+def test_stat_studies_are_analysed_before_older_routine_ones(wl):
+    wl.record_instance(meta("r"), T0)
+    wl.record_instance(meta("u", requested_priority="HIGH"), T0 + timedelta(seconds=1))
+    wl.record_instance(meta("s", requested_priority="STAT"), T0 + timedelta(seconds=2))
+    assert wl.studies_ready(5, T0 + timedelta(minutes=1)) == [uid("s"), uid("u"), uid("r")]
+
+
 def test_instance_during_analysis_supersedes_it(wl):
     wl.record_instance(meta("1", n=1), T0)
     first = wl.begin_analysis(uid("1"), T0 + timedelta(seconds=20))
