@@ -27,7 +27,6 @@ from triage.serve.service import TriageService
 from triage.worklist.accounts import (
     ADMIN_NAME,
     Accounts,
-    InvalidAccountError,
     Role,
     User,
 )
@@ -159,20 +158,17 @@ def build_api() -> APIRouter:
 
     @api.post("/studies/{study_uid}/feedback", response_model=FeedbackOut, status_code=201)
     def feedback(study_uid: str, body: FeedbackIn, user: Human, request: Request) -> FeedbackOut:
-        try:
-            entry = web.record_feedback(
-                request,
-                study_uid,
-                user,
-                body.verdict,
-                body.finding,
-                body.label,
-                body.model,
-                body.comment,
-                body.model_version,
-            )
-        except InvalidAccountError as exc:
-            raise HTTPException(400, str(exc)) from exc
+        entry = web.record_feedback(
+            request,
+            study_uid,
+            user,
+            body.verdict,
+            body.finding,
+            body.label,
+            body.model,
+            body.comment,
+            body.model_version,
+        )
         return FeedbackOut(
             study_uid=study_uid,
             label=entry.label,

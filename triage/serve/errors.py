@@ -14,8 +14,10 @@ from triage.errors import (
     TriageError,
     UnsupportedInputError,
 )
+from triage.worklist.accounts import InvalidAccountError
 
 STATUS_BY_ERROR: list[tuple[type[TriageError], int]] = [
+    (InvalidAccountError, 400),
     (NotFoundError, 404),
     (ConflictError, 409),
     (InvalidStudyError, 400),
