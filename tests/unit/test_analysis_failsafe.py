@@ -140,18 +140,14 @@ def test_results_go_back_to_pacs_after_the_worklist_is_updated_and_a_dead_pacs_c
 
     import pydicom
 
-    from triage.config import DicomSettings
-    from triage.dicom.scp import StorageSCP
-    from triage.dicom.store import DicomStore
+    from tests.dicom_peers import Receiver
     from triage.training.synth_xray import generate_dataset
 
-    received: list = []
-    pacs_store = DicomStore(tmp_path / "pacs", "pacs", index=lambda meta: received.append(meta) or True)
-    pacs = StorageSCP(DicomSettings(ae_title="PACS", port=0), pacs_store.write)
-    pacs.start()
+    pacs = Receiver(tmp_path / "pacs", ae_title="PACS")
+    pacs.scp.start()
     settings = Settings()
     settings.data_dir = tmp_path / "data"
-    settings.results.host, settings.results.port, settings.results.ae_title = "127.0.0.1", pacs.port, "PACS"
+    settings.results.host, settings.results.port, settings.results.ae_title = "127.0.0.1", pacs.scp.port, "PACS"
     svc = TriageService(settings, runner_kind="inprocess", start_scp=False)
     svc.start()
     try:
@@ -160,6 +156,7 @@ def test_results_go_back_to_pacs_after_the_worklist_is_updated_and_a_dead_pacs_c
         study_uid = _receive(svc, [ds])
         svc._analyse(study_uid)
         assert _item(svc, study_uid)["ai_status"] == "done"
+        received = list(pacs.metas.values())
         modalities = sorted(m.modality for m in received)
         # A Basic Text SR with the findings and a secondary capture of the radiograph with the AI's region.
         assert sorted(m.sop_class_uid for m in received) == [
@@ -170,7 +167,7 @@ def test_results_go_back_to_pacs_after_the_worklist_is_updated_and_a_dead_pacs_c
         assert all(m.study_uid == study_uid for m in received)
 
         # The PACS goes away: the next study is still analysed and listed; only a log line records it.
-        pacs.stop()
+        pacs.scp.stop()
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             settings.results.port = sock.getsockname()[1]
@@ -180,4 +177,4 @@ def test_results_go_back_to_pacs_after_the_worklist_is_updated_and_a_dead_pacs_c
         assert _item(svc, second)["ai_status"] == "done"
     finally:
         svc.stop()
-        pacs.stop()
+        pacs.scp.stop()

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import BasicTextSRStorage, SecondaryCaptureImageStorage
 
 from tests.dicom_factory import make_ct_series, make_radiograph, write_dataset
-from triage.config import DicomSettings
+from tests.dicom_peers import Receiver
 from triage.dicom.results import (
     DISCLAIMER,
     SERIES_DESCRIPTION,
@@ -26,9 +26,6 @@ from triage.dicom.results import (
     export_study_results,
     send_results,
 )
-from triage.dicom.scp import StorageSCP
-from triage.dicom.store import DicomStore
-from triage.domain import InstanceMeta
 from triage.errors import InvalidStudyError, TriageError
 
 PATIENT_NAME = "Testperson^Unique^Xyzzy"
@@ -199,20 +196,6 @@ def test_capture_of_a_radiograph_uses_its_own_windowing(tmp_path: Path):
 def test_a_mask_that_does_not_fit_the_image_is_refused():
     with pytest.raises(InvalidStudyError, match=r"does not fit the image \(64, 64\)"):
         build_overlay_capture(_ct_slice(), np.zeros((4, 4), dtype=np.float32), 2, "x")
-
-
-class Receiver:
-    """A real StorageSCP (triage's own) with a real store on a free port, standing in for PACS."""
-
-    def __init__(self, root: Path) -> None:
-        self.metas: dict[str, InstanceMeta] = {}
-        self.store = DicomStore(root, "salt", self._index)
-        self.scp = StorageSCP(DicomSettings(port=0, bind_address="127.0.0.1"), self.store.write)
-
-    def _index(self, meta: InstanceMeta) -> bool:
-        new = meta.sop_instance_uid not in self.metas
-        self.metas[meta.sop_instance_uid] = meta
-        return new
 
 
 @pytest.fixture

@@ -22,27 +22,10 @@ from tests.dicom_factory import (
     write_dataset,
     write_datasets,
 )
-from triage.config import DicomSettings
-from triage.dicom.scp import StorageSCP
+from tests.dicom_peers import Receiver
 from triage.dicom.sender import collect_files, scan_paths, send_files
 from triage.dicom.sopclasses import ACCEPTED_SOP_CLASSES, ACCEPTED_TRANSFER_SYNTAXES
 from triage.dicom.status import DicomStatus
-from triage.dicom.store import DicomStore
-from triage.domain import InstanceMeta
-
-
-class Receiver:
-    """A real StorageSCP with a real store on a free port."""
-
-    def __init__(self, root: Path, **settings: object) -> None:
-        self.metas: dict[str, InstanceMeta] = {}
-        self.store = DicomStore(root, "salt", self._index)
-        self.scp = StorageSCP(DicomSettings(port=0, bind_address="127.0.0.1", **settings), self.store.write)
-
-    def _index(self, meta: InstanceMeta) -> bool:
-        new = meta.sop_instance_uid not in self.metas
-        self.metas[meta.sop_instance_uid] = meta
-        return new
 
 
 @pytest.fixture
