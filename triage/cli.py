@@ -20,6 +20,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from triage.config import REPO_ROOT, Settings
+from triage.domain import utcnow
+from triage.errors import TriageError
 from triage.logs import configure_logging
 
 app = typer.Typer(help="AI triage for teleradiology worklists.", no_args_is_help=True, add_completion=False)
@@ -619,6 +621,43 @@ def users_disable(name: str, data_dir: DataDir = None) -> None:
 
     user = disable_user(_settings(data_dir), name)
     console.print(f"disabled {user.name}")
+
+
+# ----------------------------------------------------------------------------------------------- operations
+@app.command()
+def requeue(
+    study_uids: Annotated[list[str] | None, typer.Argument(help="Study Instance UIDs to analyse again")] = None,
+    all_failed: Annotated[bool, typer.Option("--all-failed", help="Every study whose analysis failed")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Queue studies for a fresh AI analysis (a running service picks them up); audited as this CLI user."""
+    import getpass
+
+    from triage.worklist.accounts import open_accounts
+    from triage.worklist.repository import Worklist
+
+    settings = _settings(data_dir)
+    uids = list(study_uids or [])
+    if not uids and not all_failed:
+        _fail("name the studies to re-queue, or pass --all-failed")
+    worklist = Worklist.open(settings.resolved_database_url, settings.priority)
+    accounts = open_accounts(settings)
+    actor = f"cli:{getpass.getuser()}"
+    try:
+        if all_failed:
+            uids += [uid for uid in worklist.failed_studies() if uid not in uids]
+        for uid in uids:
+            now = utcnow()
+            worklist.requeue(uid, now, user=actor)
+            accounts.audit(actor, "requeue", now, uid, {"via": "cli"})
+            console.print(f"re-queued {uid}")
+    except TriageError as exc:
+        _fail(str(exc))
+    finally:
+        worklist.close()
+        accounts.engine.dispose()
+    if not uids:
+        console.print("no failed studies to re-queue")
 
 
 def main() -> None:

@@ -55,6 +55,11 @@ class RaySettings(BaseModel):
     # the cores with preprocessing tasks; reserving a core per model on a small node would leave none for them.
     cpus_per_inference_worker: float = 0.0
     inference_workers: int = 1
+    # Ray restarts an inference worker that died (killed, OOM-killed, its node lost) this many times (-1: always);
+    # the service's health probe replaces one that cannot be restarted.
+    worker_max_restarts: int = -1
+    # A worker that cannot start (its model fails to load) is tried again after this long, doubling up to 5 min.
+    worker_replace_backoff_s: float = 10.0
 
 
 class InferenceSettings(BaseModel):
@@ -72,8 +77,19 @@ class InferenceSettings(BaseModel):
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per core)
     # How many ensemble members of a multi-member model run; 0 means the card's default for the device.
     ensemble_members: int = 0
-    # Deadline for each pipeline stage of one series on Ray; past it the analysis is recorded as failed.
+    # Deadline for each pipeline stage of one series on Ray; past it the call is cancelled (a hung inference
+    # worker is restarted) and the attempt counts as a transient failure.
     timeout_s: float = 1800.0
+    # A transient failure (worker or node died, out of memory, deadline, lost object) is retried: at most this
+    # many attempts per study, the n-th retry waiting retry_backoff_s * 3**(n-1) seconds.
+    max_attempts: int = 3
+    retry_backoff_s: float = 10.0
+    # How often each model's workers are probed (and dead ones replaced); a probe waits at most probe_timeout_s.
+    health_interval_s: float = 10.0
+    probe_timeout_s: float = 30.0
+    # Studies that failed for a transient reason are re-queued when their model is healthy again, at most this
+    # many times each (an admin can always re-queue a study).
+    max_auto_requeues: int = 3
 
 
 class PrioritySettings(BaseModel):

@@ -192,6 +192,9 @@ class SeriesResult:
     findings: list[Finding] = field(default_factory=list)
     error: str = ""
     timings: StageTimings = field(default_factory=StageTimings)
+    # A failure that may not happen again (a worker or node died, ran out of memory, missed its deadline):
+    # the analysis is retried. A permanent one (unreadable series, unsupported input) is not.
+    transient: bool = False
 
 
 @dataclass

@@ -178,3 +178,83 @@ def test_results_go_back_to_pacs_after_the_worklist_is_updated_and_a_dead_pacs_c
     finally:
         svc.stop()
         pacs.scp.stop()
+
+
+class ScriptedRunner:
+    """Returns the scripted outcome of each attempt for every routed series: "ok", "transient" or "permanent"."""
+
+    def __init__(self, script: list[str]) -> None:
+        self.script = list(script)
+        self.calls = 0
+
+    def analyse(self, study_uid: str, work: list) -> list:
+        from triage.domain import SeriesResult
+
+        outcome = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        results = []
+        for series, decision in work:
+            if outcome == "ok":
+                results.append(SeriesResult(series.series_uid, decision.model, "1.0.0", True, []))
+            else:
+                error = "the model worker ran out of memory" if outcome == "transient" else "unreadable series"
+                results.append(
+                    SeriesResult(series.series_uid, decision.model, "1.0.0", False, [], error,
+                                 transient=outcome == "transient")
+                )
+        return results
+
+
+def _analyse_with(service: TriageService, study_uid: str, runner: ScriptedRunner, attempts: int = 3):  # type: ignore[no-untyped-def]
+    from triage.serve.analysis import RetryPolicy
+
+    return analyse_study(
+        study_uid,
+        service.worklist,
+        service.registry,
+        service.rules,
+        runner,  # type: ignore[arg-type]
+        service.settings.overlay_dir,
+        retry=RetryPolicy(max_attempts=attempts, backoff_s=0.0),
+    )
+
+
+def test_transient_failures_are_retried_and_the_study_ends_done(service: TriageService) -> None:
+    study_uid = _receive(service, [make_radiograph("DX", requested_priority="STAT")])
+    runner = ScriptedRunner(["transient", "transient", "ok"])
+    first = _analyse_with(service, study_uid, runner)
+    assert first.retrying and first.ai_status == AIStatus.PENDING
+    item = _item(service, study_uid)
+    assert item["ai_status"] == "pending" and item["priority"]["level"] == "stat"
+    assert item["ai_reason"] == (
+        "AI analysis failed (xr-chest-pneumothorax: the model worker ran out of memory); retrying (2 of 3)"
+    )
+    assert _analyse_with(service, study_uid, runner).retrying
+    assert "retrying (3 of 3)" in _item(service, study_uid)["ai_reason"]
+    assert _analyse_with(service, study_uid, runner).ai_status == AIStatus.DONE
+    assert runner.calls == 3
+    assert _item(service, study_uid)["ai_status"] == "done"
+
+
+def test_transient_failure_on_the_last_attempt_fails_the_study_as_transient(service: TriageService) -> None:
+    study_uid = _receive(service, [make_radiograph("DX")])
+    runner = ScriptedRunner(["transient"])
+    for _ in range(2):
+        assert _analyse_with(service, study_uid, runner).retrying
+    last = _analyse_with(service, study_uid, runner)
+    assert last.ai_status == AIStatus.FAILED and not last.retrying
+    detail = service.worklist.get_study(study_uid, datetime.now(UTC))
+    assert detail.failure_kind == "transient"
+    assert "after 3 attempts; re-queued when the model can run again" in detail.item.ai_reason
+    assert detail.item.priority.level == "routine"
+    # The model is healthy again: the study is queued once more, without an admin.
+    assert service.worklist.requeue_transient_failures(datetime.now(UTC), 3) == [study_uid]
+
+
+def test_permanent_failures_are_not_retried(service: TriageService) -> None:
+    study_uid = _receive(service, [make_radiograph("DX")])
+    runner = ScriptedRunner(["permanent", "ok"])
+    outcome = _analyse_with(service, study_uid, runner)
+    assert outcome.ai_status == AIStatus.FAILED and runner.calls == 1
+    assert service.worklist.get_study(study_uid, datetime.now(UTC)).failure_kind == "permanent"
+    assert service.worklist.requeue_transient_failures(datetime.now(UTC), 3) == []

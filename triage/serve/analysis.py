@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from triage.domain import AIStatus, Finding, RoutingDecision, SeriesInfo, Series
 from triage.errors import ConflictError, NotFoundError
 from triage.models.registry import ModelRegistry
 from triage.pipelines.routing import RoutingRules, route_study
-from triage.pipelines.runner import Runner
+from triage.pipelines.runner import Runner, classify_failure
 from triage.worklist.repository import Worklist
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,20 @@ class AnalysisOutcome:
     findings: list[dict[str, Any]] = field(default_factory=list)
     timings: StageTimings = field(default_factory=StageTimings)
     superseded: bool = False
+    # A transient failure was recorded and the study queued for another attempt.
+    retrying: bool = False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient AI failures are retried: `max_attempts` per study, the n-th retry after
+    `backoff_s * 3**(n-1)` seconds. The default (one attempt) never retries."""
+
+    max_attempts: int = 1
+    backoff_s: float = 10.0
+
+    def delay_s(self, failed_attempts: int) -> float:
+        return float(self.backoff_s) * 3 ** max(0, failed_attempts - 1)
 
 
 def _with_attributes(series: SeriesInfo) -> SeriesInfo:
@@ -79,6 +93,7 @@ def _record(
     reason: str,
     now: Callable[[], datetime],
     attempts: int = 3,
+    failure_kind: str = "",
 ) -> None:
     """Store the outcome, retrying a busy or briefly unreachable database; a study must not stay "analysing".
 
@@ -88,7 +103,9 @@ def _record(
     """
     for attempt in range(1, attempts + 1):
         try:
-            worklist.finish_analysis(study_uid, generation, findings, routing, status, reason, now())
+            worklist.finish_analysis(
+                study_uid, generation, findings, routing, status, reason, now(), failure_kind=failure_kind
+            )
             return
         except (ConflictError, NotFoundError, ValueError):
             raise  # not transient
@@ -138,11 +155,20 @@ def analyse_study(
     overlay_dir: Path,
     now: Callable[[], datetime] = utcnow,
     unavailable_models: set[str] | None = None,
+    retry: RetryPolicy | None = None,
 ) -> AnalysisOutcome:
-    """Analyse one ready study and record the result on the worklist. Never raises for an AI failure."""
+    """Analyse one ready study and record the result on the worklist. Never raises for an AI failure.
+
+    A transient failure (a worker died, memory ran out, a deadline passed) queues the study for another
+    attempt after a backoff, up to `retry.max_attempts`; when the last attempt fails too, the study is
+    failed with failure kind "transient", so that it is re-queued once its model can run again. Permanent
+    failures are not retried. Either way the study keeps its place and its earlier findings.
+    """
+    retry = retry or RetryPolicy()
     timings = StageTimings()
     generation = worklist.begin_analysis(study_uid, now())
     findings: list[dict[str, Any]] = []
+    results: list[SeriesResult] = []
     try:
         started = time.perf_counter()
         series_list = [_with_attributes(s) for s in worklist.series_of(study_uid)]
@@ -174,9 +200,26 @@ def analyse_study(
                 record["model_version"] = match.model_version
     except Exception as exc:  # noqa: BLE001 - fail safe: the study stays listed at its clinical priority
         log.exception("study %s: analysis failed outside the models", study_uid)
-        status, reason, findings, routing = AIStatus.FAILED, f"{type(exc).__name__}: {exc}", [], []
+        transient, sentence = classify_failure(exc)
+        status, reason, findings, routing = AIStatus.FAILED, sentence, [], []
+        results = [SeriesResult("", "", "", False, [], sentence, StageTimings(), transient)]
+    transient_failures = [r for r in results if not r.ok and r.transient]
+    failure_kind = ""
+    if transient_failures:
+        attempt = worklist.analysis_attempts(study_uid) + 1
+        what = "; ".join(dict.fromkeys(f"{r.model}: {r.error}" if r.model else r.error for r in transient_failures))
+        if attempt < retry.max_attempts:
+            reason = f"AI analysis failed ({what}); retrying ({attempt + 1} of {retry.max_attempts})"
+            retry_at = now() + timedelta(seconds=retry.delay_s(attempt))
+            worklist.defer_analysis(study_uid, generation, reason, retry_at, now())
+            log.warning("study %s: attempt %d failed transiently (%s); retry at %s", study_uid, attempt, what, retry_at)
+            return AnalysisOutcome(study_uid, AIStatus.PENDING, reason, [], timings, retrying=True)
+        if status is AIStatus.FAILED:
+            failure_kind = "transient"
+            tries = f" after {attempt} attempts" if attempt > 1 else ""
+            reason = f"{what}{tries}; re-queued when the model can run again"
     started = time.perf_counter()
-    _record(worklist, study_uid, generation, findings, routing, status, reason, now)
+    _record(worklist, study_uid, generation, findings, routing, status, reason, now, failure_kind=failure_kind)
     timings.add("database", time.perf_counter() - started)
     log.info("study %s: ai_status=%s (%s)", study_uid, status, reason)
     return AnalysisOutcome(study_uid, status, reason, findings, timings)

@@ -197,6 +197,16 @@ def build_api() -> APIRouter:
             body, media_type="text/csv", headers={"Content-Disposition": 'attachment; filename="triage-labels.csv"'}
         )
 
+    @api.post(
+        "/studies/{study_uid}/requeue",
+        response_model=ActionResult,
+        summary="Queue a study for a fresh AI analysis now (admins; audited)",
+    )
+    def requeue(study_uid: str, service: Service, user: Admin, request: Request) -> ActionResult:
+        service.requeue(study_uid, user=user.name)
+        audit(request, user, "requeue", study_uid, via="api")
+        return ActionResult(study_uid=study_uid, action="requeue", user=user.name)
+
     @api.get("/audit", summary="The audit log, newest first (admins)")
     def audit_log(
         user: Admin,
@@ -224,7 +234,9 @@ def build_api() -> APIRouter:
                 "synthetic": m.card.synthetic,
                 "summary": m.card.summary,
                 "licence": m.card.licence,
-                "error": service.model_errors.get(m.card.name),
+                "error": service.unavailable.get(m.card.name),
+                # Each inference worker's process and node at the last health probe (Ray runner).
+                "workers": getattr(service.runner, "worker_info", {}).get(m.card.name, []),
             }
             for m in service.registry.all()
         ]

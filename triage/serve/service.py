@@ -23,7 +23,7 @@ from triage.errors import TriageError
 from triage.models.registry import ModelRegistry
 from triage.pipelines.routing import RoutingRules
 from triage.pipelines.runner import Runner, make_runner
-from triage.serve.analysis import AnalysisOutcome, analyse_study
+from triage.serve.analysis import AnalysisOutcome, RetryPolicy, analyse_study
 from triage.worklist.db import create_engine_for, migrate
 from triage.worklist.events import Broadcaster
 from triage.worklist.repository import Worklist
@@ -57,6 +57,9 @@ class TriageService:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="analysis")
+        self._health_thread: threading.Thread | None = None
+        # Each model's state from the last health probe: None when it can run, else why not.
+        self.model_health: dict[str, str | None] = {}
         self._running: dict[str, Future[AnalysisOutcome]] = {}
         self._lock = threading.Lock()
         self.outcomes: list[AnalysisOutcome] = []
@@ -104,8 +107,11 @@ class TriageService:
         self.runner = make_runner(self.runner_kind, self.registry, self.settings.inference, self.settings.ray)
         self.runner.warm_up()
         self.model_errors.update(getattr(self.runner, "load_errors", {}))
+        self.check_models()
         self._watcher = threading.Thread(target=self._watch, name="study-watcher", daemon=True)
         self._watcher.start()
+        self._health_thread = threading.Thread(target=self._watch_models, name="model-health", daemon=True)
+        self._health_thread.start()
         self.ready = True
 
     def stop(self) -> None:
@@ -115,9 +121,47 @@ class TriageService:
             self.scp.stop()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
+        if self._health_thread is not None:
+            self._health_thread.join(timeout=5)
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self.runner is not None:
             self.runner.close()
+
+    # ------------------------------------------------------------------ model health
+    def _watch_models(self) -> None:
+        while not self._stop.wait(max(0.5, self.settings.inference.health_interval_s)):
+            try:
+                self.check_models()
+            except Exception:  # noqa: BLE001 - the probe must outlive any single failure
+                log.exception("model health check failed")
+
+    def check_models(self) -> dict[str, str | None]:
+        """Probe every model's workers (the runner replaces dead ones) and re-queue studies that failed for a
+        transient reason once their model can run again: at start for all healthy models, later for each model
+        that was not healthy at the previous probe and is now."""
+        assert self.runner is not None
+        previous = self.model_health
+        state = self.runner.health()
+        for name, problem in state.items():
+            if problem and previous.get(name) != problem:
+                log.error("model %s cannot run now: %s", name, problem)
+            elif not problem and previous.get(name):
+                log.warning("model %s can run again", name)
+        self.model_health = state
+        first = not previous
+        recovered = [n for n, p in state.items() if p is None and (first or previous.get(n))]
+        if recovered:
+            self.worklist.requeue_transient_failures(
+                utcnow(), self.settings.inference.max_auto_requeues, models=recovered
+            )
+        return state
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """Models that cannot run now, with the reason: refused at start, or failing their health probe."""
+        out = dict(self.model_errors)
+        out.update({name: problem for name, problem in self.model_health.items() if problem})
+        return out
 
     # ------------------------------------------------------------------ study completion
     def _watch(self) -> None:
@@ -163,6 +207,7 @@ class TriageService:
             self.runner,
             self.settings.overlay_dir,
             unavailable_models=set(self.model_errors),
+            retry=RetryPolicy(self.settings.inference.max_attempts, self.settings.inference.retry_backoff_s),
         )
         with self._lock:
             self.outcomes.append(outcome)
@@ -192,10 +237,20 @@ class TriageService:
             log.warning("study %s: AI results not sent to %s: %s", outcome.study_uid, results.ae_title, exc)
 
     def health(self) -> dict[str, Any]:
+        unavailable = self.unavailable
         return {
-            "ready": self.ready,
+            # Not ready while any installed model cannot run: its studies would only collect failures.
+            "ready": self.ready and not unavailable,
             "dicom_port": self.scp.port if self.scp is not None else None,
             "runner": self.runner_kind,
             "models": {m.card.name: m.card.version for m in self.registry.all()},
-            "model_errors": self.model_errors,
+            "model_errors": unavailable,
         }
+
+    def requeue(self, study_uid: str, user: str | None = None) -> None:
+        """Queue one study for a fresh analysis now (an admin's action; the caller audits it).
+
+        Raises:
+            NotFoundError: no such study. ConflictError: it is being analysed now.
+        """
+        self.worklist.requeue(study_uid, utcnow(), user=user)

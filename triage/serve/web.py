@@ -488,6 +488,23 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
     ) -> Response:
         return await act(request, study_uid, user, "report", _back(next, study_uid))
 
+    @router.post("/studies/{study_uid}/requeue")
+    async def requeue_page(
+        request: Request,
+        study_uid: str,
+        user: AdminPage,
+        next: Annotated[str, Form()] = "",  # noqa: A002
+    ) -> Response:
+        """An admin queues the study for a fresh AI analysis (after a failure, or a model update)."""
+        next_url = _back(next, study_uid)
+        try:
+            await asyncio.to_thread(_service(request).requeue, study_uid, user.name)
+        except (ConflictError, NotFoundError) as exc:
+            await _audit(request, user, "requeue-refused", study_uid, reason=str(exc))
+            return _redirect(_with_message(next_url, error=str(exc)))
+        await _audit(request, user, "requeue", study_uid)
+        return _redirect(_with_message(next_url, notice="Queued for a fresh AI analysis."))
+
     @router.post("/studies/{study_uid}/feedback")
     async def feedback_page(
         request: Request,

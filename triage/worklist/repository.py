@@ -129,6 +129,9 @@ class StudyDetail:
     analysis_started_at: datetime | None
     analysis_finished_at: datetime | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    analysis_attempts: int = 0
+    retry_at: datetime | None = None
+    failure_kind: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -139,6 +142,9 @@ class StudyDetail:
             "analysed_generation": self.analysed_generation,
             "analysis_started_at": _iso(self.analysis_started_at),
             "analysis_finished_at": _iso(self.analysis_finished_at),
+            "analysis_attempts": self.analysis_attempts,
+            "retry_at": _iso(self.retry_at),
+            "failure_kind": self.failure_kind,
             "history": self.history,
         }
 
@@ -520,6 +526,8 @@ class Worklist:
                     complete,
                     Study.analysis_generation > Study.analysed_generation,
                     Study.analysing_generation < Study.analysis_generation,
+                    # A transient failure is retried after its backoff, not at once.
+                    or_(Study.retry_at.is_(None), Study.retry_at <= now),
                 )
                 # Stat studies are analysed first, then urgent, then routine; oldest first within a level.
                 .order_by(
@@ -585,7 +593,9 @@ class Worklist:
             generation = study.analysis_generation
             study.analysing_generation = generation
             study.ai_status = AIStatus.ANALYSING.value
-            study.ai_reason = ""
+            if not study.analysis_attempts:
+                study.ai_reason = ""  # a retry keeps saying why it is one
+            study.retry_at = None
             study.analysis_started_at = now
             self._refresh_priority(study, now)
             self._history(session, study_uid, "analysis-started", now, generation=generation)
@@ -601,8 +611,12 @@ class Worklist:
         ai_status: AIStatus | str,
         reason: str,
         now: datetime,
+        failure_kind: str = "",
     ) -> bool:
         """Store the results of the analysis that `begin_analysis` returned `generation` for.
+
+        `failure_kind` ("transient" or "permanent") says, for a failed analysis, whether it may succeed later:
+        transient failures are re-queued by `requeue_transient_failures` once the model can run again.
 
         If instances arrived after that analysis began, the newer analysis supersedes it and the study stays
         queued (the study is always one row); meanwhile its findings are kept provisionally unless newer ones
@@ -664,6 +678,11 @@ class Worklist:
                 study.ai_reason = reason
                 study.analysed_generation = generation
                 study.analysis_finished_at = now
+                study.analysis_attempts = 0
+                study.retry_at = None
+                study.failure_kind = (failure_kind or "permanent") if status is AIStatus.FAILED else ""
+                if status is not AIStatus.FAILED:
+                    study.auto_requeues = 0
                 self._refresh_priority(study, now)
                 self._history(
                     session,
@@ -680,6 +699,127 @@ class Worklist:
             log.warning("analysis of study %s failed: %s; kept at clinical priority", study_uid, reason)
         self._publish(study_uid, "analysed" if stored else "analysis-superseded")
         return stored
+
+    def analysis_attempts(self, study_uid: str) -> int:
+        """Failed attempts so far at the study's pending generation (0 for a first attempt).
+
+        Raises:
+            NotFoundError: when the study is not on the worklist.
+        """
+        with self._read() as session:
+            study = session.get(Study, study_uid)
+            if study is None:
+                raise NotFoundError(f"study {study_uid!r} is not on the worklist")
+            return int(study.analysis_attempts or 0)
+
+    def defer_analysis(self, study_uid: str, generation: int, reason: str, retry_at: datetime, now: datetime) -> int:
+        """Record a transiently failed attempt of `generation` and queue the next one for `retry_at`.
+
+        The study goes back to pending with `reason` shown ("... retrying (2 of 3)"); its findings and priority
+        stay as they were: an AI failure never lowers a priority.
+
+        Returns:
+            The number of failed attempts recorded so far.
+
+        Raises:
+            NotFoundError: when the study is not on the worklist.
+        """
+        now = require_utc(now, "now")
+        retry_at = require_utc(retry_at, "retry_at")
+        with self._write() as session, session.begin():
+            study = self._locked(session, study_uid)
+            study.analysis_attempts = int(study.analysis_attempts or 0) + 1
+            attempts = study.analysis_attempts
+            if study.analysing_generation == generation:
+                study.analysing_generation = study.analysed_generation
+                study.ai_status = AIStatus.PENDING.value
+                study.ai_reason = reason
+                study.retry_at = retry_at
+                self._refresh_priority(study, now)
+            self._history(
+                session, study_uid, "analysis-retry", now, generation=generation, attempt=attempts, reason=reason
+            )
+        self._publish(study_uid, "analysis-retry")
+        return attempts
+
+    def requeue(self, study_uid: str, now: datetime, user: str | None = None, why: str = "") -> None:
+        """Queue the study for a fresh analysis now (attempts reset), keeping its findings until new ones exist.
+
+        Raises:
+            NotFoundError: when the study is not on the worklist.
+            ConflictError: when it is being analysed right now.
+        """
+        now = require_utc(now, "now")
+        with self._write() as session, session.begin():
+            study = self._locked(session, study_uid)
+            self._requeue(session, study, now, user, why or (f"re-queued by {user}" if user else "re-queued"))
+        self._publish(study_uid, "re-queued")
+
+    def _requeue(self, session: Session, study: Study, now: datetime, user: str | None, why: str) -> None:
+        if study.ai_status == AIStatus.ANALYSING.value:
+            raise ConflictError(f"study {study.study_uid!r} is being analysed now; re-queue it when that ends")
+        if study.analysis_generation <= study.analysed_generation:
+            study.analysis_generation = study.analysed_generation + 1
+        study.analysing_generation = study.analysed_generation
+        study.ai_status = AIStatus.PENDING.value
+        study.ai_reason = why
+        study.analysis_attempts = 0
+        study.retry_at = None
+        study.failure_kind = ""
+        self._refresh_priority(study, now)
+        self._history(session, study.study_uid, "requeued", now, user=user, reason=why)
+
+    def failed_studies(self) -> list[str]:
+        """UIDs of the studies whose last analysis failed (any reason), oldest first."""
+        with self._read() as session:
+            rows = session.execute(
+                select(Study.study_uid).where(Study.ai_status == AIStatus.FAILED.value).order_by(Study.received_at)
+            )
+            return [row[0] for row in rows]
+
+    def requeue_transient_failures(
+        self, now: datetime, max_auto_requeues: int, models: Iterable[str] = ()
+    ) -> list[str]:
+        """Re-queue studies whose analysis failed for a transient reason, now that their models can run.
+
+        Each study is re-queued automatically at most `max_auto_requeues` times (a study that always exhausts
+        memory must not loop for ever); after that it waits for an admin. With `models`, only studies whose
+        routing named one of them are taken.
+
+        Returns:
+            The re-queued studies' UIDs.
+        """
+        now = require_utc(now, "now")
+        wanted = set(models)
+        with self._write() as session, session.begin():
+            studies = (
+                session.execute(
+                    select(Study)
+                    .where(
+                        Study.ai_status == AIStatus.FAILED.value,
+                        Study.failure_kind == "transient",
+                        Study.auto_requeues < max_auto_requeues,
+                    )
+                    .with_for_update()
+                )
+                .scalars()
+                .all()
+            )
+            taken = []
+            for study in studies:
+                routed = {r.get("model") for r in (study.routing or []) if isinstance(r, dict)}
+                if wanted and routed and not routed & wanted:
+                    continue
+                study.auto_requeues = int(study.auto_requeues or 0) + 1
+                self._requeue(
+                    session, study, now, None, "the model can run again after a transient failure; re-queued"
+                )
+                taken.append(study.study_uid)
+        for uid in taken:
+            self._publish(uid, "re-queued")
+        if taken:
+            log.info("re-queued %d studies that had failed for a transient reason", len(taken))
+        return taken
 
     def recover_interrupted(self, now: datetime) -> list[str]:
         """Put studies left "analysing" by a crash back in the queue (status pending); returns their UIDs."""
@@ -799,6 +939,9 @@ class Worklist:
                 analysis_started_at=study.analysis_started_at,
                 analysis_finished_at=study.analysis_finished_at,
                 history=history,
+                analysis_attempts=study.analysis_attempts or 0,
+                retry_at=study.retry_at,
+                failure_kind=study.failure_kind or "",
             )
 
     # ------------------------------------------------------------------------------------- reporting

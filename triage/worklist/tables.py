@@ -86,6 +86,13 @@ class Study(Base):
     analysis_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     findings: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     routing: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    # Failed attempts at the pending generation (a transient failure is retried, not before `retry_at`);
+    # `failure_kind` is "transient" or "permanent" for a failed study, "" otherwise; `auto_requeues` counts
+    # the times a transient failure was re-queued when its model was healthy again.
+    analysis_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    failure_kind: Mapped[str] = mapped_column(Text, default="", server_default="")
+    auto_requeues: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     claimed_by: Mapped[str | None] = mapped_column(Text, nullable=True)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -533,3 +533,78 @@ def test_worklist_opens_from_a_url_and_migrates(tmp_path):
 def test_invalid_sender_priority_is_refused(engine):
     with pytest.raises(ValueError, match="sender_priority\\['ER'\\].*'soonish'"):
         Worklist(engine, SETTINGS, sender_priority={"ER": "soonish"})
+
+
+# ------------------------------------------------------------------------------------------- retries
+
+
+def test_transient_failure_is_deferred_then_retried_after_its_backoff(wl):
+    wl.record_instance(meta("r", requested_priority="STAT"), T0)
+    gen = wl.begin_analysis(uid("r"), T0 + timedelta(seconds=20))
+    retry_at = T0 + timedelta(seconds=50)
+    reason = "AI analysis failed (ct-head-ich: the model worker ran out of memory); retrying (2 of 3)"
+    assert wl.defer_analysis(uid("r"), gen, reason, retry_at, T0 + timedelta(seconds=30)) == 1
+    [item] = wl.list_worklist(T0 + timedelta(seconds=31))
+    assert item.ai_status == "pending" and item.ai_reason == reason
+    assert item.priority.level == "stat"  # still listed at its clinical priority
+    assert wl.studies_ready(10, T0 + timedelta(seconds=45)) == []  # not before its backoff
+    assert wl.studies_ready(10, T0 + timedelta(seconds=50)) == [uid("r")]
+    assert wl.analysis_attempts(uid("r")) == 1
+    again = wl.begin_analysis(uid("r"), T0 + timedelta(seconds=51))
+    assert again == gen  # the same generation, tried again
+    assert wl.list_worklist(T0 + timedelta(seconds=52))[0].ai_reason == reason  # says it is a retry
+    wl.finish_analysis(uid("r"), again, [ich()], [], AIStatus.DONE, "analysed", T0 + timedelta(seconds=60))
+    detail = wl.get_study(uid("r"), T0 + timedelta(seconds=61))
+    assert detail.analysis_attempts == 0 and detail.failure_kind == ""
+    kinds = [e["kind"] for e in detail.history]
+    assert kinds.count("analysis-retry") == 1 and kinds[-1] == "analysis-finished"
+
+
+def test_deferred_retry_keeps_earlier_findings_and_priority(wl):
+    wl.record_instance(meta("k", n=1), T0)
+    first = wl.begin_analysis(uid("k"), T0 + timedelta(seconds=20))
+    wl.finish_analysis(uid("k"), first, [ich()], [], AIStatus.DONE, "", T0 + timedelta(seconds=30))
+    wl.requeue(uid("k"), T0 + timedelta(seconds=40), user="admin")
+    second = wl.begin_analysis(uid("k"), T0 + timedelta(seconds=50))
+    wl.defer_analysis(uid("k"), second, "retrying (2 of 3)", T0 + timedelta(seconds=70), T0 + timedelta(seconds=55))
+    [item] = wl.list_worklist(T0 + timedelta(seconds=56))
+    assert item.priority.level == "stat" and item.findings[0]["flagged"] is True  # never demoted
+
+
+def test_transient_failures_are_requeued_once_the_model_runs_and_only_a_bounded_number_of_times(wl):
+    for study in ("t", "p"):
+        wl.record_instance(meta(study), T0)
+    routing = [{"series_uid": uid("t") + ".1", "modality": "CT", "model": "ct-head-ich", "rule": "r", "reason": ""}]
+    gen = wl.begin_analysis(uid("t"), T0 + timedelta(seconds=20))
+    wl.finish_analysis(
+        uid("t"), gen, [], routing, AIStatus.FAILED, "worker died", T0 + timedelta(seconds=30), failure_kind="transient"
+    )
+    gen = wl.begin_analysis(uid("p"), T0 + timedelta(seconds=20))
+    wl.finish_analysis(uid("p"), gen, [], [], AIStatus.FAILED, "unreadable series", T0 + timedelta(seconds=30))
+    assert wl.get_study(uid("p"), T0).failure_kind == "permanent"
+    assert wl.requeue_transient_failures(T0 + timedelta(minutes=1), 2, models=["xr-chest-pneumothorax"]) == []
+    assert wl.requeue_transient_failures(T0 + timedelta(minutes=1), 2, models=["ct-head-ich"]) == [uid("t")]
+    assert wl.studies_ready(10, T0 + timedelta(minutes=1)) == [uid("t")]  # the permanent failure stays failed
+    for n in range(2):
+        gen = wl.begin_analysis(uid("t"), T0 + timedelta(minutes=2 + n))
+        wl.finish_analysis(
+            uid("t"), gen, [], routing, AIStatus.FAILED, "worker died", T0 + timedelta(minutes=2 + n),
+            failure_kind="transient",
+        )
+        wl.requeue_transient_failures(T0 + timedelta(minutes=3 + n), 2)
+    # Re-queued twice automatically; after that it waits for an admin.
+    assert wl.get_study(uid("t"), T0).item.ai_status == "failed"
+    assert wl.requeue_transient_failures(T0 + timedelta(minutes=9), 2) == []
+    wl.requeue(uid("t"), T0 + timedelta(minutes=10), user="admin")
+    detail = wl.get_study(uid("t"), T0 + timedelta(minutes=10))
+    assert detail.item.ai_status == "pending"
+    assert detail.history[-1]["kind"] == "requeued" and detail.history[-1]["user"] == "admin"
+
+
+def test_requeue_refuses_a_study_being_analysed_and_unknown_studies(wl):
+    wl.record_instance(meta("a"), T0)
+    wl.begin_analysis(uid("a"), T0 + timedelta(seconds=20))
+    with pytest.raises(ConflictError, match="being analysed"):
+        wl.requeue(uid("a"), T0 + timedelta(seconds=30), user="admin")
+    with pytest.raises(NotFoundError):
+        wl.requeue(uid("nope"), T0, user="admin")
