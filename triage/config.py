@@ -92,6 +92,16 @@ class InferenceSettings(BaseModel):
     max_auto_requeues: int = 3
 
 
+class AnalysisSettings(BaseModel):
+    """The analysis scheduler: how many studies it analyses at once and how long its claim on one lasts."""
+
+    # Studies analysed at the same time by one scheduler process; size it to the cluster behind it.
+    concurrency: int = Field(default=2, ge=1)
+    # A claimed study is re-queued by any scheduler when its claimant stops renewing the claim for this long
+    # (the process died); renewed every lease_s / 3.
+    lease_s: float = Field(default=60.0, gt=0)
+
+
 class PrioritySettings(BaseModel):
     """The site's priority policy: finding -> level, and turnaround targets per clinical level."""
 
@@ -126,6 +136,7 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
     priority: PrioritySettings = Field(default_factory=PrioritySettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
 

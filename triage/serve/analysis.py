@@ -94,6 +94,7 @@ def _record(
     now: Callable[[], datetime],
     attempts: int = 3,
     failure_kind: str = "",
+    stages: list[dict[str, Any]] | None = None,
 ) -> None:
     """Store the outcome, retrying a busy or briefly unreachable database; a study must not stay "analysing".
 
@@ -104,7 +105,15 @@ def _record(
     for attempt in range(1, attempts + 1):
         try:
             worklist.finish_analysis(
-                study_uid, generation, findings, routing, status, reason, now(), failure_kind=failure_kind
+                study_uid,
+                generation,
+                findings,
+                routing,
+                status,
+                reason,
+                now(),
+                failure_kind=failure_kind,
+                stages=stages,
             )
             return
         except (ConflictError, NotFoundError, ValueError):
@@ -156,6 +165,7 @@ def analyse_study(
     now: Callable[[], datetime] = utcnow,
     unavailable_models: set[str] | None = None,
     retry: RetryPolicy | None = None,
+    generation: int | None = None,
 ) -> AnalysisOutcome:
     """Analyse one ready study and record the result on the worklist. Never raises for an AI failure.
 
@@ -166,7 +176,8 @@ def analyse_study(
     """
     retry = retry or RetryPolicy()
     timings = StageTimings()
-    generation = worklist.begin_analysis(study_uid, now())
+    if generation is None:  # not claimed by a scheduler (tests, a one-off analysis)
+        generation = worklist.begin_analysis(study_uid, now())
     findings: list[dict[str, Any]] = []
     results: list[SeriesResult] = []
     try:
@@ -219,7 +230,23 @@ def analyse_study(
             tries = f" after {attempt} attempts" if attempt > 1 else ""
             reason = f"{what}{tries}; re-queued when the model can run again"
     started = time.perf_counter()
-    _record(worklist, study_uid, generation, findings, routing, status, reason, now, failure_kind=failure_kind)
+    stages = [
+        {"stage": stage, "seconds": round(seconds, 3), "model": r.model, "series_uid": r.series_uid}
+        for r in results
+        for stage, seconds in r.timings.seconds.items()
+    ]
+    _record(
+        worklist,
+        study_uid,
+        generation,
+        findings,
+        routing,
+        status,
+        reason,
+        now,
+        failure_kind=failure_kind,
+        stages=stages,
+    )
     timings.add("database", time.perf_counter() - started)
     log.info("study %s: ai_status=%s (%s)", study_uid, status, reason)
     return AnalysisOutcome(study_uid, status, reason, findings, timings)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -56,7 +58,11 @@ class TriageService:
         self.scp = StorageSCP(settings.dicom, self.accept) if start_scp else None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="analysis")
+        # Studies are claimed from the database (a lease per analysis), so several schedulers never analyse
+        # the same study twice; this process analyses at most `analysis.concurrency` at once.
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._pool = ThreadPoolExecutor(max_workers=settings.analysis.concurrency, thread_name_prefix="analysis")
+        self._last_lease_renewal = 0.0
         self._health_thread: threading.Thread | None = None
         # Each model's state from the last health probe: None when it can run, else why not.
         self.model_health: dict[str, str | None] = {}
@@ -100,7 +106,7 @@ class TriageService:
             log.warning(
                 "start-up: indexed %d stored instance(s) missing from the index; %d unreadable", new, unreadable
             )
-        self.worklist.recover_interrupted(utcnow())
+        self.worklist.recover_interrupted(utcnow(), is_dead=self._not_running_here)
         if self.scp is not None:
             self.scp.start()
             log.info("DICOM SCP %s listening on port %s", self.settings.dicom.ae_title, self.scp.port)
@@ -173,16 +179,55 @@ class TriageService:
             except Exception:  # noqa: BLE001 - the watcher must outlive any single failure
                 log.exception("study watcher iteration failed")
 
+    def _not_running_here(self, worker: str, study_uid: str) -> bool:
+        """Whether an analysis run of `worker` is certainly dead: a process on this host that no longer exists,
+        or this process when it is not analysing that study (its thread died)."""
+        host, _, pid_text = worker.rpartition(":")
+        if host != socket.gethostname() or not pid_text.isdigit():
+            return False  # another host's process: its lease decides
+        pid = int(pid_text)
+        if pid == os.getpid():
+            with self._lock:
+                running = self._running.get(study_uid)
+            return running is None or running.done()
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def _keep_claims(self) -> None:
+        """Renew the leases of the studies this process is analysing and take back those of dead processes."""
+        lease_s = self.settings.analysis.lease_s
+        if time.monotonic() - self._last_lease_renewal < lease_s / 3:
+            return
+        self._last_lease_renewal = time.monotonic()
+        with self._lock:
+            in_flight = [uid for uid, future in self._running.items() if not future.done()]
+        self.worklist.renew_leases(self.worker_id, in_flight, utcnow(), lease_s)
+        self.worklist.recover_interrupted(utcnow(), is_dead=self._not_running_here)
+
     def dispatch_ready(self) -> list[str]:
+        """Claim as many ready studies as this process has free analysis slots and start analysing them."""
         dicom = self.settings.dicom
-        ready = self.worklist.studies_ready(dicom.stable_age_s, utcnow(), max_wait_s=dicom.max_study_wait_s)
+        self._keep_claims()
+        with self._lock:
+            busy = sum(1 for future in self._running.values() if not future.done())
+        free = self.settings.analysis.concurrency - busy
+        claimed = self.worklist.claim_ready(
+            self.worker_id,
+            utcnow(),
+            dicom.stable_age_s,
+            free,
+            self.settings.analysis.lease_s,
+            max_wait_s=dicom.max_study_wait_s,
+        )
         started = []
         with self._lock:
-            for study_uid in ready:
-                running = self._running.get(study_uid)
-                if running is not None and not running.done():
-                    continue  # new instances arrived mid-analysis: re-analysed after this run finishes
-                future = self._pool.submit(self._analyse, study_uid)
+            for study_uid, generation in claimed:
+                future = self._pool.submit(self._analyse, study_uid, generation)
                 future.add_done_callback(functools.partial(self._finished, study_uid))
                 self._running[study_uid] = future
                 started.append(study_uid)
@@ -194,10 +239,10 @@ class TriageService:
                 del self._running[study_uid]
         if not future.cancelled() and future.exception() is not None:
             # Only the database can fail here (AI failures are recorded as such); the study stays listed and
-            # is re-queued by `recover_interrupted` on the next start.
+            # `recover_interrupted` re-queues it (its run is no longer in flight here).
             log.error("study %s: the analysis could not be recorded: %r", study_uid, future.exception())
 
-    def _analyse(self, study_uid: str) -> AnalysisOutcome:
+    def _analyse(self, study_uid: str, generation: int | None = None) -> AnalysisOutcome:
         assert self.runner is not None
         outcome = analyse_study(
             study_uid,
@@ -208,6 +253,7 @@ class TriageService:
             self.settings.overlay_dir,
             unavailable_models=set(self.model_errors),
             retry=RetryPolicy(self.settings.inference.max_attempts, self.settings.inference.retry_backoff_s),
+            generation=generation,
         )
         with self._lock:
             self.outcomes.append(outcome)

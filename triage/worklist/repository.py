@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -39,7 +39,7 @@ from triage.worklist.priority import (
     turnaround,
     validate_settings,
 )
-from triage.worklist.tables import Instance, Series, Study, StudyEvent
+from triage.worklist.tables import AnalysisRun, Instance, Series, Study, StudyEvent
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,8 @@ class StudyDetail:
     analysis_started_at: datetime | None
     analysis_finished_at: datetime | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Every analysis run: generation, attempt, status, the process that ran it, start and end, stage times.
+    analyses: list[dict[str, Any]] = field(default_factory=list)
     analysis_attempts: int = 0
     retry_at: datetime | None = None
     failure_kind: str = ""
@@ -145,6 +147,7 @@ class StudyDetail:
             "analysis_attempts": self.analysis_attempts,
             "retry_at": _iso(self.retry_at),
             "failure_kind": self.failure_kind,
+            "analyses": self.analyses,
             "history": self.history,
         }
 
@@ -514,33 +517,36 @@ class Worklist:
         trigger a re-analysis that supersedes this one).
         """
         now = require_utc(now, "now")
+        with self._read() as session:
+            return [row[0] for row in session.execute(self._ready_query(stable_age_s, now, max_wait_s))]
+
+    @staticmethod
+    def _ready_query(stable_age_s: float, now: datetime, max_wait_s: float | None) -> Any:
         cutoff = now - timedelta(seconds=float(stable_age_s))
         complete = Study.last_instance_at <= cutoff
         if max_wait_s is not None:
             overdue = and_(Study.analysed_generation == 0, Study.received_at <= now - timedelta(seconds=max_wait_s))
             complete = or_(complete, overdue)
-        with self._read() as session:
-            rows = session.execute(
-                select(Study.study_uid)
-                .where(
-                    complete,
-                    Study.analysis_generation > Study.analysed_generation,
-                    Study.analysing_generation < Study.analysis_generation,
-                    # A transient failure is retried after its backoff, not at once.
-                    or_(Study.retry_at.is_(None), Study.retry_at <= now),
-                )
-                # Stat studies are analysed first, then urgent, then routine; oldest first within a level.
-                .order_by(
-                    case(
-                        (Study.clinical_priority == PriorityLevel.STAT.value, 0),
-                        (Study.clinical_priority == PriorityLevel.URGENT.value, 1),
-                        else_=2,
-                    ),
-                    Study.received_at,
-                    Study.study_uid,
-                )
+        return (
+            select(Study.study_uid)
+            .where(
+                complete,
+                Study.analysis_generation > Study.analysed_generation,
+                Study.analysing_generation < Study.analysis_generation,
+                # A transient failure is retried after its backoff, not at once.
+                or_(Study.retry_at.is_(None), Study.retry_at <= now),
             )
-            return [row[0] for row in rows]
+            # Stat studies are analysed first, then urgent, then routine; oldest first within a level.
+            .order_by(
+                case(
+                    (Study.clinical_priority == PriorityLevel.STAT.value, 0),
+                    (Study.clinical_priority == PriorityLevel.URGENT.value, 1),
+                    else_=2,
+                ),
+                Study.received_at,
+                Study.study_uid,
+            )
+        )
 
     def series_of(self, study_uid: str) -> list[SeriesInfo]:
         """The study's series with their files (paths in arrival order) and routing attributes.
@@ -571,10 +577,12 @@ class Worklist:
                 for s in series_rows
             ]
 
-    def begin_analysis(self, study_uid: str, now: datetime) -> int:
+    def begin_analysis(self, study_uid: str, now: datetime, worker: str = "", lease_s: float | None = None) -> int:
         """Mark the study as being analysed and return the generation token to hand to `finish_analysis`.
 
-        A study whose current generation is already analysed is re-analysed at a new generation.
+        A study whose current generation is already analysed is re-analysed at a new generation. The attempt
+        is recorded as an analysis run of `worker`; with `lease_s` the run holds a lease that the worker must
+        renew (`renew_leases`), else `recover_interrupted` takes the study back.
 
         Raises:
             NotFoundError: when the study is not on the worklist.
@@ -583,24 +591,129 @@ class Worklist:
         now = require_utc(now, "now")
         with self._write() as session, session.begin():
             study = self._locked(session, study_uid)
-            running = study.analysing_generation >= study.analysis_generation > study.analysed_generation
-            if running and study.ai_status == AIStatus.ANALYSING.value:
-                raise ConflictError(
-                    f"study {study_uid!r} is already being analysed at generation {study.analysis_generation}"
-                )
-            if study.analysed_generation >= study.analysis_generation:
-                study.analysis_generation = study.analysed_generation + 1
-            generation = study.analysis_generation
-            study.analysing_generation = generation
-            study.ai_status = AIStatus.ANALYSING.value
-            if not study.analysis_attempts:
-                study.ai_reason = ""  # a retry keeps saying why it is one
-            study.retry_at = None
-            study.analysis_started_at = now
-            self._refresh_priority(study, now)
-            self._history(session, study_uid, "analysis-started", now, generation=generation)
+            generation = self._begin(session, study, now, worker, lease_s)
         self._publish(study_uid, "analysis-started")
         return generation
+
+    def claim_ready(
+        self,
+        worker: str,
+        now: datetime,
+        stable_age_s: float,
+        limit: int,
+        lease_s: float,
+        max_wait_s: float | None = None,
+    ) -> list[tuple[str, int]]:
+        """Claim up to `limit` ready studies (the order of `studies_ready`) for `worker` in one transaction.
+
+        On PostgreSQL the rows are locked with FOR UPDATE SKIP LOCKED, so schedulers claiming at the same
+        time take different studies and none waits for another; on SQLite writers are serialised. Each
+        claim is an analysis run holding a lease of `lease_s` seconds.
+
+        Returns:
+            (study UID, generation) per claimed study.
+        """
+        now = require_utc(now, "now")
+        if limit <= 0:
+            return []
+        claimed: list[tuple[str, int]] = []
+        with self._write() as session, session.begin():
+            # A study still analysed at an older generation is taken once that analysis ends, never twice at once.
+            query = (
+                self._ready_query(stable_age_s, now, max_wait_s)
+                .where(Study.ai_status != AIStatus.ANALYSING.value)
+                .limit(limit)
+            )
+            if session.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update(of=Study, skip_locked=True)
+            uids = [row[0] for row in session.execute(query)]
+            for uid in uids:
+                study = self._locked(session, uid)
+                claimed.append((uid, self._begin(session, study, now, worker, lease_s)))
+        for uid, _ in claimed:
+            self._publish(uid, "analysis-started")
+        return claimed
+
+    def _begin(self, session: Session, study: Study, now: datetime, worker: str, lease_s: float | None) -> int:
+        study_uid = study.study_uid
+        running = study.analysing_generation >= study.analysis_generation > study.analysed_generation
+        if running and study.ai_status == AIStatus.ANALYSING.value:
+            raise ConflictError(
+                f"study {study_uid!r} is already being analysed at generation {study.analysis_generation}"
+            )
+        if study.analysed_generation >= study.analysis_generation:
+            study.analysis_generation = study.analysed_generation + 1
+        generation = study.analysis_generation
+        study.analysing_generation = generation
+        study.ai_status = AIStatus.ANALYSING.value
+        if not study.analysis_attempts:
+            study.ai_reason = ""  # a retry keeps saying why it is one
+        study.retry_at = None
+        study.analysis_started_at = now
+        self._refresh_priority(study, now)
+        attempt = int(study.analysis_attempts or 0) + 1
+        session.add(
+            AnalysisRun(
+                study_uid=study_uid,
+                generation=generation,
+                attempt=attempt,
+                status="running",
+                worker=worker,
+                started_at=now,
+                lease_until=None if lease_s is None else now + timedelta(seconds=float(lease_s)),
+                reason="",
+                stages=[],
+            )
+        )
+        self._history(
+            session, study_uid, "analysis-started", now, generation=generation, attempt=attempt, worker=worker
+        )
+        return generation
+
+    @staticmethod
+    def _close_run(
+        session: Session,
+        study_uid: str,
+        generation: int,
+        status: str,
+        now: datetime,
+        reason: str = "",
+        stages: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        """End the running analysis run(s) of `generation` with `status`."""
+        runs = session.execute(
+            select(AnalysisRun).where(
+                AnalysisRun.study_uid == study_uid,
+                AnalysisRun.generation == generation,
+                AnalysisRun.status == "running",
+            )
+        ).scalars()
+        for run in runs:
+            run.status = status
+            run.finished_at = now
+            run.lease_until = None
+            run.reason = reason
+            if stages is not None:
+                run.stages = [dict(stage) for stage in stages]
+
+    def renew_leases(self, worker: str, study_uids: Iterable[str], now: datetime, lease_s: float) -> int:
+        """Extend the leases of `worker`'s running analyses of `study_uids` (the ones it is still working on)
+        to `now + lease_s`; returns how many were renewed."""
+        now = require_utc(now, "now")
+        uids = list(study_uids)
+        if not uids:
+            return 0
+        with self._write() as session, session.begin():
+            result = session.execute(
+                update(AnalysisRun)
+                .where(
+                    AnalysisRun.worker == worker,
+                    AnalysisRun.status == "running",
+                    AnalysisRun.study_uid.in_(uids),
+                )
+                .values(lease_until=now + timedelta(seconds=float(lease_s)))
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
 
     def finish_analysis(
         self,
@@ -612,6 +725,7 @@ class Worklist:
         reason: str,
         now: datetime,
         failure_kind: str = "",
+        stages: Sequence[Mapping[str, Any]] | None = None,
     ) -> bool:
         """Store the results of the analysis that `begin_analysis` returned `generation` for.
 
@@ -667,6 +781,7 @@ class Worklist:
                 self._history(
                     session, study_uid, "analysis-superseded", now, generation=generation, status=status.value
                 )
+                self._close_run(session, study_uid, generation, "superseded", now, reason, stages)
                 stored = False
             else:
                 if status is not AIStatus.FAILED:
@@ -694,6 +809,7 @@ class Worklist:
                     reason=reason,
                     flagged=[f["label"] for f in stored_findings if f["flagged"]],
                 )
+                self._close_run(session, study_uid, generation, status.value, now, reason, stages)
                 stored = True
         if status is AIStatus.FAILED:
             log.warning("analysis of study %s failed: %s; kept at clinical priority", study_uid, reason)
@@ -739,6 +855,7 @@ class Worklist:
             self._history(
                 session, study_uid, "analysis-retry", now, generation=generation, attempt=attempts, reason=reason
             )
+            self._close_run(session, study_uid, generation, "retry", now, reason)
         self._publish(study_uid, "analysis-retry")
         return attempts
 
@@ -821,15 +938,50 @@ class Worklist:
             log.info("re-queued %d studies that had failed for a transient reason", len(taken))
         return taken
 
-    def recover_interrupted(self, now: datetime) -> list[str]:
-        """Put studies left "analysing" by a crash back in the queue (status pending); returns their UIDs."""
+    def recover_interrupted(self, now: datetime, is_dead: Callable[[str, str], bool] | None = None) -> list[str]:
+        """Put studies left "analysing" by a process that died back in the queue (status pending).
+
+        A study is taken back when its running analysis holds no lease (a run begun without one), its lease
+        ran out (its process stopped renewing it), or `is_dead(worker, study_uid)` says its process is gone or no
+        longer runs it (a scheduler restarting on the same host knows its old PID). Studies analysed by live
+        processes are left alone, so any scheduler may call this at any time.
+
+        Returns:
+            The re-queued studies' UIDs.
+        """
         now = require_utc(now, "now")
         with self._write() as session, session.begin():
-            studies = (
+            candidates = (
                 session.execute(select(Study).where(Study.ai_status == AIStatus.ANALYSING.value).with_for_update())
                 .scalars()
                 .all()
             )
+            studies = []
+            for study in candidates:
+                runs = (
+                    session.execute(
+                        select(AnalysisRun).where(
+                            AnalysisRun.study_uid == study.study_uid,
+                            AnalysisRun.generation == study.analysing_generation,
+                            AnalysisRun.status == "running",
+                        )
+                    )
+                    .scalars()
+                    .all()
+                )
+                alive = [
+                    run
+                    for run in runs
+                    if run.lease_until is not None
+                    and run.lease_until >= now
+                    and not (is_dead is not None and is_dead(run.worker, study.study_uid))
+                ]
+                if alive:
+                    continue
+                for run in runs:
+                    run.status, run.finished_at, run.lease_until = "interrupted", now, None
+                    run.reason = "its process stopped before the analysis ended"
+                studies.append(study)
             for study in studies:
                 study.analysing_generation = study.analysed_generation
                 if study.analysis_generation <= study.analysed_generation:
@@ -930,6 +1082,23 @@ class Worklist:
             history = [
                 {"at": _iso(e.at), "kind": e.kind, "user": e.user, "detail": dict(e.detail or {})} for e in events
             ]
+            runs = session.execute(
+                select(AnalysisRun).where(AnalysisRun.study_uid == study_uid).order_by(AnalysisRun.id)
+            ).scalars()
+            analyses = [
+                {
+                    "id": r.id,
+                    "generation": r.generation,
+                    "attempt": r.attempt,
+                    "status": r.status,
+                    "worker": r.worker,
+                    "started_at": _iso(r.started_at),
+                    "finished_at": _iso(r.finished_at),
+                    "reason": r.reason,
+                    "stages": list(r.stages or []),
+                }
+                for r in runs
+            ]
             return StudyDetail(
                 item=self._item(study, now),
                 series=series,
@@ -939,6 +1108,7 @@ class Worklist:
                 analysis_started_at=study.analysis_started_at,
                 analysis_finished_at=study.analysis_finished_at,
                 history=history,
+                analyses=analyses,
                 analysis_attempts=study.analysis_attempts or 0,
                 retry_at=study.retry_at,
                 failure_kind=study.failure_kind or "",

@@ -146,3 +146,29 @@ class StudyEvent(Base):
     kind: Mapped[str] = mapped_column(String(32))
     user: Mapped[str | None] = mapped_column(Text, nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class AnalysisRun(Base):
+    """One attempt at analysing one generation of a study: who ran it, how it ended, and its lease.
+
+    A running attempt holds a lease (`lease_until`) that its process renews; when the process dies the lease
+    runs out and another scheduler re-queues the study, so no study stays "analysing" for ever.
+    Status: running, done, failed, not-applicable, retry (a transient failure, tried again), superseded
+    (instances arrived meanwhile) or interrupted (its process died).
+    """
+
+    __tablename__ = "analysis_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid", ondelete="CASCADE"), index=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(Text, index=True)
+    # host:pid (and role) of the process that ran it.
+    worker: Mapped[str] = mapped_column(Text, default="", server_default="")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # [{stage, seconds, node_id?}] in the order the stages ran.
+    stages: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)

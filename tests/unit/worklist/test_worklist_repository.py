@@ -608,3 +608,74 @@ def test_requeue_refuses_a_study_being_analysed_and_unknown_studies(wl):
         wl.requeue(uid("a"), T0 + timedelta(seconds=30), user="admin")
     with pytest.raises(NotFoundError):
         wl.requeue(uid("nope"), T0, user="admin")
+
+
+# ------------------------------------------------------------------------------------------- claims and leases
+
+
+def test_claims_take_each_ready_study_once_and_record_the_run(wl):
+    for study in ("1", "2", "3"):
+        wl.record_instance(meta(study), T0)
+    now = T0 + timedelta(seconds=30)
+    first = wl.claim_ready("host-a:1", now, 10, limit=2, lease_s=60)
+    second = wl.claim_ready("host-b:2", now, 10, limit=2, lease_s=60)
+    assert [uid for uid, _ in first] == [uid("1"), uid("2")]
+    assert second == [(uid("3"), 1)]
+    assert wl.claim_ready("host-c:3", now, 10, limit=5, lease_s=60) == []
+    wl.finish_analysis(uid("3"), 1, [], [], AIStatus.DONE, "analysed", now, stages=[{"stage": "load", "seconds": 1}])
+    [run] = wl.get_study(uid("3"), now).analyses
+    assert (run["status"], run["worker"], run["attempt"], run["generation"]) == ("done", "host-b:2", 1, 1)
+    assert run["started_at"] and run["finished_at"] and run["stages"] == [{"stage": "load", "seconds": 1}]
+
+
+def test_concurrent_claims_never_take_a_study_twice(wl, engine):
+    for n in range(12):
+        wl.record_instance(meta(f"c{n}"), T0)
+    claimed: list[str] = []
+    errors: list[BaseException] = []
+
+    def claim(worker: str) -> None:
+        try:
+            other = Worklist(engine, SETTINGS)
+            for _ in range(6):
+                claimed.extend(uid for uid, _ in other.claim_ready(worker, T0 + timedelta(minutes=1), 10, 1, 60))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claim, args=(f"host:{n}",)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert sorted(claimed) == sorted(uid(f"c{n}") for n in range(12))  # each study exactly once
+
+
+def test_a_study_analysed_at_an_older_generation_is_not_claimed_again_until_that_run_ends(wl):
+    wl.record_instance(meta("g", n=1), T0)
+    [(study_uid, gen)] = wl.claim_ready("host:1", T0 + timedelta(seconds=20), 10, 5, 60)
+    wl.record_instance(meta("g", n=2), T0 + timedelta(seconds=25))  # a late instance: generation 2 is due
+    assert wl.claim_ready("host:2", T0 + timedelta(seconds=40), 10, 5, 60) == []
+    wl.finish_analysis(study_uid, gen, [], [], AIStatus.DONE, "", T0 + timedelta(seconds=41))
+    assert wl.claim_ready("host:2", T0 + timedelta(seconds=42), 10, 5, 60) == [(study_uid, 2)]
+    statuses = [r["status"] for r in wl.get_study(study_uid, T0).analyses]
+    assert statuses == ["superseded", "running"]
+
+
+def test_a_claim_whose_lease_runs_out_is_taken_back_and_a_live_one_is_not(wl):
+    wl.record_instance(meta("l"), T0)
+    wl.record_instance(meta("m"), T0)
+    claimed = dict(wl.claim_ready("host:1", T0 + timedelta(seconds=20), 10, 2, lease_s=60))
+    # host:1 keeps renewing "m" but stops renewing "l" (as if the thread analysing it died).
+    assert wl.renew_leases("host:1", [uid("m")], T0 + timedelta(seconds=70), 60) == 1
+    assert wl.recover_interrupted(T0 + timedelta(seconds=75)) == []  # both leases still valid
+    assert wl.recover_interrupted(T0 + timedelta(seconds=90)) == [uid("l")]
+    assert wl.get_study(uid("m"), T0).item.ai_status == "analysing"
+    runs = wl.get_study(uid("l"), T0).analyses
+    assert [r["status"] for r in runs] == ["interrupted"]
+    # The next claim is a fresh attempt at the same generation.
+    assert wl.claim_ready("host:2", T0 + timedelta(seconds=91), 10, 5, 60) == [(uid("l"), claimed[uid("l")])]
+    # A process known to be dead loses its claims at once, lease or not.
+    assert wl.recover_interrupted(T0 + timedelta(seconds=92), is_dead=lambda worker, _: worker == "host:2") == [
+        uid("l")
+    ]
