@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import IO, Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
 
 from triage import __version__
 from triage.config import Settings
@@ -253,6 +255,43 @@ def build_api() -> APIRouter:
     return api
 
 
+# Spooled request bytes are written to the temporary file in pieces of this size, off the event loop.
+_STOW_SPOOL_WRITE_BYTES = 1 << 20
+
+
+def _stow_too_large(limit: int) -> JSONResponse:
+    """413 for a STOW-RS body over the limit; the connection is closed since the rest of the body is not read."""
+    return JSONResponse(
+        {
+            "error": f"the request body is larger than the STOW-RS limit of {limit} bytes "
+            "(setting dicomweb.stow_max_body_bytes, TRIAGE_DICOMWEB__STOW_MAX_BODY_BYTES); "
+            "send the instances in several requests"
+        },
+        status_code=413,
+        headers={"Connection": "close"},
+    )
+
+
+async def _spool_request_body(request: Request, sink: IO[bytes], limit: int) -> bool:
+    """Copy the request body into `sink` as it arrives; False as soon as it grows past `limit` bytes.
+
+    Chunked uploads carry no Content-Length, so the limit is enforced while reading, not only up front.
+    """
+    received = 0
+    pending = bytearray()
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            return False
+        pending += chunk
+        if len(pending) >= _STOW_SPOOL_WRITE_BYTES:
+            await asyncio.to_thread(sink.write, pending)
+            pending = bytearray()
+    if pending:
+        await asyncio.to_thread(sink.write, pending)
+    return True
+
+
 def build_dicomweb() -> APIRouter:
     web = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(current_user)])
 
@@ -262,11 +301,27 @@ def build_dicomweb() -> APIRouter:
         response_class=JSONResponse,
     )
     async def stow(request: Request, service: Service) -> Response:
-        body = await request.body()
+        settings = service.settings
+        limit = settings.dicomweb.stow_max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return _stow_too_large(limit)  # refused before reading: a client sending Expect: 100-continue waits
+        spool_dir = settings.data_dir / "tmp"
+        await asyncio.to_thread(spool_dir.mkdir, parents=True, exist_ok=True)
         base_url = str(request.base_url).rstrip("/") + "/dicomweb"
-        status, payload = await asyncio.to_thread(
-            stow_instances, body, request.headers.get("content-type", ""), service.store, base_url
-        )
+        # The body goes to a file (unlinked on creation, so a crash leaves nothing behind) and the parts are read
+        # from it one at a time: memory stays about one instance, whatever the size of the request.
+        with tempfile.SpooledTemporaryFile(
+            max_size=settings.dicomweb.stow_spool_memory_bytes, dir=str(spool_dir)
+        ) as body:
+            try:
+                if not await _spool_request_body(request, body, limit):
+                    return _stow_too_large(limit)
+            except ClientDisconnect:
+                return JSONResponse({"error": "the client closed the connection before the body was complete"}, 400)
+            status, payload = await asyncio.to_thread(
+                stow_instances, body, request.headers.get("content-type", ""), service.store, base_url
+            )
         return JSONResponse(payload, status_code=status, media_type="application/dicom+json")
 
     return web
