@@ -369,7 +369,12 @@ def _store_part(
     try:
         content = read(part.start, part.end - part.start)
         ds = read_dataset_bytes(content)
-        del content  # the data set holds its own copy of the values
+        # The data set holds its own copy of every value; the in-memory file it was read from (pydicom keeps it
+        # for deferred values, and none are deferred here) would keep the part's bytes alive as a second copy.
+        buffer = getattr(ds, "buffer", None)
+        if isinstance(buffer, io.BytesIO):
+            buffer.close()
+        del content, buffer
     except (OSError, MemoryError) as exc:
         status = status_for_exception(exc)
         logger.error("%s could not be read (0x%04X, resources): %s", where, status, _describe(exc))
