@@ -159,3 +159,18 @@ def test_broken_requests_are_client_errors_never_500(
     response = stow(server, content, **{"Content-Type": content_type})
     assert response.status_code == status, response.text
     assert response.json()["error"]
+
+
+def test_a_spool_folder_that_cannot_be_written_is_503_try_again_not_500(server: Server) -> None:
+    spool = server.data_dir / "tmp"
+    if spool.exists():
+        spool.rmdir()
+    spool.write_text("a file where the spool folder should be")  # as unwritable as a full disk, even for root
+    try:
+        response = stow(server, body_of(section(to_bytes(make_radiograph(rows=64, columns=64, seed=6)))))
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"]
+    finally:
+        spool.unlink()
+    ds = make_radiograph(rows=64, columns=64, seed=7)
+    assert stow(server, body_of(section(to_bytes(ds)))).status_code == 200

@@ -77,6 +77,21 @@ def request_boundary(content_type: str) -> bytes:
     return boundary.encode("latin-1")
 
 
+def refusal_for_content_type(content_type: str) -> tuple[int, dict[str, Any]] | None:
+    """(HTTP status, {"error": message}) when the request's Content-Type alone refuses it, else None.
+
+    Lets the HTTP edge refuse such a request (415 another media type, 400 no usable boundary) before reading a
+    possibly large body; `stow_instances` gives the same answer.
+    """
+    try:
+        request_boundary(content_type)
+    except UnsupportedInputError as exc:
+        return 415, {"error": str(exc)}
+    except InvalidStudyError as exc:
+        return 400, {"error": str(exc)}
+    return None
+
+
 class _Body:
     """Random access to a request body held in a seekable binary file, read in bounded pieces."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +21,7 @@ from starlette.requests import ClientDisconnect
 
 from triage import __version__
 from triage.config import Settings
-from triage.dicom.stow import stow_instances
+from triage.dicom.stow import refusal_for_content_type, stow_instances
 from triage.domain import utcnow
 from triage.serve import web
 from triage.serve.auth import SignInRequired, current_user, page_user, require_roles, sign_in_location
@@ -255,6 +256,8 @@ def build_api() -> APIRouter:
     return api
 
 
+logger = logging.getLogger(__name__)
+
 # Spooled request bytes are written to the temporary file in pieces of this size, off the event loop.
 _STOW_SPOOL_WRITE_BYTES = 1 << 20
 
@@ -303,24 +306,34 @@ def build_dicomweb() -> APIRouter:
     async def stow(request: Request, service: Service) -> Response:
         settings = service.settings
         limit = settings.dicomweb.stow_max_body_bytes
+        content_type = request.headers.get("content-type", "")
+        # Refused before the body is read (a client sending Expect: 100-continue has not sent it yet).
+        refused = refusal_for_content_type(content_type)
+        if refused is not None:
+            return JSONResponse(refused[1], status_code=refused[0], headers={"Connection": "close"})
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            return _stow_too_large(limit)  # refused before reading: a client sending Expect: 100-continue waits
+            return _stow_too_large(limit)
         spool_dir = settings.data_dir / "tmp"
-        await asyncio.to_thread(spool_dir.mkdir, parents=True, exist_ok=True)
         base_url = str(request.base_url).rstrip("/") + "/dicomweb"
         # The body goes to a file (unlinked on creation, so a crash leaves nothing behind) and the parts are read
         # from it one at a time: memory stays about one instance, whatever the size of the request.
-        with tempfile.SpooledTemporaryFile(
-            max_size=settings.dicomweb.stow_spool_memory_bytes, dir=str(spool_dir)
-        ) as body:
-            try:
+        try:
+            await asyncio.to_thread(spool_dir.mkdir, parents=True, exist_ok=True)
+            with tempfile.SpooledTemporaryFile(
+                max_size=settings.dicomweb.stow_spool_memory_bytes, dir=str(spool_dir)
+            ) as body:
                 if not await _spool_request_body(request, body, limit):
                     return _stow_too_large(limit)
-            except ClientDisconnect:
-                return JSONResponse({"error": "the client closed the connection before the body was complete"}, 400)
-            status, payload = await asyncio.to_thread(
-                stow_instances, body, request.headers.get("content-type", ""), service.store, base_url
+                status, payload = await asyncio.to_thread(stow_instances, body, content_type, service.store, base_url)
+        except ClientDisconnect:
+            return JSONResponse({"error": "the client closed the connection before the body was complete"}, 400)
+        except OSError as exc:  # the disk under data_dir is full or unwritable: nothing was stored, try later
+            logger.error("STOW-RS request not spooled to %s: %s: %s", spool_dir, type(exc).__name__, exc)
+            return JSONResponse(
+                {"error": f"the request could not be received ({type(exc).__name__}: out of disk space?); try again"},
+                status_code=503,
+                headers={"Retry-After": "60", "Connection": "close"},
             )
         return JSONResponse(payload, status_code=status, media_type="application/dicom+json")
 
