@@ -350,7 +350,7 @@ def test_a_full_disk_is_out_of_resources_for_that_part_only(store: DicomStore):
     assert outcome(response) == ([b.SOPInstanceUID], [(a.SOPInstanceUID, DicomStatus.OUT_OF_RESOURCES)])
 
 
-def test_a_body_in_a_file_is_read_in_blocks_not_whole(store: DicomStore, tmp_path: Path, monkeypatch):
+def test_a_body_in_a_file_scanned_in_small_blocks_gives_the_same_answer(store: DicomStore, tmp_path: Path, monkeypatch):
     import triage.dicom.stow as stow
 
     monkeypatch.setattr(stow, "_SCAN_BLOCK_BYTES", 4096)  # many blocks; delimiters straddle block edges
