@@ -44,6 +44,17 @@ class HttpSettings(BaseModel):
     port: int = 8000
 
 
+class DicomWebSettings(BaseModel):
+    """The DICOMweb boundary (STOW-RS, PS3.18 10.5)."""
+
+    # Largest STOW-RS request body accepted; larger ones are answered 413 before (Content-Length) or while
+    # (chunked) they are read. 2 GiB fits a large CT or tomosynthesis study; senders may split bigger ones.
+    stow_max_body_bytes: int = Field(default=2 * 1024**3, gt=0)
+    # A request body is spooled to a temporary file under data_dir once it exceeds this, so memory stays
+    # bounded by about one instance rather than the whole request.
+    stow_spool_memory_bytes: int = Field(default=8 * 1024**2, ge=0)
+
+
 class RaySettings(BaseModel):
     """Where the pipeline runs. Empty address: start a local Ray instance."""
 
@@ -134,6 +145,7 @@ class Settings(BaseSettings):
 
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    dicomweb: DicomWebSettings = Field(default_factory=DicomWebSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)

@@ -209,3 +209,181 @@ def test_response_of_several_studies_has_no_study_retrieve_url(store: DicomStore
         "00081155": {"vr": "UI", "Value": ["4.5.6"]},
         "00081197": {"vr": "US", "Value": [0xA700]},
     }
+
+
+# --- one bad part never affects the others (issue 9, item 2) ---------------------------------------------------
+
+
+def with_unknown_vr(ds: pydicom.Dataset, tag: bytes = b"\x08\x00\x18\x00", vr: bytes = b"ZZ") -> bytes:
+    """`ds` as Part-10 bytes (Explicit VR Little Endian) with the VR of the element `tag` replaced by `vr`."""
+    raw = to_bytes(ds)
+    start = 132 + int.from_bytes(raw[140:144], "little") + 12  # after the File Meta group (PS3.10 7.1)
+    at = raw.index(tag, start)
+    return raw[: at + 4] + vr + raw[at + 6 :]
+
+
+def outcome(response: dict) -> tuple[list[str], list[tuple[str, int]]]:
+    """(stored SOP Instance UIDs, (failed SOP Instance UID or "", Failure Reason)) of a STOW-RS response."""
+    stored = [i["00081155"]["Value"][0] for i in response.get("00081199", {}).get("Value", [])]
+    failed = [
+        ((i["00081155"].get("Value") or [""])[0], i["00081197"]["Value"][0])
+        for i in response.get("00081198", {}).get("Value", [])
+    ]
+    return stored, failed
+
+
+def test_a_part_with_an_unknown_vr_fails_alone_and_the_parts_after_it_are_stored(store: DicomStore, caplog):
+    first, broken, last = make_ct_series(3)
+    body = multipart([to_bytes(first), with_unknown_vr(broken), to_bytes(last)])
+
+    with caplog.at_level("WARNING", logger="triage.dicom.stow"):
+        status, response = stow_instances(body, CONTENT_TYPE, store, BASE)
+
+    assert status == 202
+    stored, failed = outcome(response)
+    assert stored == [first.SOPInstanceUID, last.SOPInstanceUID]
+    # The instance is named (from its File Meta) so the sender knows which one to fix.
+    assert failed == [(broken.SOPInstanceUID, DicomStatus.CANNOT_UNDERSTAND)]
+    assert len(list(store.iter_files())) == 2
+    (record,) = [r for r in caplog.records if "part 2 of 3" in r.getMessage()]
+    assert "Unknown Value Representation 'ZZ'" in record.getMessage()
+    assert record.exc_info is None and "Traceback" not in record.getMessage()  # expected bad input: one line
+
+
+def test_every_part_of_a_mixed_request_gets_its_own_outcome(store: DicomStore):
+    good = make_ct_series(2)
+    study = good[0].StudyInstanceUID
+    no_uid = make_radiograph(study_uid=study)
+    del no_uid.SOPInstanceUID
+    other_study = make_radiograph()
+    in_a_sequence = make_radiograph(study_uid=study)
+    in_a_sequence.ReferencedImageSequence = [pydicom.Dataset()]
+    in_a_sequence.ReferencedImageSequence[0].ReferencedSOPInstanceUID = "1.2.3.4"
+    nested_zz = with_unknown_vr(in_a_sequence, tag=b"\x08\x00\x55\x11")  # (0008,1155) inside the item
+    base64_part = b"Content-Type: application/dicom\r\nContent-Transfer-Encoding: base64\r\n\r\nAAAA"
+    jpeg_part = b"Content-Type: image/jpeg\r\n\r\n\xff\xd8\xff\xe0JFIF"
+    # Each part brings its own header section: none (a blank line), or its own Content-Type.
+    parts = [
+        b"\r\n" + to_bytes(good[0]),
+        b"\r\n" + with_unknown_vr(make_radiograph(study_uid=study)),
+        b"\r\n\x00garbage",
+        b"\r\n" + to_bytes(no_uid),
+        jpeg_part,
+        base64_part,
+        b"\r\nThis is not DICOM at all, just text someone attached.\n" * 3,
+        b"\r\n",  # an empty part
+        b"\r\n" + to_bytes(other_study),
+        b"\r\n" + nested_zz,
+        b"\r\n" + to_bytes(good[1]),
+    ]
+    body = b"".join(b"--XXbound-123\r\n" + part + b"\r\n" for part in parts) + b"--XXbound-123--\r\n"
+
+    status, response = stow_instances(body, CONTENT_TYPE, store, BASE, study_uid=study)
+
+    assert status == 202
+    stored, failed = outcome(response)
+    assert stored == [good[0].SOPInstanceUID, good[1].SOPInstanceUID]
+    assert [reason for _, reason in failed] == [
+        DicomStatus.CANNOT_UNDERSTAND,  # unknown VR
+        DicomStatus.CANNOT_UNDERSTAND,  # garbage
+        DicomStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,  # no SOP Instance UID
+        DicomStatus.CANNOT_UNDERSTAND,  # image/jpeg part
+        DicomStatus.CANNOT_UNDERSTAND,  # base64
+        DicomStatus.CANNOT_UNDERSTAND,  # text
+        DicomStatus.CANNOT_UNDERSTAND,  # empty
+        DicomStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,  # another study than the URL names
+        DicomStatus.CANNOT_UNDERSTAND,  # unknown VR inside a sequence item
+    ]
+    assert len(stored) + len(failed) == len(parts)  # every part has an outcome
+    assert failed[7][0] == other_study.SOPInstanceUID
+    assert failed[8][0] == in_a_sequence.SOPInstanceUID
+    assert len(list(store.iter_files())) == 2
+
+
+def test_nothing_but_bad_parts_is_409_with_one_failure_each(store: DicomStore):
+    body = multipart([with_unknown_vr(make_sr()), b"\x00garbage", b"GIF89a"])
+    status, response = stow_instances(body, CONTENT_TYPE, store, BASE)
+    assert status == 409
+    stored, failed = outcome(response)
+    assert stored == [] and len(failed) == 3
+    assert {reason for _, reason in failed} == {DicomStatus.CANNOT_UNDERSTAND}
+
+
+class FaultyStore:
+    """The real store, except that writing the instances named in `faults` raises the exception given."""
+
+    def __init__(self, store: DicomStore, faults: dict[str, BaseException]) -> None:
+        self.store, self.faults = store, faults
+
+    def write(self, ds, calling_ae: str = ""):  # type: ignore[no-untyped-def]
+        fault = self.faults.get(ds.SOPInstanceUID)
+        if fault is not None:
+            raise fault
+        return self.store.write(ds, calling_ae=calling_ae)
+
+
+def test_a_bug_while_storing_one_part_is_a_processing_failure_logged_with_its_traceback(store, caplog):
+    a, b, c = make_ct_series(3)
+    faulty = FaultyStore(store, {b.SOPInstanceUID: RuntimeError("boom")})
+
+    with caplog.at_level("WARNING", logger="triage.dicom.stow"):
+        status, response = stow_instances(multipart([to_bytes(ds) for ds in (a, b, c)]), CONTENT_TYPE, faulty, BASE)
+
+    assert status == 202
+    assert outcome(response) == (
+        [a.SOPInstanceUID, c.SOPInstanceUID],
+        [(b.SOPInstanceUID, DicomStatus.PROCESSING_FAILURE)],
+    )
+    (record,) = [r for r in caplog.records if b.SOPInstanceUID in r.getMessage()]
+    assert record.exc_info is not None  # a bug in triage: the traceback is in the log
+
+
+def test_a_full_disk_is_out_of_resources_for_that_part_only(store: DicomStore):
+    import errno
+
+    a, b = make_ct_series(2)
+    full = OSError(errno.ENOSPC, "No space left on device")
+    status, response = stow_instances(
+        multipart([to_bytes(a), to_bytes(b)]), CONTENT_TYPE, FaultyStore(store, {a.SOPInstanceUID: full}), BASE
+    )
+    assert status == 202
+    assert outcome(response) == ([b.SOPInstanceUID], [(a.SOPInstanceUID, DicomStatus.OUT_OF_RESOURCES)])
+
+
+def test_a_body_in_a_file_scanned_in_small_blocks_gives_the_same_answer(store: DicomStore, tmp_path: Path, monkeypatch):
+    import triage.dicom.stow as stow
+
+    monkeypatch.setattr(stow, "_SCAN_BLOCK_BYTES", 4096)  # many blocks; delimiters straddle block edges
+    series = make_ct_series(3)
+    path = tmp_path / "body"
+    path.write_bytes(multipart([to_bytes(ds) for ds in series]))
+    with path.open("rb") as handle:
+        status, response = stow_instances(handle, CONTENT_TYPE, store, BASE)
+    assert status == 200
+    assert outcome(response)[0] == [ds.SOPInstanceUID for ds in series]
+
+
+@pytest.mark.parametrize("block_bytes", [1, 2, 3, 7, 16])
+def test_splitting_does_not_depend_on_the_scan_block_size(monkeypatch, block_bytes: int):
+    import triage.dicom.stow as stow
+
+    monkeypatch.setattr(stow, "_SCAN_BLOCK_BYTES", block_bytes)
+    parts = [b"abc", b"", b"x\r\n--XXbound-1234 not a boundary\r\ny", b"--XXbound-12"]
+    assert parse_multipart_related(multipart(parts, headers=False), CONTENT_TYPE) == parts
+    assert parse_multipart_related(multipart(parts, newline=b"\n"), CONTENT_TYPE) == parts
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"--XXbound-123",  # cut inside the first boundary line
+        b"--XXbound-123\r\nContent-Type: application/dicom\r\n\r\n" + b"\x00" * 1000,  # cut inside a part
+        b"--XXbound-123garbage\r\n\r\nabc\r\n--XXbound-123--",
+        b"\r\n" * 5000,
+    ],
+)
+def test_broken_framing_is_400_never_an_exception(store: DicomStore, body: bytes):
+    status, response = stow_instances(body, CONTENT_TYPE, store, BASE)
+    assert status == 400
+    assert response["error"]
