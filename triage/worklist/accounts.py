@@ -12,7 +12,7 @@ import hmac
 import logging
 import re
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -21,8 +21,22 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import JSON, Boolean, Engine, Float, ForeignKey, Integer, String, Text, delete, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    delete,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from triage.config import Settings
@@ -146,6 +160,18 @@ class FeedbackRow(Base):
     model: Mapped[str] = mapped_column(Text, default="")
     model_version: Mapped[str] = mapped_column(Text, default="")
     comment: Mapped[str] = mapped_column(Text, default="")
+
+
+class SignInFailureRow(Base):
+    """One failed sign-in for a user name: what the shared sign-in throttle counts."""
+
+    __tablename__ = "sign_in_failures"
+    __table_args__ = (Index("ix_sign_in_failures_name_at", "name", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # The user name as typed, lower-cased (names compare case-insensitively); a user's name, never a patient's.
+    name: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -437,6 +463,12 @@ class Accounts:
         with self._session(write=True) as session:
             session.execute(delete(SessionRow).where(SessionRow.token_sha256 == _digest(token)))
 
+    def sign_in_throttle(
+        self, max_failures: int = 5, window_s: float = 900.0, lockout_s: float = 60.0
+    ) -> SharedSignInThrottle:
+        """The sign-in throttle shared by every process on this database."""
+        return SharedSignInThrottle(self.engine, max_failures, window_s, lockout_s)
+
     # ------------------------------------------------------------------------------------------------ audit
     def audit(
         self, user: str, action: str, now: datetime, study_uid: str | None = None, detail: dict[str, Any] | None = None
@@ -539,6 +571,110 @@ class Accounts:
                 )
                 for r in session.scalars(query)
             ]
+
+
+# ---------------------------------------------------------------------------------------------------- throttle
+def _throttle_key(name: str) -> str:
+    return name.strip().lower()[:64]
+
+
+def _wall_clock(now: datetime | float | None) -> datetime:
+    # The in-memory throttle took time.monotonic() seconds, which mean nothing in another process: anything
+    # but an aware datetime reads this machine's UTC clock (replicas are expected to run NTP).
+    if isinstance(now, datetime):
+        if now.tzinfo is None or now.utcoffset() is None:
+            raise ValueError(f"naive datetime {now!r}; pass a timezone-aware UTC time")
+        return now.astimezone(UTC)
+    return datetime.now(UTC)
+
+
+class SharedSignInThrottle:
+    """Slows password guessing across every replica: after `max_failures` failed sign-ins for one user name
+    within `window_s`, that name is refused for `lockout_s` without checking the password; a successful
+    sign-in clears its failures. The failures live in the database (table `sign_in_failures`), so guesses
+    spread over several API replicas count together. Names compare case-insensitively.
+
+    Same methods as the in-memory `triage.serve.web.SignInThrottle`, with wall-clock UTC times.
+
+    Args:
+        engine: the accounts database, or a callable returning it (resolved on first use, so the throttle can
+            be built before the database is opened).
+        max_failures, window_s, lockout_s: as above.
+    """
+
+    def __init__(
+        self,
+        engine: Engine | Callable[[], Engine],
+        max_failures: int = 5,
+        window_s: float = 900.0,
+        lockout_s: float = 60.0,
+    ) -> None:
+        if max_failures < 1:
+            raise InvalidAccountError(f"max_failures must be at least 1, not {max_failures}")
+        self._engine = engine
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self.lockout_s = lockout_s
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine if isinstance(self._engine, Engine) else self._engine()
+
+    @contextmanager
+    def _session(self, write: bool = False) -> Iterator[Session]:
+        engine = self.engine.execution_options(**{WRITE_OPTION: True}) if write else self.engine
+        with Session(engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    def wait_s(self, name: str, now: datetime | float | None = None) -> float:
+        """Seconds until `name` may try again (0 when it may now)."""
+        at = _wall_clock(now)
+        with self._session() as session:
+            recent = list(
+                session.scalars(
+                    select(SignInFailureRow.at)
+                    .where(
+                        SignInFailureRow.name == _throttle_key(name),
+                        SignInFailureRow.at > at - timedelta(seconds=self.window_s),
+                    )
+                    .order_by(SignInFailureRow.at.desc())
+                    .limit(self.max_failures)
+                )
+            )
+        if len(recent) < self.max_failures:
+            return 0.0
+        return max(0.0, (recent[0] + timedelta(seconds=self.lockout_s) - at).total_seconds())
+
+    def failed(self, name: str, now: datetime | float | None = None) -> None:
+        """Count one failed sign-in for `name`."""
+        at = _wall_clock(now)
+        key = _throttle_key(name)
+        with self._session(write=True) as session:
+            session.add(SignInFailureRow(name=key, at=at))
+        # Housekeeping in its own transaction, so that two replicas pruning at once can never cost the failure
+        # just counted: failures outside the window count no more (for any name), and a name keeps only its
+        # newest `max_failures`, so guessing cannot grow the table without bound.
+        newest = (
+            select(SignInFailureRow.id)
+            .where(SignInFailureRow.name == key)
+            .order_by(SignInFailureRow.at.desc(), SignInFailureRow.id.desc())
+            .limit(self.max_failures)
+        )
+        try:
+            with self._session(write=True) as session:
+                session.execute(
+                    delete(SignInFailureRow).where(SignInFailureRow.at <= at - timedelta(seconds=self.window_s))
+                )
+                session.execute(
+                    delete(SignInFailureRow).where(SignInFailureRow.name == key, SignInFailureRow.id.not_in(newest))
+                )
+        except DBAPIError as exc:  # a deadlock or serialisation failure with another replica: prune next time
+            log.info("sign-in failures not pruned this time (%s)", type(exc).__name__)
+
+    def succeeded(self, name: str) -> None:
+        """Forget the failures of `name` (it signed in)."""
+        with self._session(write=True) as session:
+            session.execute(delete(SignInFailureRow).where(SignInFailureRow.name == _throttle_key(name)))
 
 
 # ---------------------------------------------------------------------------------------------------- CLI helpers
