@@ -207,13 +207,13 @@ class PgNotifyRelay:
         max_backoff_s: float = 5.0,
         connect_timeout_s: int = 5,
     ) -> None:
+        if not _CHANNEL_PATTERN.match(channel):
+            raise TriageError(f"invalid NOTIFY channel {channel!r}: use 1-63 lower-case letters, digits or '_'")
+        parsed = _pg_url(url)
         try:
             import psycopg  # noqa: F401 - fail here, with the install hint, not in the thread
         except ImportError as exc:
             raise MissingDependencyError("psycopg", "postgres") from exc
-        if not _CHANNEL_PATTERN.match(channel):
-            raise TriageError(f"invalid NOTIFY channel {channel!r}: use 1-63 lower-case letters, digits or '_'")
-        parsed = _pg_url(url)
         self.broadcaster = broadcaster
         self.channel = channel
         # Unique per relay (so per process): tells this process's own notifications apart from others'.
@@ -246,8 +246,8 @@ class PgNotifyRelay:
             conninfo[key] = value if isinstance(value, str) else value[-1]
         # The listener only reads, so a silently dead peer (a server host gone, a dropped NAT entry) shows up
         # through TCP keepalives within about a minute instead of never.
-        for key, value in (("keepalives", 1), ("keepalives_idle", 30), ("keepalives_interval", 10)):
-            conninfo.setdefault(key, value)
+        for option, seconds in (("keepalives", 1), ("keepalives_idle", 30), ("keepalives_interval", 10)):
+            conninfo.setdefault(option, seconds)
         conninfo.setdefault("keepalives_count", 3)
         return conninfo
 

@@ -1,11 +1,25 @@
-"""The Broadcaster: events published from other threads reach asyncio subscribers in their own loop."""
+"""The Broadcaster: events published from other threads reach asyncio subscribers in their own loop; with
+PostgreSQL, the relay carries them to every other process on the database."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import queue
+import subprocess
+import sys
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
-from triage.worklist.events import RESYNC, Broadcaster
+import pytest
+from sqlalchemy.engine import make_url
+
+from triage.errors import TriageError
+from triage.worklist.events import RESYNC, STUDY_UPDATED, Broadcaster, PgNotifyRelay, relay_for
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_events_published_from_threads_reach_async_subscribers():
@@ -76,3 +90,197 @@ def test_failing_listener_does_not_stop_others():
         broadcaster.publish({"type": "study.updated", "study_uid": "1"})
     assert seen == [{"type": "study.updated", "study_uid": "1"}]
     assert broadcaster.subscriber_count == 0
+
+
+# ---------------------------------------------------------------------------------------------------- relay
+# A second process, as a replica would be: its own interpreter, engine and listener connection. It prints every
+# event its subscribers receive as one JSON line, and publishes each JSON line it reads on stdin.
+_REPLICA = """
+import json, sys
+from triage.worklist.events import Broadcaster, PgNotifyRelay
+
+broadcaster = Broadcaster()
+relay = PgNotifyRelay(sys.argv[1], broadcaster)
+with broadcaster.listening(lambda event: print(json.dumps(event), flush=True)):
+    print("ready" if relay.start() else "not listening", flush=True)
+    for line in sys.stdin:
+        broadcaster.publish(json.loads(line))
+relay.stop()
+"""
+
+UID_A = "1.2.826.0.1.3680043.8.498.10000000000000000000000000000000000001"
+UID_B = "1.2.826.0.1.3680043.8.498.20000000000000000000000000000000000002"
+UID_C = "1.2.826.0.1.3680043.8.498.30000000000000000000000000000000000003"
+
+
+def _event(uid: str, change: str) -> dict:
+    return {"type": STUDY_UPDATED, "study_uid": uid, "change": change}
+
+
+class _Replica:
+    """The replica script in a subprocess, with its output lines read into a queue."""
+
+    def __init__(self, url: str) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _REPLICA, url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+
+    def next_line(self, timeout_s: float = 20.0) -> str:
+        try:
+            return self.lines.get(timeout=timeout_s)
+        except queue.Empty:
+            raise AssertionError(f"the replica printed nothing within {timeout_s} s") from None
+
+    def publish(self, event: dict) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(event) + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self._reader.join(timeout=5)  # every line the replica printed is queued before anyone looks
+
+
+def _take(events: queue.Queue[dict], timeout_s: float = 15.0) -> dict:
+    try:
+        return events.get(timeout=timeout_s)
+    except queue.Empty:
+        raise AssertionError(f"no event arrived within {timeout_s} s") from None
+
+
+@pytest.fixture
+def relays(postgres_database: str) -> Iterator[list[tuple[Broadcaster, PgNotifyRelay]]]:
+    """Two relays on their own engines and listener connections, as two processes have; stopped afterwards."""
+    started: list[tuple[Broadcaster, PgNotifyRelay]] = []
+    for _ in range(2):
+        broadcaster = Broadcaster()
+        relay = PgNotifyRelay(postgres_database, broadcaster)
+        assert relay.start(ready_timeout_s=15)
+        started.append((broadcaster, relay))
+    yield started
+    for _, relay in started:
+        relay.stop()
+
+
+@pytest.mark.postgres
+def test_event_published_in_one_process_reaches_the_other_and_its_own_subscribers_exactly_once(postgres_database):
+    broadcaster = Broadcaster()
+    relay = PgNotifyRelay(postgres_database, broadcaster)
+    replica = _Replica(postgres_database)
+    here: queue.Queue[dict] = queue.Queue()
+    try:
+        assert relay.start(ready_timeout_s=15)
+        assert replica.next_line(60) == "ready"
+        with broadcaster.listening(here.put):
+            broadcaster.publish(_event(UID_A, "created"))
+            # The other process hears it, exactly as published (the relay's envelope does not show).
+            assert json.loads(replica.next_line()) == _event(UID_A, "created")
+            replica.publish(_event(UID_B, "analysed"))
+            assert json.loads(replica.next_line()) == _event(UID_B, "analysed")  # its own subscriber, locally
+            # PostgreSQL delivers notifications in commit order, so an echo of UID_A would be here before UID_B.
+            assert [_take(here), _take(here)] == [_event(UID_A, "created"), _event(UID_B, "analysed")]
+            broadcaster.publish(_event(UID_C, "claimed"))
+            assert json.loads(replica.next_line()) == _event(UID_C, "claimed")
+            replica.close()
+            # The replica printed nothing more: its own UID_B was not delivered a second time by its echo.
+            assert replica.lines.empty()
+            assert here.get(timeout=0.5) == _event(UID_C, "claimed")
+            assert here.empty()
+    finally:
+        replica.close()
+        relay.stop()
+
+
+@pytest.mark.postgres
+def test_listener_killed_by_the_server_reconnects_resyncs_and_delivers_later_events(postgres_database, relays):
+    (here, relay), (there, _) = relays
+    killed_pid = relay.backend_pid
+    assert killed_pid is not None
+
+    def kill() -> None:
+        import psycopg
+
+        with psycopg.connect(_libpq(postgres_database), autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", (killed_pid,))
+
+    async def main() -> list[dict]:
+        async with here.subscription() as sub:
+            await asyncio.to_thread(kill)
+            got = [await asyncio.wait_for(sub.get(), 15)]
+            # After the resync, events from the other process arrive again over the new connection.
+            await asyncio.to_thread(there.publish, _event(UID_B, "re-queued"))
+            got.append(await asyncio.wait_for(sub.get(), 15))
+            return got
+
+    resync, later = asyncio.run(main())
+    assert resync["type"] == RESYNC
+    assert later == _event(UID_B, "re-queued")
+    assert relay.reconnects == 1
+    assert relay.backend_pid not in (None, killed_pid)
+    # And this process's events still reach the other one.
+    seen: queue.Queue[dict] = queue.Queue()
+    with there.listening(seen.put):
+        here.publish(_event(UID_A, "reported"))
+        assert _take(seen) == _event(UID_A, "reported")
+
+
+@pytest.mark.postgres
+def test_event_too_large_for_notify_reaches_the_others_as_a_resync(relays):
+    (here, _), (there, _) = relays
+    local: queue.Queue[dict] = queue.Queue()
+    remote: queue.Queue[dict] = queue.Queue()
+    large = {**_event(UID_A, "analysed"), "detail": "x" * 9000}
+    with here.listening(local.put), there.listening(remote.put):
+        here.publish(large)
+        assert _take(local) == large
+        got = _take(remote)
+    assert got["type"] == RESYNC
+
+
+@pytest.mark.postgres
+def test_stopped_relay_ends_its_listener_and_publishes_locally_only(postgres_database):
+    broadcaster = Broadcaster()
+    relay = PgNotifyRelay(postgres_database, broadcaster)
+    assert relay.start(ready_timeout_s=15)
+    relay.stop()
+    assert not relay.listening and relay.backend_pid is None
+    seen: list[dict] = []
+    with broadcaster.listening(seen.append):
+        broadcaster.publish(_event(UID_A, "created"))
+    assert seen == [_event(UID_A, "created")]
+
+
+def test_sqlite_keeps_the_in_process_broadcaster(tmp_path):
+    url = f"sqlite:///{tmp_path / 'worklist.db'}"
+    assert relay_for(url, Broadcaster()) is None
+    with pytest.raises(TriageError, match="PostgreSQL"):
+        PgNotifyRelay(url, Broadcaster())
+
+
+def test_channel_must_be_a_plain_identifier():
+    with pytest.raises(TriageError, match="channel"):
+        PgNotifyRelay("postgresql+psycopg://postgres@127.0.0.1/postgres", Broadcaster(), channel="x; DROP TABLE y")
+
+
+def _libpq(url: str) -> str:
+    parsed = make_url(url)
+    return f"host={parsed.host} port={parsed.port or 5432} user={parsed.username} dbname={parsed.database}"
