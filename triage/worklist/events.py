@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import URL
 
 from triage.errors import MissingDependencyError, TriageError
@@ -301,6 +301,17 @@ class PgNotifyRelay:
             log.warning("event %s too large for NOTIFY (%d bytes); sending resync", event.get("type"), len(payload))
             payload = json.dumps({"origin": self.origin, "event": {"type": RESYNC, "reason": "event-too-large"}})
         return payload
+
+    def notify_in(self, connection: Connection, event: dict[str, Any]) -> None:
+        """Queue `event` for the other processes inside the caller's transaction on `connection`.
+
+        PostgreSQL sends a NOTIFY when its transaction commits and drops it on rollback, so a change announced
+        this way is announced exactly when it is committed. The caller then delivers the event locally after
+        the commit with `broadcaster.deliver(event)`, not `publish` (which would announce it a second time).
+        """
+        connection.execute(
+            text("SELECT pg_notify(:channel, :payload)"), {"channel": self.channel, "payload": self._payload(event)}
+        )
 
     def _send(self, event: dict[str, Any]) -> None:
         payloads = [self._payload(event)]

@@ -11,13 +11,17 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
 
+from triage.domain import InstanceMeta
 from triage.errors import TriageError
+from triage.worklist.db import create_engine_for
 from triage.worklist.events import RESYNC, STUDY_UPDATED, Broadcaster, PgNotifyRelay, relay_for
+from triage.worklist.repository import Worklist
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -213,34 +217,53 @@ def test_event_published_in_one_process_reaches_the_other_and_its_own_subscriber
 @pytest.mark.postgres
 def test_listener_killed_by_the_server_reconnects_resyncs_and_delivers_later_events(postgres_database, relays):
     (here, relay), (there, _) = relays
-    killed_pid = relay.backend_pid
-    assert killed_pid is not None
+    killed: list[int] = []
 
     def kill() -> None:
         import psycopg
 
+        pid = relay.backend_pid
+        assert pid is not None
+        killed.append(pid)
         with psycopg.connect(_libpq(postgres_database), autocommit=True) as conn:
-            conn.execute("SELECT pg_terminate_backend(%s)", (killed_pid,))
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
     async def main() -> list[dict]:
+        got = []
         async with here.subscription() as sub:
-            await asyncio.to_thread(kill)
-            got = [await asyncio.wait_for(sub.get(), 15)]
-            # After the resync, events from the other process arrive again over the new connection.
-            await asyncio.to_thread(there.publish, _event(UID_B, "re-queued"))
-            got.append(await asyncio.wait_for(sub.get(), 15))
-            return got
+            for round_ in range(2):  # killed twice: each reconnect is followed by a resync
+                await asyncio.to_thread(kill)
+                got.append(await asyncio.wait_for(sub.get(), 15))
+                # Events from the other process arrive again over the new connection.
+                await asyncio.to_thread(there.publish, _event(UID_B, f"re-queued-{round_}"))
+                got.append(await asyncio.wait_for(sub.get(), 15))
+        return got
 
-    resync, later = asyncio.run(main())
-    assert resync["type"] == RESYNC
-    assert later == _event(UID_B, "re-queued")
-    assert relay.reconnects == 1
-    assert relay.backend_pid not in (None, killed_pid)
+    got = asyncio.run(main())
+    assert [e["type"] for e in got[::2]] == [RESYNC, RESYNC]
+    assert got[1::2] == [_event(UID_B, "re-queued-0"), _event(UID_B, "re-queued-1")]
+    assert relay.reconnects == 2
+    assert relay.backend_pid not in (None, *killed)
     # And this process's events still reach the other one.
     seen: queue.Queue[dict] = queue.Queue()
     with there.listening(seen.put):
         here.publish(_event(UID_A, "reported"))
         assert _take(seen) == _event(UID_A, "reported")
+
+
+def test_relay_without_a_reachable_server_keeps_local_delivery_and_stops_promptly():
+    pytest.importorskip("psycopg")
+    broadcaster = Broadcaster()
+    relay = PgNotifyRelay("postgresql+psycopg://postgres@127.0.0.1:1/postgres", broadcaster, connect_timeout_s=1)
+    seen: list[dict] = []
+    try:
+        assert relay.start(ready_timeout_s=0.5) is False  # nothing listens on port 1: it keeps retrying
+        with broadcaster.listening(seen.append):
+            broadcaster.publish(_event(UID_A, "created"))  # the NOTIFY fails; publish never raises
+    finally:
+        relay.stop()
+    assert seen == [_event(UID_A, "created")]
+    assert not relay.listening
 
 
 @pytest.mark.postgres
@@ -284,3 +307,57 @@ def test_channel_must_be_a_plain_identifier():
 def _libpq(url: str) -> str:
     parsed = make_url(url)
     return f"host={parsed.host} port={parsed.port or 5432} user={parsed.username} dbname={parsed.database}"
+
+
+@pytest.mark.postgres
+def test_an_event_notified_inside_a_transaction_is_announced_only_when_it_commits(postgres_database, relays):
+    (_, relay), (there, _) = relays
+    seen: queue.Queue[dict] = queue.Queue()
+    engine = create_engine_for(postgres_database)
+    try:
+        with there.listening(seen.put):
+            with engine.connect() as conn:
+                with conn.begin() as transaction:
+                    relay.notify_in(conn, _event(UID_A, "created"))
+                    transaction.rollback()
+                with conn.begin():
+                    relay.notify_in(conn, _event(UID_B, "created"))
+            # Notifications arrive in commit order: had the rolled-back one been sent, it would come first.
+            assert _take(seen) == _event(UID_B, "created")
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_study_recorded_through_one_replica_is_announced_on_another(postgres_migrated):
+    ingest_events, api_events = Broadcaster(), Broadcaster()
+    ingest = Worklist(create_engine_for(postgres_migrated), events=ingest_events)
+    api = Worklist(create_engine_for(postgres_migrated), events=api_events)
+    # Built from each worklist's own engine, as the service would wire them.
+    relays = [relay_for(ingest.engine, ingest_events), relay_for(api.engine, api_events)]
+    study_uid = "1.2.826.0.1.3680043.8.498.40000000000000000000000000000000000004"
+    instance = InstanceMeta(
+        study_uid=study_uid,
+        series_uid=f"{study_uid}.1",
+        sop_instance_uid=f"{study_uid}.1.1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        modality="CT",
+        path="store/key",
+    )
+
+    async def main() -> dict:
+        async with api_events.subscription() as sub:
+            await asyncio.to_thread(ingest.record_instance, instance, datetime.now(UTC))
+            return await asyncio.wait_for(sub.get(), 15)
+
+    try:
+        for relay in relays:
+            assert relay is not None and relay.start(ready_timeout_s=15)
+        assert asyncio.run(main()) == {"type": STUDY_UPDATED, "study_uid": study_uid, "change": "created"}
+        assert api.get_study(study_uid, datetime.now(UTC)).instance_count == 1  # and B reads it at once
+    finally:
+        for relay in relays:
+            if relay is not None:
+                relay.stop()
+        ingest.close()
+        api.close()
