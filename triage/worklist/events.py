@@ -179,7 +179,8 @@ class PgNotifyRelay:
 
     The NOTIFY is sent after the change committed (`Worklist` publishes after its transaction), on a pooled
     autocommit connection of its own: a rolled-back change is never announced; a process that dies between
-    its commit and the NOTIFY leaves the others to see the change on their next reload.
+    its commit and the NOTIFY leaves the others to see the change on their next reload. A caller that can
+    reach the transaction uses `notify_in` instead, so the announcement commits or rolls back with the change.
 
     Notifications sent while the listener is disconnected are lost (PostgreSQL queues them only for
     connected listeners), so after every reconnect the local subscribers get a RESYNC event: reload.
