@@ -229,20 +229,24 @@ def check_encoding(ds: Dataset, syntax: str) -> None:
     """Refuse a data set whose bytes are not in the transfer syntax it was received in.
 
     pydicom reads Implicit VR data sent as Explicit (and the reverse) by guessing from the first element, and
-    only fails on writing; the sender's data disagree with the negotiated syntax (PS3.5 10.1).
+    only fails on writing (or writes what the sender never meant); the sender's data disagree with the
+    negotiated transfer syntax (PS3.5 10.1).
 
     Raises:
         CannotUnderstandError: naming both encodings.
     """
-    implicit, little = ds.original_encoding
-    if implicit is None:
-        return
     declared = UID(syntax)
     if not declared.is_transfer_syntax or declared.is_deflated:
         return
+    # Each element read from bytes keeps the encoding it was found in; the data set's own record of it may
+    # have been set from the presentation context afterwards (pynetdicom does), so ask the elements.
+    found = next((e for e in (ds.get_item(tag) for tag in list(ds.keys())) if isinstance(e, RawDataElement)), None)
+    implicit, little = (found.is_implicit_VR, found.is_little_endian) if found is not None else ds.original_encoding
+    if implicit is None:
+        return
     if bool(implicit) != declared.is_implicit_VR or bool(little) != declared.is_little_endian:
-        found = f"{'Implicit' if implicit else 'Explicit'} VR {'Little' if little else 'Big'} Endian"
-        raise CannotUnderstandError(f"the data set is encoded {found} but declared {declared.name} (PS3.5 10.1)")
+        encoding = f"{'Implicit' if implicit else 'Explicit'} VR {'Little' if little else 'Big'} Endian"
+        raise CannotUnderstandError(f"the data set is encoded {encoding} but declared {declared.name} (PS3.5 10.1)")
 
 
 def check_decodable(ds: Dataset) -> None:
@@ -354,6 +358,7 @@ def validate_instance(ds: Dataset, policy: StorePolicy = DEFAULT_POLICY) -> None
 
 def _validate(ds: Dataset, policy: StorePolicy) -> None:
     check_complete(ds)
+    check_encoding(ds, transfer_syntax_of(ds))
     sop_class = validate_uid(ds.get("SOPClassUID"), "SOP Class UID (0008,0016)")
     if sop_class not in policy.accepted_sop_classes:
         scope = "this site accepts" if policy.accepted_sop_classes != ACCEPTED_SOP_CLASSES else "not a storage class"
@@ -385,7 +390,6 @@ def _validate(ds: Dataset, policy: StorePolicy) -> None:
             f"transfer syntax not accepted: {UID(syntax).name} ({syntax!r}); "
             "see triage.dicom.sopclasses.ACCEPTED_TRANSFER_SYNTAXES"
         )
-    check_encoding(ds, syntax)
     check_decodable(ds)
 
     if not is_image_sop_class(sop_class):
