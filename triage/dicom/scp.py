@@ -197,7 +197,7 @@ class StorageSCP:
                     return
             # Under the lock, so that a concurrent request no longer counts this one.
             assoc.acse.send_reject(*reject)
-        logger.warning("association from %s rejected: %s", _peer(assoc), reason)
+        logger.warning("association from %s@%s:%s rejected: %s", calling, address, assoc.requestor.port, reason)
         # As pynetdicom does after its own rejections: stop the association's DUL once the RJ is sent.
         assoc.kill()
 

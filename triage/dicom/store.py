@@ -63,6 +63,15 @@ _FRAME_STARTS: dict[str, tuple[bytes, ...]] = {
     "1.2.840.10008.1.2.4.91": _J2K_STARTS,
 }
 _RLE = "1.2.840.10008.1.2.5"
+_REASON_MAX_CHARS = 240
+
+
+def parse_reason(exc: BaseException) -> str:
+    """pydicom's reason for a parse failure in one line: its messages can carry a whole traceback as text
+    (`tag_in_exception`), which must not reach a log line or an Error Comment."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {text}"[:_REASON_MAX_CHARS]
 
 
 @dataclass(frozen=True)
@@ -267,7 +276,7 @@ def check_decodable(ds: Dataset) -> None:
     except MemoryError:
         raise
     except Exception as exc:  # pydicom raises NotImplementedError, KeyError, ValueError, struct.error ...
-        raise CannotUnderstandError(f"cannot decode a data element: {exc}") from exc
+        raise CannotUnderstandError(f"cannot decode a data element: {parse_reason(exc)}") from exc
 
 
 def check_encapsulated(pixel_data: bytes, syntax: str, frames: int, sop_instance: str) -> None:
@@ -353,7 +362,7 @@ def validate_instance(ds: Dataset, policy: StorePolicy = DEFAULT_POLICY) -> None
     except MemoryError:
         raise
     except Exception as exc:  # pydicom raises NotImplementedError, KeyError, ValueError, struct.error ...
-        raise CannotUnderstandError(f"cannot parse the data set: {type(exc).__name__}: {exc}") from exc
+        raise CannotUnderstandError(f"cannot parse the data set: {parse_reason(exc)}") from exc
 
 
 def _validate(ds: Dataset, policy: StorePolicy) -> None:
@@ -483,7 +492,7 @@ def read_dataset_bytes(data: bytes) -> Dataset:
     except MemoryError:
         raise
     except Exception as exc:  # pydicom raises many kinds (struct.error, zlib.error, ValueError, ...)
-        raise CannotUnderstandError(f"cannot parse the DICOM data ({len(data)} bytes): {exc}") from exc
+        raise CannotUnderstandError(f"cannot parse the DICOM data ({len(data)} bytes): {parse_reason(exc)}") from exc
     if len(ds) == 0:
         raise CannotUnderstandError(f"no DICOM data set found in {len(data)} bytes")
     if "TransferSyntaxUID" not in ds.file_meta:
@@ -559,7 +568,7 @@ class DicomStore:
         except (TriageError, MemoryError):
             raise
         except Exception as exc:
-            raise CannotUnderstandError(f"cannot read the data set: {type(exc).__name__}: {exc}") from exc
+            raise CannotUnderstandError(f"cannot read the data set: {parse_reason(exc)}") from exc
         self._ensure_directory(path.parent)
         self._write_atomic(encoded, path)
 
@@ -661,7 +670,7 @@ class DicomStore:
                 except (OSError, MemoryError):
                     raise
                 except Exception as exc:  # an element pydicom read but cannot write back: bad data
-                    raise CannotUnderstandError(f"cannot encode the data set: {type(exc).__name__}: {exc}") from exc
+                    raise CannotUnderstandError(f"cannot encode the data set: {parse_reason(exc)}") from exc
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temp_name, path)
