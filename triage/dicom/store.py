@@ -249,8 +249,12 @@ def check_encoding(ds: Dataset, syntax: str) -> None:
         return
     # Each element read from bytes keeps the encoding it was found in; the data set's own record of it may
     # have been set from the presentation context afterwards (pynetdicom does), so ask the elements.
-    found = next((e for e in (ds.get_item(tag) for tag in list(ds.keys())) if isinstance(e, RawDataElement)), None)
-    implicit, little = (found.is_implicit_VR, found.is_little_endian) if found is not None else ds.original_encoding
+    implicit, little = ds.original_encoding
+    for tag in list(ds.keys()):
+        element = ds.get_item(tag)
+        if isinstance(element, RawDataElement):
+            implicit, little = element.is_implicit_VR, element.is_little_endian
+            break
     if implicit is None:
         return
     if bool(implicit) != declared.is_implicit_VR or bool(little) != declared.is_little_endian:
