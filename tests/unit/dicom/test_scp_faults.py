@@ -26,7 +26,8 @@ from tests.fuzz.corpus import implicit_declared_explicit, part10, pixel_bomb, wi
 from tests.fuzz.cstore import RawStoreClient
 from triage.config import DicomSettings
 from triage.dicom.scp import StorageSCP
-from triage.dicom.status import DicomStatus
+from triage.dicom.series import read_ct_stack
+from triage.dicom.status import CannotUnderstandError, DicomStatus
 from triage.dicom.store import DicomStore, StorePolicy
 from triage.domain import InstanceMeta
 
@@ -320,3 +321,11 @@ def test_a_wrong_called_ae_title_is_rejected_and_logged(tmp_path: Path, caplog: 
         door.scp.stop()
         lenient.scp.stop()
     assert "rejected: called AE title 'PACS' is not ours ('TRIAGE')" in caplog.text
+
+
+def test_the_ct_reader_refuses_a_pixel_bomb_read_from_a_folder_before_decoding(tmp_path: Path):
+    """`triage infer` reads files that never passed the store: the same limits hold before decoding."""
+    path = tmp_path / "bomb.dcm"
+    path.write_bytes(pixel_bomb())
+    with pytest.raises(CannotUnderstandError, match=r"65535 x 65535 pixels exceeds the limit"):
+        read_ct_stack([path])
