@@ -52,10 +52,12 @@ def _peer(assoc: Association) -> str:
 class StorageSCP:
     """A storage SCP (PS3.4 B) in a background thread.
 
-    Accepts C-ECHO, and C-STORE for `ACCEPTED_SOP_CLASSES` in any of `ACCEPTED_TRANSFER_SYNTAXES`. Each received
-    instance goes to `accept(dataset, calling_ae)` (normally `DicomStore.write`); the SCP answers Success only
-    after `accept` has returned, i.e. once the instance is on disk and indexed. A TriageError from `accept`
-    becomes the failure status of `status_for_exception`; any other exception 0xA700, and the server goes on.
+    Accepts C-ECHO, and C-STORE for every standard storage SOP class (or those of `accepted_sop_classes`) in any
+    of `ACCEPTED_TRANSFER_SYNTAXES`. Each received instance goes to `accept(dataset, calling_ae)` (normally
+    `DicomStore.write`); the SCP answers Success only after `accept` has returned, i.e. once the instance is on
+    disk and indexed. A TriageError from `accept` (bad data: the store wraps pydicom's errors) becomes the
+    permanent failure status of `status_for_exception`; OSError, MemoryError and anything unexpected 0xA700
+    (transient: the sender retries). Each refusal is one log line saying which case it was; the server goes on.
 
     Each A-ASSOCIATE-RQ is checked, and a refusal logged with its reason (PS3.8 9.3.4): a calling AE title
     outside `settings.allowed_calling_aets` (when not empty) is rejected "calling AE title not recognised", a
