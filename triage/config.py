@@ -27,6 +27,25 @@ class DicomSettings(BaseModel):
     # Clinical priority given to studies from a calling AE that sends none, e.g. {"ER_CT": "stat"}.
     sender_priority: dict[str, str] = Field(default_factory=dict)
     max_pdu_bytes: int = 0  # 0: unlimited
+    # An open TCP connection must send its A-ASSOCIATE-RQ within this time or is dropped (the ARTIM timer,
+    # PS3.8 9.1.5): idle sockets then cannot hold the service for long.
+    association_request_timeout_s: float = 5.0
+    # An established association that sends nothing for this long is aborted.
+    association_idle_timeout_s: float = 60.0
+    # Associations served at once, and at once from one peer address (PS3.8 9.3.4: more are rejected transient,
+    # "local limit exceeded", and the sender retries). Connections that have not yet sent an A-ASSOCIATE-RQ do
+    # not count; the request timeout frees them.
+    max_associations: int = 50
+    max_associations_per_peer: int = 25
+    # The Called AE Title of an association must be `ae_title` (PS3.8 9.3.4: else "called AE title not
+    # recognised"); False accepts any.
+    require_called_aet: bool = True
+    # Storage SOP classes accepted, as UIDs or keywords ("MRImageStorage"); empty: every standard storage class.
+    accepted_sop_classes: list[str] = Field(default_factory=list)
+    # Limits checked on the header before any pixels are decoded; an instance beyond them is refused (0xC000).
+    max_image_dimension_px: int = 16384  # Rows and Columns each
+    max_frames: int = 10000  # Number of Frames
+    max_decoded_bytes: int = 2 * 1024**3  # Rows x Columns x Samples x Bits Allocated x Frames, in bytes
 
 
 class ResultsSettings(BaseModel):

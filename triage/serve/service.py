@@ -19,7 +19,7 @@ from pydicom import Dataset
 from triage.config import Settings
 from triage.dicom.results import export_study_results
 from triage.dicom.scp import StorageSCP
-from triage.dicom.store import DicomStore, StoredInstance
+from triage.dicom.store import DicomStore, StoredInstance, StorePolicy
 from triage.domain import AIStatus, InstanceMeta, utcnow
 from triage.errors import TriageError
 from triage.models.registry import ModelRegistry
@@ -50,7 +50,12 @@ class TriageService:
             events=self.events,
             sender_priority=settings.dicom.sender_priority,
         )
-        self.store = DicomStore(settings.store_dir, settings.ensure_phi_salt(), index=self._index)
+        self.store = DicomStore(
+            settings.store_dir,
+            settings.ensure_phi_salt(),
+            index=self._index,
+            policy=StorePolicy.from_settings(settings.dicom),
+        )
         self.registry = ModelRegistry(settings.weights_dir)
         self.rules = RoutingRules.load(settings.routing_rules)
         self.runner_kind = runner_kind
