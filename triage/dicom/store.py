@@ -414,7 +414,8 @@ def _validate(ds: Dataset, policy: StorePolicy) -> None:
             f"no Pixel Data (7FE0,0010) in {sop_class_name(sop_class)} instance {sop_instance!r} "
             "(an image SOP class must carry it; the data may also be truncated)"
         )
-    check_decode_limits(ds, policy)
+    # The decode limits are not checked here: an image beyond them is stored (its bytes are small; only decoding
+    # it would be costly) and listed, and every reader refuses it before decoding (`check_decode_limits`).
     expected = declared_pixel_bytes(ds)
     if keyword != "PixelData" or is_native_transfer_syntax(syntax):
         if len(pixel_data) < expected:
@@ -558,7 +559,8 @@ class DicomStore:
 
         Raises:
             UnsupportedInputError: SOP class or transfer syntax not accepted.
-            CannotUnderstandError: the bytes cannot be parsed or encoded, or the image is beyond the limits.
+            CannotUnderstandError: the bytes cannot be parsed or encoded. (An image beyond the decode limits is
+                stored and logged: its study is listed, and the readers refuse to decode it.)
             InvalidStudyError: the instance is malformed (see `validate_instance`).
             OSError: the file could not be written (disk full, read-only, permissions); nothing is indexed then.
         """
@@ -573,6 +575,12 @@ class DicomStore:
             raise
         except Exception as exc:
             raise CannotUnderstandError(f"cannot read the data set: {parse_reason(exc)}") from exc
+        if is_image_sop_class(meta.sop_class_uid):
+            try:
+                check_decode_limits(ds, self.policy)
+            except TriageError as exc:
+                # Kept, so the study reaches the worklist; it is listed as not analysed with this reason.
+                logger.warning("instance %s stored but will never be decoded: %s", meta.sop_instance_uid, exc)
         self._ensure_directory(path.parent)
         self._write_atomic(encoded, path)
 
@@ -603,10 +611,6 @@ class DicomStore:
         for path in self.iter_files():
             try:
                 ds = dcmread(path, stop_before_pixels=True)
-                if is_image_sop_class(str(ds.get("SOPClassUID", ""))):
-                    # Files written before the limits existed (or under higher ones) are not indexed past them:
-                    # nothing would keep the pipelines or the preview from decoding them.
-                    check_decode_limits(ds, self.policy)
                 calling_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "")
                 meta = extract_meta(ds, path, calling_ae, self.salt)
             except Exception as exc:

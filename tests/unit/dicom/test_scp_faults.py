@@ -148,14 +148,24 @@ def test_a_file_too_large_for_the_file_system_gets_a700_and_storing_recovers(
 
 
 # ------------------------------------------------------------------------------------- item 6: decode limits
-def test_a_declared_65535_square_image_is_refused_before_decoding(door: Door, tmp_path: Path):
+def test_a_declared_65535_square_image_is_stored_undecoded_and_every_reader_refuses_it(
+    door: Door, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    from triage.dicom.radiograph import radiograph_from_dataset
+
     before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     statuses = send(door, tmp_path, {"rle": pixel_bomb(), "j2k": pixel_bomb(syntax=JPEG2000Lossless)})
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kib
 
-    assert statuses == {"rle": DicomStatus.CANNOT_UNDERSTAND, "j2k": DicomStatus.CANNOT_UNDERSTAND}
-    assert door.index.metas == {}
+    # Stored (the study reaches the worklist, where it is listed as not analysed), never decoded.
+    assert statuses == {"rle": 0x0000, "j2k": 0x0000}
+    assert len(door.index.metas) == 2
     assert grown_kib < 1024 * 1024  # decoding one frame would need 8 GiB
+    assert "will never be decoded" in caplog.text and "65535 x 65535" in caplog.text
+    for meta in door.index.metas.values():
+        ds = pydicom.dcmread(meta.path)
+        with pytest.raises(CannotUnderstandError, match=r"65535 x 65535 pixels exceeds the limit"):
+            radiograph_from_dataset(ds, source="bomb")
 
 
 def test_frame_and_size_limits_are_settings(tmp_path: Path):
@@ -172,15 +182,25 @@ def test_frame_and_size_limits_are_settings(tmp_path: Path):
         )
     finally:
         door.scp.stop()
-    assert statuses == {"6 frames": 0xC000, "32 KiB": 0xC000, "small": 0x0000}
+    assert statuses == {"6 frames": 0x0000, "32 KiB": 0x0000, "small": 0x0000}
+    from triage.dicom.store import check_decode_limits
+
+    refused = {}
+    for meta in door.index.metas.values():
+        try:
+            check_decode_limits(pydicom.dcmread(meta.path, stop_before_pixels=True), door.store.policy)
+        except CannotUnderstandError as exc:
+            refused[meta.sop_instance_uid] = str(exc)
+    assert len(refused) == 2
+    assert any("6 frames exceed the limit of 4" in text for text in refused.values())
 
 
-def test_reindex_skips_stored_files_beyond_the_limits(tmp_path: Path):
+def test_reindex_lists_stored_files_beyond_the_limits(tmp_path: Path):
     index = Index()
     store = DicomStore(tmp_path / "store", "salt", index)
     store.write(make_ct_series(1, rows=128, columns=128)[0])
     strict = DicomStore(tmp_path / "store", "salt", Index(), policy=StorePolicy(max_decoded_bytes=1000))
-    assert strict.reindex() == (0, 0, 1)
+    assert strict.reindex() == (1, 0, 0)  # listed; the readers refuse to decode it
 
 
 # ------------------------------------------------------------------------------------- item 5: every storage class
