@@ -85,6 +85,11 @@ class PrioritySettings(BaseModel):
     turnaround_min: dict[str, float] = Field(default_factory=lambda: {"stat": 60.0, "urgent": 240.0, "routine": 1440.0})
     # A study is promoted one level once this fraction of its turnaround target has elapsed.
     promote_at_fraction: float = 0.75
+    # Models whose card says they were trained on synthetic data (not validated for this site) show their
+    # findings, badged, but raise no priority, unless named here: e.g.
+    # TRIAGE_PRIORITY__UNVALIDATED_MODELS_MAY_RAISE='["xr-chest-pneumothorax"]'. Empty (the default): none may.
+    # Per-model on purpose, so that per-site model states (shadow, active) can replace it later.
+    unvalidated_models_may_raise: list[str] = Field(default_factory=list)
 
 
 class Settings(BaseSettings):
