@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     admin_password: str = ""
     # Sign-in sessions expire after this many hours.
     session_ttl_h: float = 12.0
+    # Whether a service account (API token) may mark a study reported, as a RIS bridge does when the report is
+    # signed in the RIS (TRIAGE_RIS_BRIDGE_MAY_REPORT). Off by default: a machine account that can mark reported
+    # can hide studies from the default worklist. Claims are for people whatever this says.
+    ris_bridge_may_report: bool = False
 
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)

@@ -91,6 +91,11 @@ def test_cli_service_token_works_until_the_account_is_disabled(auth_server: Serv
         timeout=30,
     )
     assert stow.status_code not in (401, 403)
+    # A machine account reads, but claims and reports are for people (no RIS bridge allowed on this server).
+    for action in ("claim", "release", "report"):
+        refused = httpx.post(f"{auth_server.url}/api/v1/studies/1.2.3.4/{action}", headers=bearer, timeout=30)
+        assert refused.status_code == 403, (action, refused.text)
+        assert "service account" in refused.json()["detail"]
     assert "pacs-bridge" in triage_cli("users", "list", "--data-dir", data_dir).stdout
     triage_cli("users", "disable", "pacs-bridge", "--data-dir", data_dir)
     assert httpx.get(auth_server.url + "/api/v1/me", headers=bearer, timeout=30).status_code == 401

@@ -21,7 +21,16 @@ from triage.config import Settings
 from triage.dicom.stow import stow_instances
 from triage.domain import utcnow
 from triage.serve import web
-from triage.serve.auth import SignInRequired, current_user, page_user, require_roles, sign_in_location
+from triage.serve.auth import (
+    HUMAN_ROLES,
+    RIS_BRIDGE,
+    SignInRequired,
+    current_user,
+    page_user,
+    require_reporter,
+    require_roles,
+    sign_in_location,
+)
 from triage.serve.errors import install_error_handlers
 from triage.serve.service import TriageService
 from triage.worklist.accounts import (
@@ -41,7 +50,11 @@ Service = Annotated[TriageService, Depends(get_service)]
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
-Human = Annotated[User, Depends(require_roles(Role.RADIOLOGIST, Role.ADMIN))]
+Human = Annotated[User, Depends(require_roles(*HUMAN_ROLES, action="give feedback on AI findings"))]
+# Claims are for people: a machine that claims a study takes it away from every radiologist.
+Claimant = Annotated[User, Depends(require_roles(*HUMAN_ROLES, action="claim or release studies"))]
+# People, and a service account only where the site lets its RIS bridge mark studies reported.
+Reporter = Annotated[User, Depends(require_reporter)]
 Admin = Annotated[User, Depends(require_roles(Role.ADMIN))]
 Exporter = Annotated[User, Depends(require_roles(Role.ADMIN, Role.SERVICE))]
 
@@ -137,23 +150,40 @@ def build_api() -> APIRouter:
         audit(request, user, "view-image", study_uid, finding=finding)
         return response
 
-    @api.post("/studies/{study_uid}/claim", response_model=ActionResult)
-    def claim(study_uid: str, service: Service, user: CurrentUser, request: Request) -> ActionResult:
+    @api.post("/studies/{study_uid}/claim", response_model=ActionResult, summary="Claim a study to report it (people)")
+    def claim(study_uid: str, service: Service, user: Claimant, request: Request) -> ActionResult:
         service.worklist.claim(study_uid, user.name, utcnow())
         audit(request, user, "claim", study_uid, via="api")
         return ActionResult(study_uid=study_uid, action="claim", user=user.name)
 
-    @api.post("/studies/{study_uid}/release", response_model=ActionResult)
-    def release(study_uid: str, service: Service, user: CurrentUser, request: Request) -> ActionResult:
+    @api.post("/studies/{study_uid}/release", response_model=ActionResult, summary="Give a claim back (people)")
+    def release(study_uid: str, service: Service, user: Claimant, request: Request) -> ActionResult:
         # Only the claimant or an admin may release a claim; the worklist raises ConflictError (409) otherwise.
         service.worklist.release(study_uid, user.name, is_admin=user.is_admin, now=utcnow())
         audit(request, user, "release", study_uid, via="api")
         return ActionResult(study_uid=study_uid, action="release", user=user.name)
 
-    @api.post("/studies/{study_uid}/report", response_model=ActionResult)
-    def report(study_uid: str, service: Service, user: CurrentUser, request: Request) -> ActionResult:
-        service.worklist.mark_reported(study_uid, user.name, utcnow())
-        audit(request, user, "report", study_uid, via="api")
+    @api.post(
+        "/studies/{study_uid}/report",
+        response_model=ActionResult,
+        summary="Mark a study reported (people; a RIS bridge's service account where TRIAGE_RIS_BRIDGE_MAY_REPORT)",
+    )
+    def report(study_uid: str, service: Service, user: Reporter, request: Request) -> ActionResult:
+        now = utcnow()
+        if user.role == Role.SERVICE:
+            # A RIS bridge relays a report signed in the RIS: a claim still held here is moot, so it is given
+            # back first (recorded), else the reported study would stay claimed and listed.
+            claimed_by = service.worklist.get_study(study_uid, now).item.claimed_by
+            if claimed_by is not None and claimed_by != user.name:
+                service.worklist.release(study_uid, user.name, is_admin=True, now=now)
+            service.worklist.mark_reported(study_uid, user.name, now)
+            audit(
+                request, user, "report", study_uid, via="api", account="service", acting_as=RIS_BRIDGE,
+                released_claim_of=claimed_by,
+            )  # fmt: skip
+        else:
+            service.worklist.mark_reported(study_uid, user.name, now)
+            audit(request, user, "report", study_uid, via="api")
         return ActionResult(study_uid=study_uid, action="report", user=user.name)
 
     @api.post("/studies/{study_uid}/feedback", response_model=FeedbackOut, status_code=201)

@@ -145,7 +145,7 @@ def test_api_token_works_without_csrf_and_cannot_open_admin_pages(site: Site) ->
     auth = {"Authorization": f"Bearer {token}"}
     assert client.get("/api/v1/me", headers=auth).json() == {"name": "pacs-bridge", "role": "service"}
     assert [i["study_uid"] for i in client.get("/api/v1/worklist", headers=auth).json()] == [study_uid]
-    assert client.post(f"/api/v1/studies/{study_uid}/claim", headers=auth).status_code == 200
+    assert client.post(f"/api/v1/studies/{study_uid}/claim", headers=auth).status_code == 403  # claims: people
     assert client.get("/api/v1/audit", headers=auth).status_code == 403
     feedback = {"verdict": "agree", "finding": 0}
     assert client.post(f"/api/v1/studies/{study_uid}/feedback", json=feedback, headers=auth).status_code == 403
