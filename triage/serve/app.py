@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import fastapi_offline
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
@@ -302,12 +307,43 @@ def build_dicomweb() -> APIRouter:
     return web
 
 
-# Pages get a strict Content-Security-Policy (no inline script or style); the Swagger UI at /docs loads its
-# assets from a CDN and is left without one.
+# Pages get a strict Content-Security-Policy (no inline script or style).
 PAGE_CSP = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
     "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
 )
+# Swagger UI's files, served from the installed fastapi-offline package: a hospital network is often offline, and
+# /docs must not load scripts from a CDN. Mounted before /static, which would otherwise match the prefix.
+SWAGGER_ASSETS_URL = "/static/swagger-ui"
+SWAGGER_ASSETS_DIR = Path(fastapi_offline.__file__).resolve().parent / "static"
+_INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
+
+
+def docs_page() -> HTMLResponse:
+    """Swagger UI on local assets, with a CSP that runs only our scripts and the page's own start-up script.
+
+    The start-up script is inline (FastAPI writes it), so it is allowed by its sha256 rather than by
+    'unsafe-inline'; Swagger UI sets inline styles, which CSP then has to allow.
+    """
+    page = get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title="triage API",
+        swagger_js_url=f"{SWAGGER_ASSETS_URL}/swagger-ui-bundle.js",
+        swagger_css_url=f"{SWAGGER_ASSETS_URL}/swagger-ui.css",
+        swagger_favicon_url=f"{SWAGGER_ASSETS_URL}/favicon.png",
+        # No badge from the public validator service: nothing leaves the site.
+        swagger_ui_parameters={"validatorUrl": None},
+    )
+    hashes = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(body).digest()).decode() + "'"
+        for body in _INLINE_SCRIPT.findall(bytes(page.body))
+    )
+    page.headers["Content-Security-Policy"] = (
+        "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+        f"script-src 'self' {hashes}; connect-src 'self'; frame-ancestors 'none'; form-action 'self'; "
+        "base-uri 'none'"
+    )
+    return page
 
 
 def open_accounts_for(service: TriageService) -> Accounts:
@@ -364,8 +400,8 @@ def create_app(settings: Settings, runner_kind: str = "ray", service: TriageServ
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("X-Frame-Options", "DENY")
         response.headers.setdefault("Referrer-Policy", "same-origin")
-        if not request.url.path.startswith("/docs"):
-            response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+        # /docs sets its own (see docs_page).
+        response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
         return response
 
     @app.get("/healthz", tags=["ops"], summary="The process is up")
@@ -394,9 +430,10 @@ def create_app(settings: Settings, runner_kind: str = "ray", service: TriageServ
 
     @app.get("/docs", include_in_schema=False, dependencies=[Depends(page_user)])
     def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="triage API")
+        return docs_page()
 
     templates = web.build_templates()
+    app.mount(SWAGGER_ASSETS_URL, StaticFiles(directory=str(SWAGGER_ASSETS_DIR)), name="swagger-ui")
     app.mount("/static", StaticFiles(directory=str(web.STATIC_DIR)), name="static")
     app.include_router(web.build_sign_in(templates))
     app.include_router(web.build_pages(templates))
