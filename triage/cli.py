@@ -383,6 +383,14 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> No
 
 
 DEMO_CT = REPO_ROOT / "tests" / "data" / "ct-head-ge"
+UNVALIDATED_ENV = "TRIAGE_PRIORITY__UNVALIDATED_MODELS_MAY_RAISE"
+
+
+def synthetic_model_names(settings: Settings) -> list[str]:
+    """Installed models whose card says they were trained on synthetic data."""
+    from triage.models.registry import ModelRegistry
+
+    return sorted({m.card.name for m in ModelRegistry(settings.weights_dir).all() if m.card.synthetic})
 
 
 @app.command()
@@ -427,6 +435,17 @@ def demo(
     http_port, dicom_port = _free_port(), _free_port()
     url = f"http://127.0.0.1:{http_port}"
     env = {**os.environ, "TRIAGE_DICOM__STABLE_AGE_S": os.environ.get("TRIAGE_DICOM__STABLE_AGE_S", "5")}
+    # The demo's studies are all synthetic or test data: here its synthetic-data models may raise priority, so the
+    # flagged X-rays move up. A site's `triage serve` shows their findings but raises nothing unless it says so.
+    synthetic_models = synthetic_model_names(_settings(data_dir))
+    if synthetic_models and UNVALIDATED_ENV not in os.environ:
+        env[UNVALIDATED_ENV] = json.dumps(synthetic_models)
+        err.print(
+            f"demo: findings of the synthetic-data model(s) {', '.join(synthetic_models)} raise priority in this demo"
+            f" only ({UNVALIDATED_ENV}); a site's service shows them, badged, but does not let them raise priority"
+            " unless it sets this",
+            soft_wrap=True,
+        )
     command = [sys.executable, "-m", "triage", "serve", "--http-port", str(http_port), "--dicom-port",
                str(dicom_port), "--data-dir", str(data_dir)]  # fmt: skip
     log_path = data_dir / "server.log"
