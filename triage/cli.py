@@ -141,6 +141,19 @@ def root(
 
 
 # ----------------------------------------------------------------------------------------------- serve
+def _check_port_free(host: str, port: int, what: str, option: str) -> None:
+    """Exit with one line when something already listens on (host, port), before the service starts."""
+    bind_host = "" if host in ("0.0.0.0", "::") else host
+    with socket.socket(socket.AF_INET6 if ":" in bind_host else socket.AF_INET) as sock:
+        # As the servers do: a port left in TIME_WAIT by a stopped server is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((bind_host, port))
+        except OSError as exc:
+            _fail(f"the {what} port {port} on {host or 'all addresses'} is not free ({exc.strerror});"
+                  f" stop what uses it (another `triage serve`?) or pass {option}")  # fmt: skip
+
+
 @app.command()
 def serve(
     http_port: Annotated[int | None, typer.Option(help="HTTP port (default 8000)")] = None,
@@ -168,6 +181,8 @@ def serve(
         settings.http.host = host
     if ray_address is not None:
         settings.ray.address = ray_address
+    _check_port_free(settings.http.host, settings.http.port, "HTTP", "--http-port")
+    _check_port_free(settings.dicom.bind_address, settings.dicom.port, "DICOM", "--dicom-port")
     configure_logging(settings.log_level, settings.log_json)
     err.print(
         f"triage: HTTP http://{settings.http.host}:{settings.http.port}  DICOM {settings.dicom.ae_title}@"
@@ -497,6 +512,8 @@ def models_list(weights_dir: Annotated[Path | None, typer.Option()] = None) -> N
     from triage.errors import ModelLoadError
     from triage.models.registry import ModelRegistry
 
+    if weights_dir is not None:
+        _require_paths([weights_dir], "the folder with <model>/<version>/card.json (--weights-dir)")
     registry = ModelRegistry(weights_dir or Settings().weights_dir)
     table = Table(title=f"models in {registry.weights_dir}")
     for column in ("name", "version", "task", "licence", "data", "members", "sha256"):
@@ -528,6 +545,8 @@ def models_validate(weights_dir: Annotated[Path | None, typer.Option()] = None) 
     from triage.models.registry import ModelRegistry
     from triage.models.validate import validate_model
 
+    if weights_dir is not None:
+        _require_paths([weights_dir], "the folder with <model>/<version>/card.json (--weights-dir)")
     registry = ModelRegistry(weights_dir or Settings().weights_dir)
     failures = len(registry.problems)
     for problem in registry.problems:
@@ -693,7 +712,7 @@ def synth_xray(
 def synth_ich(
     source: Annotated[Path, typer.Argument(help="A head CT folder")],
     out: Path,
-    volume_ml: float = 5.0,
+    volume_ml: Annotated[float, typer.Option(min=0.1, help="Volume of the inserted region (mL)")] = 5.0,
     seed: int = 0,
 ) -> None:
     """Copy a head CT with a synthetic hyperdense region (55-75 HU) inserted in the parenchyma (pipeline check)."""

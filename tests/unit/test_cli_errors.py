@@ -99,3 +99,21 @@ def test_usage_errors_keep_exit_status_2() -> None:
     result = triage("users", "add")
     assert result.returncode == 2
     assert "Missing argument" in result.stderr
+
+
+@pytest.mark.parametrize("which", ["http", "dicom"])
+def test_serve_on_a_port_in_use_says_so_before_starting(tmp_path: Path, which: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        other = closed_port()
+        http, dicom = (port, other) if which == "http" else (other, port)
+        result = triage(
+            "serve", "--runner", "inprocess", "--http-port", str(http), "--dicom-port", str(dicom),
+            "--data-dir", str(tmp_path / "data"),
+        )  # fmt: skip
+    assert result.returncode == 1
+    line = one_line(result)
+    assert f"port {port}" in line and "is not free" in line and f"--{which}-port" in line
+    assert not (tmp_path / "data").exists()  # refused before anything started
