@@ -44,6 +44,7 @@ from triage.worklist.accounts import (
     Role,
     User,
 )
+from triage.worklist.priority import may_raise
 
 
 def get_service(request: Request) -> TriageService:
@@ -257,6 +258,9 @@ def build_api() -> APIRouter:
                 "version": m.card.version,
                 "task": m.card.task,
                 "synthetic": m.card.synthetic,
+                # Whether its flags may raise a study's priority at this site (a synthetic-data model only
+                # where the site names it in priority.unvalidated_models_may_raise).
+                "raises_priority": may_raise(m.card.name, m.card.synthetic, service.settings.priority),
                 "summary": m.card.summary,
                 "licence": m.card.licence,
                 "error": service.model_errors.get(m.card.name),
