@@ -141,6 +141,11 @@ class PrioritySettings(BaseModel):
     turnaround_min: dict[str, float] = Field(default_factory=lambda: {"stat": 60.0, "urgent": 240.0, "routine": 1440.0})
     # A study is promoted one level once this fraction of its turnaround target has elapsed.
     promote_at_fraction: float = 0.75
+    # Models whose card says they were trained on synthetic data (not validated for this site) show their
+    # findings, badged, but raise no priority, unless named here: e.g.
+    # TRIAGE_PRIORITY__UNVALIDATED_MODELS_MAY_RAISE='["xr-chest-pneumothorax"]'. Empty (the default): none may.
+    # Per-model on purpose, so that per-site model states (shadow, active) can replace it later.
+    unvalidated_models_may_raise: list[str] = Field(default_factory=list)
 
 
 class Settings(BaseSettings):
@@ -161,6 +166,10 @@ class Settings(BaseSettings):
     admin_password: str = ""
     # Sign-in sessions expire after this many hours.
     session_ttl_h: float = 12.0
+    # Whether a service account (API token) may mark a study reported, as a RIS bridge does when the report is
+    # signed in the RIS (TRIAGE_RIS_BRIDGE_MAY_REPORT). Off by default: a machine account that can mark reported
+    # can hide studies from the default worklist. Claims are for people whatever this says.
+    ris_bridge_may_report: bool = False
 
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)

@@ -23,6 +23,14 @@ REPO = Path(__file__).resolve().parents[2]
 HEAD_CT = REPO / "tests" / "data" / "ct-head-ge"
 
 
+def study_lines(items: list[dict]) -> str:
+    """One line per study: UID, AI status and the reason, so a failure says why a study was not analysed."""
+    lines = [
+        f"  {i.get('study_uid')}: ai_status={i.get('ai_status')} ai_reason={i.get('ai_reason') or '-'}" for i in items
+    ]
+    return "\n".join(lines) or "  (no studies on the worklist)"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -72,8 +80,10 @@ class Server:
 
     def wait_for(self, predicate, timeout_s: float = 600, what: str = "condition"):  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + timeout_s
+        items: list[dict] = []
         while time.monotonic() < deadline:
-            value = predicate(self.worklist())
+            items = self.worklist()
+            value = predicate(items)
             if value:
                 return value
             if self.proc.poll() is not None:
@@ -81,7 +91,9 @@ class Server:
                     f"server exited ({self.proc.returncode}); log:\n{self.log_path.read_text()[-4000:]}"
                 )
             time.sleep(1)
-        raise AssertionError(f"timed out waiting for {what}; log:\n{self.log_path.read_text()[-4000:]}")
+        raise AssertionError(
+            f"timed out waiting for {what}; studies:\n{study_lines(items)}\nlog:\n{self.log_path.read_text()[-4000:]}"
+        )
 
 
 def start_server(data_dir: Path, extra_env: dict[str, str] | None = None, runner: str = "ray") -> Server:
