@@ -42,7 +42,8 @@ class DicomSettings(BaseModel):
     require_called_aet: bool = True
     # Storage SOP classes accepted, as UIDs or keywords ("MRImageStorage"); empty: every standard storage class.
     accepted_sop_classes: list[str] = Field(default_factory=list)
-    # Limits checked on the header before any pixels are decoded; an instance beyond them is refused (0xC000).
+    # Limits checked on the header before any pixels are decoded; an instance beyond them is stored and its
+    # study listed, but nothing decodes it (the analysis fails with the reason).
     max_image_dimension_px: int = 16384  # Rows and Columns each
     max_frames: int = 10000  # Number of Frames
     max_decoded_bytes: int = 2 * 1024**3  # Rows x Columns x Samples x Bits Allocated x Frames, in bytes
