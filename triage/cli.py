@@ -169,12 +169,29 @@ def serve(
     ray_address: Annotated[
         str | None, typer.Option(help="Join this Ray cluster instead of starting a local one")
     ] = None,
+    role: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--role",
+            help="api (HTTP API and pages), ingest (DICOM listener and STOW-RS) or analysis (scheduler and Ray "
+            "pipeline); repeat for several; none: all three",
+        ),
+    ] = None,
 ) -> None:
-    """Run the service: DICOM listener, DICOMweb and HTTP API, study watcher, and the Ray pipeline."""
+    """Run the service: DICOM listener, DICOMweb and HTTP API, study watcher, and the Ray pipeline.
+
+    Each role can run on its own, any number of times, against one PostgreSQL database
+    (TRIAGE_DATABASE_URL) and one store (--data-dir); every process answers /healthz and /readyz on its HTTP
+    port."""
     import uvicorn
 
+    from triage.config import ServiceRole
     from triage.serve.app import create_app
 
+    try:
+        roles = ServiceRole.parse_all(role or [])
+    except ValueError as exc:
+        _fail(str(exc), code=2)
     settings = _settings(data_dir, port=dicom_port, ae_title=ae_title, stable_age_s=stable_age_s)
     if http_port is not None:
         settings.http.port = http_port
@@ -183,15 +200,18 @@ def serve(
     if ray_address is not None:
         settings.ray.address = ray_address
     _check_port_free(settings.http.host, settings.http.port, "HTTP", "--http-port")
-    _check_port_free(settings.dicom.bind_address, settings.dicom.port, "DICOM", "--dicom-port")
+    if ServiceRole.INGEST in roles:
+        _check_port_free(settings.dicom.bind_address, settings.dicom.port, "DICOM", "--dicom-port")
     configure_logging(settings.log_level, settings.log_json)
+    dicom = f"  DICOM {settings.dicom.ae_title}@{settings.dicom.port}" if ServiceRole.INGEST in roles else ""
     err.print(
-        f"triage: HTTP http://{settings.http.host}:{settings.http.port}  DICOM {settings.dicom.ae_title}@"
-        f"{settings.dicom.port}  data {settings.data_dir.resolve()}  runner {runner}"
+        f"triage: roles {', '.join(sorted(roles))}  HTTP http://{settings.http.host}:{settings.http.port}{dicom}"
+        f"  data {settings.data_dir.resolve()}"
+        + (f"  runner {runner}" if ServiceRole.ANALYSIS in roles else "")
     )
     # A browser holding the live-update stream open must not keep the server from stopping.
     uvicorn.run(
-        create_app(settings, runner_kind=runner),
+        create_app(settings, runner_kind=runner, roles=roles),
         timeout_graceful_shutdown=3,
         host=settings.http.host,
         port=settings.http.port,

@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServiceRole(StrEnum):
+    """What one `triage serve` process does. Any number of processes may run each role against one
+    database and one store; without `--role` a process runs all three (the embedded default)."""
+
+    API = "api"  # the HTTP API and web pages (stateless: any replica answers any request)
+    INGEST = "ingest"  # the Storage SCP and STOW-RS: instances in, durable, indexed
+    ANALYSIS = "analysis"  # study completion, claiming, the Ray pipeline, recording results
+
+    @classmethod
+    def parse_all(cls, values: Iterable[str]) -> frozenset[ServiceRole]:
+        """The roles named in `values` (all three when empty).
+
+        Raises:
+            ValueError: naming an unknown role and the valid ones.
+        """
+        roles = set()
+        for value in values:
+            try:
+                roles.add(cls(str(value).strip().lower()))
+            except ValueError:
+                raise ValueError(f"unknown role {value!r}; valid: {', '.join(r.value for r in cls)}") from None
+        return frozenset(roles) if roles else ALL_ROLES
+
+
+ALL_ROLES: frozenset[ServiceRole] = frozenset(ServiceRole)
 
 
 class DicomSettings(BaseModel):

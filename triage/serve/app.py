@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
 from triage import __version__
-from triage.config import Settings
+from triage.config import ALL_ROLES, ServiceRole, Settings
 from triage.dicom.stow import refusal_for_content_type, stow_instances
 from triage.domain import utcnow
 from triage.serve import web
@@ -446,15 +446,22 @@ def open_accounts_for(service: TriageService) -> Accounts:
     return accounts
 
 
-def create_app(settings: Settings, runner_kind: str = "ray", service: TriageService | None = None) -> FastAPI:
-    """Build the application. The service starts with the app (lifespan) and stops with it.
+def create_app(
+    settings: Settings,
+    runner_kind: str = "ray",
+    service: TriageService | None = None,
+    roles: frozenset[ServiceRole] = ALL_ROLES,
+) -> FastAPI:
+    """Build the application for `roles`. The service starts with the app (lifespan) and stops with it.
 
-    Everything but /healthz, /readyz, /login and /static needs a signed-in session or an API token.
+    Every role answers /healthz and /readyz (probes); the api role serves the JSON API, the web pages and the
+    documentation; the ingest role serves STOW-RS. Everything but /healthz, /readyz, /login and /static needs a
+    signed-in session or an API token.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.service = service or TriageService(settings, runner_kind=runner_kind)
+        app.state.service = service or TriageService(settings, runner_kind=runner_kind, roles=roles)
         app.state.accounts = await asyncio.to_thread(open_accounts_for, app.state.service)
         await asyncio.to_thread(app.state.service.start)
         try:
@@ -512,15 +519,18 @@ def create_app(settings: Settings, runner_kind: str = "ray", service: TriageServ
     def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    @app.get("/docs", include_in_schema=False, dependencies=[Depends(page_user)])
-    def docs() -> HTMLResponse:
-        return docs_page()
+    if ServiceRole.API in roles:
 
-    templates = web.build_templates()
-    app.mount(SWAGGER_ASSETS_URL, StaticFiles(directory=str(SWAGGER_ASSETS_DIR)), name="swagger-ui")
-    app.mount("/static", StaticFiles(directory=str(web.STATIC_DIR)), name="static")
-    app.include_router(web.build_sign_in(templates))
-    app.include_router(web.build_pages(templates))
-    app.include_router(build_api())
-    app.include_router(build_dicomweb())
+        @app.get("/docs", include_in_schema=False, dependencies=[Depends(page_user)])
+        def docs() -> HTMLResponse:
+            return docs_page()
+
+        templates = web.build_templates()
+        app.mount(SWAGGER_ASSETS_URL, StaticFiles(directory=str(SWAGGER_ASSETS_DIR)), name="swagger-ui")
+        app.mount("/static", StaticFiles(directory=str(web.STATIC_DIR)), name="static")
+        app.include_router(web.build_sign_in(templates))
+        app.include_router(web.build_pages(templates))
+        app.include_router(build_api())
+    if ServiceRole.INGEST in roles:
+        app.include_router(build_dicomweb())
     return app
