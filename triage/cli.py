@@ -18,13 +18,84 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from triage.config import REPO_ROOT, Settings
 from triage.domain import utcnow
 from triage.errors import TriageError
 from triage.logs import configure_logging
 
-app = typer.Typer(help="AI triage for teleradiology worklists.", no_args_is_help=True, add_completion=False)
+DEBUG_KEY = "triage.debug"
+DEFAULT_URL = "http://127.0.0.1:8000"
+TOKEN_HINT = "create one with `triage users add NAME --role service --data-dir DIR` (DIR: the server's --data-dir)"
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a person at a terminal: what went wrong and, where we know it, how to fix it."""
+    import httpx
+
+    if isinstance(exc, httpx.HTTPStatusError):
+        response = exc.response
+        try:
+            detail = response.json().get("detail", "")
+        except ValueError:
+            detail = response.text[:200]
+        return f"the triage server answered {response.status_code} to {exc.request.method} {exc.request.url.path}" + (
+            f": {detail}" if detail else ""
+        )
+    if isinstance(exc, httpx.TransportError):
+        url = exc.request.url
+        server = f"{url.scheme}://{url.netloc.decode()}"
+        if isinstance(exc, httpx.TimeoutException):
+            why = "no answer in time"
+        elif isinstance(exc, httpx.ConnectError):
+            text = str(exc)
+            why = "connection refused" if "refused" in text.lower() else text or "cannot connect"
+        else:
+            why = str(exc) or type(exc).__name__
+        return f"cannot reach the triage server at {server} ({why}); start it with `triage serve` or pass --url"
+    if isinstance(exc, httpx.HTTPError):
+        return f"HTTP request failed: {exc}"
+    if isinstance(exc, FileNotFoundError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}; check the path"
+    if isinstance(exc, PermissionError):
+        return f"{exc.filename or ''}: permission denied; check the file's owner and mode"
+    if isinstance(exc, TriageError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    return f"unexpected error: {type(exc).__name__}: {exc} (run `triage --debug ...` for the traceback)"
+
+
+class TriageCommands(TyperGroup):
+    """The root command: errors end as one line on stderr and exit status 1, not a traceback.
+
+    Usage errors keep click's exit status 2. `triage --debug ...` or TRIAGE_LOG_LEVEL=DEBUG shows the traceback.
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            # Typer's own signals (exit, abort, usage errors) are handled by typer as usual.
+            if type(exc).__module__.split(".")[0] in ("typer", "click"):
+                raise
+            debug = ctx.meta.get(DEBUG_KEY) or os.environ.get("TRIAGE_LOG_LEVEL", "").upper() == "DEBUG"
+            if debug:
+                raise
+            say_error(describe_error(exc))
+            raise typer.Exit(1) from None
+
+
+def say_error(message: str) -> None:
+    """Print `triage: MESSAGE` as one line on stderr (no wrapping, no markup)."""
+    print(f"triage: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+app = typer.Typer(
+    cls=TriageCommands, help="AI triage for teleradiology worklists.", no_args_is_help=True, add_completion=False
+)
 models_app = typer.Typer(help="Installed models: list, validate, export, evaluate, benchmark.", no_args_is_help=True)
 synth_app = typer.Typer(help="Generate synthetic data (demonstration and tests).", no_args_is_help=True)
 users_app = typer.Typer(help="Users, roles and API tokens (same --data-dir as serve).", no_args_is_help=True)
@@ -50,11 +121,40 @@ def _settings(data_dir: Path | None = None, **dicom: Any) -> Settings:
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}")
+    say_error(message)
     raise typer.Exit(code)
 
 
+def _require_paths(paths: list[Path], what: str = "a DICOM file, a folder of them or a DICOMDIR") -> None:
+    """Exit with status 2 (a usage error) naming the first path that does not exist."""
+    for path in paths:
+        if not path.exists():
+            _fail(f"{path} does not exist; give {what}", code=2)
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback when a command fails")] = False,
+) -> None:
+    """AI triage for teleradiology worklists."""
+    ctx.meta[DEBUG_KEY] = debug
+
+
 # ----------------------------------------------------------------------------------------------- serve
+def _check_port_free(host: str, port: int, what: str, option: str) -> None:
+    """Exit with one line when something already listens on (host, port), before the service starts."""
+    bind_host = "" if host in ("0.0.0.0", "::") else host
+    with socket.socket(socket.AF_INET6 if ":" in bind_host else socket.AF_INET) as sock:
+        # As the servers do: a port left in TIME_WAIT by a stopped server is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((bind_host, port))
+        except OSError as exc:
+            _fail(f"the {what} port {port} on {host or 'all addresses'} is not free ({exc.strerror});"
+                  f" stop what uses it (another `triage serve`?) or pass {option}")  # fmt: skip
+
+
 @app.command()
 def serve(
     http_port: Annotated[int | None, typer.Option(help="HTTP port (default 8000)")] = None,
@@ -69,12 +169,29 @@ def serve(
     ray_address: Annotated[
         str | None, typer.Option(help="Join this Ray cluster instead of starting a local one")
     ] = None,
+    role: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--role",
+            help="api (HTTP API and pages), ingest (DICOM listener and STOW-RS) or analysis (scheduler and Ray "
+            "pipeline); repeat for several; none: all three",
+        ),
+    ] = None,
 ) -> None:
-    """Run the service: DICOM listener, DICOMweb and HTTP API, study watcher, and the Ray pipeline."""
+    """Run the service: DICOM listener, DICOMweb and HTTP API, study watcher, and the Ray pipeline.
+
+    Each role can run on its own, any number of times, against one PostgreSQL database
+    (TRIAGE_DATABASE_URL) and one store (--data-dir); every process answers /healthz and /readyz on its HTTP
+    port."""
     import uvicorn
 
+    from triage.config import ServiceRole
     from triage.serve.app import create_app
 
+    try:
+        roles = ServiceRole.parse_all(role or [])
+    except ValueError as exc:
+        _fail(str(exc), code=2)
     settings = _settings(data_dir, port=dicom_port, ae_title=ae_title, stable_age_s=stable_age_s)
     if http_port is not None:
         settings.http.port = http_port
@@ -82,14 +199,19 @@ def serve(
         settings.http.host = host
     if ray_address is not None:
         settings.ray.address = ray_address
+    _check_port_free(settings.http.host, settings.http.port, "HTTP", "--http-port")
+    if ServiceRole.INGEST in roles:
+        _check_port_free(settings.dicom.bind_address, settings.dicom.port, "DICOM", "--dicom-port")
     configure_logging(settings.log_level, settings.log_json)
+    dicom = f"  DICOM {settings.dicom.ae_title}@{settings.dicom.port}" if ServiceRole.INGEST in roles else ""
     err.print(
-        f"triage: HTTP http://{settings.http.host}:{settings.http.port}  DICOM {settings.dicom.ae_title}@"
-        f"{settings.dicom.port}  data {settings.data_dir.resolve()}  runner {runner}"
+        f"triage: roles {', '.join(sorted(roles))}  HTTP http://{settings.http.host}:{settings.http.port}{dicom}"
+        f"  data {settings.data_dir.resolve()}"
+        + (f"  runner {runner}" if ServiceRole.ANALYSIS in roles else "")
     )
     # A browser holding the live-update stream open must not keep the server from stopping.
     uvicorn.run(
-        create_app(settings, runner_kind=runner),
+        create_app(settings, runner_kind=runner, roles=roles),
         timeout_graceful_shutdown=3,
         host=settings.http.host,
         port=settings.http.port,
@@ -111,9 +233,10 @@ def ingest(
 
     from triage.dicom.sender import collect_files, send_files
 
+    _require_paths(paths)
     files = collect_files(paths)
     if not files:
-        _fail(f"no DICOM files found under {[str(p) for p in paths]}")
+        _fail(f"no DICOM files found under {', '.join(map(str, paths))}; give DICOM files or folders of them")
     with Progress(console=err) as progress:
         task = progress.add_task("sending", total=len(files))
         report = send_files(
@@ -126,7 +249,12 @@ def ingest(
         )
     console.print(f"sent {report.sent} of {len(files)} instance(s); failed {report.failed}")
     if report.failed:
-        raise typer.Exit(1)
+        reasons = sorted({r.error or f"status 0x{r.status:04X}" for r in report.results if not r.ok and
+                          (r.error or r.status is not None)})  # fmt: skip
+        hint = ""
+        if report.sent == 0 and any(r.startswith("cannot associate") for r in reasons):
+            hint = f"; is `triage serve` listening on {host}:{port}? pass --host/--port"
+        _fail(f"{report.failed} of {len(files)} instance(s) not stored: {'; '.join(reasons[:3])}{hint}")
 
 
 # ----------------------------------------------------------------------------------------------- infer
@@ -143,7 +271,7 @@ def infer_path(path: Path, settings: Settings, model: str | None = None) -> dict
 
     files = collect_files([path])
     if not files:
-        raise typer.BadParameter(f"no DICOM files under {path}")
+        _fail(f"no DICOM files under {path}; give a study folder or a DICOM file", code=2)
     metas = [extract_meta(pydicom.dcmread(f, stop_before_pixels=True), str(f), "", "infer") for f in files]
     registry = ModelRegistry(settings.weights_dir)
     studies: dict[str, list[Any]] = {}
@@ -189,6 +317,7 @@ def infer(
     members: Annotated[int, typer.Option(help="Ensemble members to run (0: the card's default)")] = 0,
 ) -> None:
     """Run the pipeline on a local study without a server and print the findings as JSON (with stage timings)."""
+    _require_paths([path], "a study folder or a DICOM file")
     settings = Settings()
     if members:
         settings.inference.ensemble_members = members
@@ -207,9 +336,9 @@ def fetch_worklist(url: str, token: str | None) -> list[dict[str, Any]]:
         f"{url.rstrip('/')}/api/v1/worklist", params={"include_reported": True}, headers=headers, timeout=30
     )
     if response.status_code == 401:
-        _fail(
-            "the server wants an API token: pass --token or set TRIAGE_API_TOKEN (triage users add NAME --role service)"
-        )
+        if token:
+            _fail(f"the server refused the API token (401): it is wrong or its account is disabled; {TOKEN_HINT}")
+        _fail(f"the server wants an API token: pass --token or set TRIAGE_API_TOKEN; {TOKEN_HINT}")
     response.raise_for_status()
     items: list[dict[str, Any]] = response.json()
     return items
@@ -252,8 +381,14 @@ def render_worklist(items: list[dict[str, Any]], title: str) -> Table:
 
 @app.command()
 def worklist(
-    url: Annotated[str, typer.Option(help="A running triage server")] = "http://127.0.0.1:8000",
-    token: Annotated[str | None, typer.Option(envvar="TRIAGE_API_TOKEN", help="API token of a service account")] = None,
+    url: Annotated[str, typer.Option(help="A running triage server")] = DEFAULT_URL,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TRIAGE_API_TOKEN",
+            help="API token of a service account: `triage users add NAME --role service` prints one",
+        ),
+    ] = None,
 ) -> None:
     """Print the worklist of a running server, highest priority first, with the reasons for each position."""
     console.print(render_worklist(fetch_worklist(url, token), "worklist"))
@@ -284,6 +419,14 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> No
 
 
 DEMO_CT = REPO_ROOT / "tests" / "data" / "ct-head-ge"
+UNVALIDATED_ENV = "TRIAGE_PRIORITY__UNVALIDATED_MODELS_MAY_RAISE"
+
+
+def synthetic_model_names(settings: Settings) -> list[str]:
+    """Installed models whose card says they were trained on synthetic data."""
+    from triage.models.registry import ModelRegistry
+
+    return sorted({m.card.name for m in ModelRegistry(settings.weights_dir).all() if m.card.synthetic})
 
 
 @app.command()
@@ -328,6 +471,17 @@ def demo(
     http_port, dicom_port = _free_port(), _free_port()
     url = f"http://127.0.0.1:{http_port}"
     env = {**os.environ, "TRIAGE_DICOM__STABLE_AGE_S": os.environ.get("TRIAGE_DICOM__STABLE_AGE_S", "5")}
+    # The demo's studies are all synthetic or test data: here its synthetic-data models may raise priority, so the
+    # flagged X-rays move up. A site's `triage serve` shows their findings but raises nothing unless it says so.
+    synthetic_models = synthetic_model_names(_settings(data_dir))
+    if synthetic_models and UNVALIDATED_ENV not in os.environ:
+        env[UNVALIDATED_ENV] = json.dumps(synthetic_models)
+        err.print(
+            f"demo: findings of the synthetic-data model(s) {', '.join(synthetic_models)} raise priority in this demo"
+            f" only ({UNVALIDATED_ENV}); a site's service shows them, badged, but does not let them raise priority"
+            " unless it sets this",
+            soft_wrap=True,
+        )
     command = [sys.executable, "-m", "triage", "serve", "--http-port", str(http_port), "--dicom-port",
                str(dicom_port), "--data-dir", str(data_dir)]  # fmt: skip
     log_path = data_dir / "server.log"
@@ -379,6 +533,8 @@ def models_list(weights_dir: Annotated[Path | None, typer.Option()] = None) -> N
     from triage.errors import ModelLoadError
     from triage.models.registry import ModelRegistry
 
+    if weights_dir is not None:
+        _require_paths([weights_dir], "the folder with <model>/<version>/card.json (--weights-dir)")
     registry = ModelRegistry(weights_dir or Settings().weights_dir)
     table = Table(title=f"models in {registry.weights_dir}")
     for column in ("name", "version", "task", "licence", "data", "members", "sha256"):
@@ -410,6 +566,8 @@ def models_validate(weights_dir: Annotated[Path | None, typer.Option()] = None) 
     from triage.models.registry import ModelRegistry
     from triage.models.validate import validate_model
 
+    if weights_dir is not None:
+        _require_paths([weights_dir], "the folder with <model>/<version>/card.json (--weights-dir)")
     registry = ModelRegistry(weights_dir or Settings().weights_dir)
     failures = len(registry.problems)
     for problem in registry.problems:
@@ -479,6 +637,9 @@ def models_evaluate(
     from triage.models.registry import ModelRegistry
     from triage.training.evaluate import evaluate
 
+    _require_paths([data], "the folder of labelled images (--data)")
+    if labels is not None:
+        _require_paths([labels], "a CSV with columns image,label (--labels)")
     settings = Settings()
     model = ModelRegistry(settings.weights_dir).get(name, version)
     command = " ".join(["triage", "models", "evaluate", *sys.argv[3:]])
@@ -572,7 +733,7 @@ def synth_xray(
 def synth_ich(
     source: Annotated[Path, typer.Argument(help="A head CT folder")],
     out: Path,
-    volume_ml: float = 5.0,
+    volume_ml: Annotated[float, typer.Option(min=0.1, help="Volume of the inserted region (mL)")] = 5.0,
     seed: int = 0,
 ) -> None:
     """Copy a head CT with a synthetic hyperdense region (55-75 HU) inserted in the parenchyma (pipeline check)."""

@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServiceRole(StrEnum):
+    """What one `triage serve` process does. Any number of processes may run each role against one
+    database and one store; without `--role` a process runs all three (the embedded default)."""
+
+    API = "api"  # the HTTP API and web pages (stateless: any replica answers any request)
+    INGEST = "ingest"  # the Storage SCP and STOW-RS: instances in, durable, indexed
+    ANALYSIS = "analysis"  # study completion, claiming, the Ray pipeline, recording results
+
+    @classmethod
+    def parse_all(cls, values: Iterable[str]) -> frozenset[ServiceRole]:
+        """The roles named in `values` (all three when empty).
+
+        Raises:
+            ValueError: naming an unknown role and the valid ones.
+        """
+        roles = set()
+        for value in values:
+            try:
+                roles.add(cls(str(value).strip().lower()))
+            except ValueError:
+                raise ValueError(f"unknown role {value!r}; valid: {', '.join(r.value for r in cls)}") from None
+        return frozenset(roles) if roles else ALL_ROLES
+
+
+ALL_ROLES: frozenset[ServiceRole] = frozenset(ServiceRole)
 
 
 class DicomSettings(BaseModel):
@@ -27,6 +56,26 @@ class DicomSettings(BaseModel):
     # Clinical priority given to studies from a calling AE that sends none, e.g. {"ER_CT": "stat"}.
     sender_priority: dict[str, str] = Field(default_factory=dict)
     max_pdu_bytes: int = 0  # 0: unlimited
+    # An open TCP connection must send its A-ASSOCIATE-RQ within this time or is dropped (the ARTIM timer,
+    # PS3.8 9.1.5): idle sockets then cannot hold the service for long.
+    association_request_timeout_s: float = 5.0
+    # An established association that sends nothing for this long is aborted.
+    association_idle_timeout_s: float = 60.0
+    # Associations served at once, and at once from one peer address (PS3.8 9.3.4: more are rejected transient,
+    # "local limit exceeded", and the sender retries). Connections that have not yet sent an A-ASSOCIATE-RQ do
+    # not count; the request timeout frees them.
+    max_associations: int = 50
+    max_associations_per_peer: int = 25
+    # The Called AE Title of an association must be `ae_title` (PS3.8 9.3.4: else "called AE title not
+    # recognised"); False accepts any.
+    require_called_aet: bool = True
+    # Storage SOP classes accepted, as UIDs or keywords ("MRImageStorage"); empty: every standard storage class.
+    accepted_sop_classes: list[str] = Field(default_factory=list)
+    # Limits checked on the header before any pixels are decoded; an instance beyond them is stored and its
+    # study listed, but nothing decodes it (the analysis fails with the reason).
+    max_image_dimension_px: int = 16384  # Rows and Columns each
+    max_frames: int = 10000  # Number of Frames
+    max_decoded_bytes: int = 2 * 1024**3  # Rows x Columns x Samples x Bits Allocated x Frames, in bytes
 
 
 class ResultsSettings(BaseModel):
@@ -122,6 +171,11 @@ class PrioritySettings(BaseModel):
     turnaround_min: dict[str, float] = Field(default_factory=lambda: {"stat": 60.0, "urgent": 240.0, "routine": 1440.0})
     # A study is promoted one level once this fraction of its turnaround target has elapsed.
     promote_at_fraction: float = 0.75
+    # Models whose card says they were trained on synthetic data (not validated for this site) show their
+    # findings, badged, but raise no priority, unless named here: e.g.
+    # TRIAGE_PRIORITY__UNVALIDATED_MODELS_MAY_RAISE='["xr-chest-pneumothorax"]'. Empty (the default): none may.
+    # Per-model on purpose, so that per-site model states (shadow, active) can replace it later.
+    unvalidated_models_may_raise: list[str] = Field(default_factory=list)
 
 
 class Settings(BaseSettings):
@@ -142,6 +196,10 @@ class Settings(BaseSettings):
     admin_password: str = ""
     # Sign-in sessions expire after this many hours.
     session_ttl_h: float = 12.0
+    # Whether a service account (API token) may mark a study reported, as a RIS bridge does when the report is
+    # signed in the RIS (TRIAGE_RIS_BRIDGE_MAY_REPORT). Off by default: a machine account that can mark reported
+    # can hide studies from the default worklist. Claims are for people whatever this says.
+    ris_bridge_may_report: bool = False
 
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)

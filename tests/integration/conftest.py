@@ -23,6 +23,14 @@ REPO = Path(__file__).resolve().parents[2]
 HEAD_CT = REPO / "tests" / "data" / "ct-head-ge"
 
 
+def study_lines(items: list[dict]) -> str:
+    """One line per study: UID, AI status and the reason, so a failure says why a study was not analysed."""
+    lines = [
+        f"  {i.get('study_uid')}: ai_status={i.get('ai_status')} ai_reason={i.get('ai_reason') or '-'}" for i in items
+    ]
+    return "\n".join(lines) or "  (no studies on the worklist)"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -72,8 +80,10 @@ class Server:
 
     def wait_for(self, predicate, timeout_s: float = 600, what: str = "condition"):  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + timeout_s
+        items: list[dict] = []
         while time.monotonic() < deadline:
-            value = predicate(self.worklist())
+            items = self.worklist()
+            value = predicate(items)
             if value:
                 return value
             if self.proc.poll() is not None:
@@ -81,19 +91,36 @@ class Server:
                     f"server exited ({self.proc.returncode}); log:\n{self.log_path.read_text()[-4000:]}"
                 )
             time.sleep(1)
-        raise AssertionError(f"timed out waiting for {what}; log:\n{self.log_path.read_text()[-4000:]}")
+        raise AssertionError(
+            f"timed out waiting for {what}; studies:\n{study_lines(items)}\nlog:\n{self.log_path.read_text()[-4000:]}"
+        )
 
 
-def start_server(data_dir: Path, extra_env: dict[str, str] | None = None, runner: str = "ray") -> Server:
+def start_server(
+    data_dir: Path,
+    extra_env: dict[str, str] | None = None,
+    runner: str = "ray",
+    roles: tuple[str, ...] = (),
+    token: str | None = None,
+    name: str | None = None,
+) -> Server:
+    """Start `triage serve` (all roles, or `roles`) and wait until /readyz says ready.
+
+    A service account's API token is created for the tests unless `token` is given (processes sharing one
+    database share one token). With TRIAGE_DATABASE_URL in `extra_env` the process uses that database.
+    """
     if find_dcmtk("storescu") is None:
         pytest.fail("dcmtk's storescu is required for integration tests (apt-get install dcmtk)")
     http_port, dicom_port = free_port(), free_port()
-    # The API needs a signed-in user or an API token: the tests act as a service account.
-    settings = Settings()
-    settings.data_dir = data_dir
-    _, token = add_user(settings, "ci-service", "service")
     env = {**os.environ, "TRIAGE_DICOM__STABLE_AGE_S": "2", **(extra_env or {})}
-    log_path = data_dir.parent / f"{data_dir.name}-server.log"
+    if token is None:
+        # The API needs a signed-in user or an API token: the tests act as a service account.
+        settings = Settings()
+        settings.data_dir = data_dir
+        if env.get("TRIAGE_DATABASE_URL"):
+            settings.database_url = env["TRIAGE_DATABASE_URL"]
+        _, token = add_user(settings, "ci-service", "service")
+    log_path = data_dir.parent / f"{name or data_dir.name}-server.log"
     command = [
         sys.executable,
         "-m",
@@ -107,6 +134,7 @@ def start_server(data_dir: Path, extra_env: dict[str, str] | None = None, runner
         str(data_dir),
         "--runner",
         runner,
+        *(arg for role in roles for arg in ("--role", role)),
     ]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"inserted {bleed.volume_ml:.1f} mL on slices {bleed.slices}", flush=True)
     for seed, positive in XRAYS:
         write_xray(work / "xr", seed, positive)
-    server = start_server(work / "data", runner=args.runner)
+    # As in `triage demo`: the synthetic X-ray model may raise priority on these synthetic studies.
+    allow = {"TRIAGE_PRIORITY__UNVALIDATED_MODELS_MAY_RAISE": '["xr-chest-pneumothorax"]'}
+    server = start_server(work / "data", allow, runner=args.runner)
     try:
         add_radiologist(server, *READER)
         # The flagged CT arrives first: among studies of one level the longest-waiting comes first.

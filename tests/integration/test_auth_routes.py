@@ -5,6 +5,7 @@ The route list is read from the application, so a new route is covered without e
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -91,6 +92,11 @@ def test_cli_service_token_works_until_the_account_is_disabled(auth_server: Serv
         timeout=30,
     )
     assert stow.status_code not in (401, 403)
+    # A machine account reads, but claims and reports are for people (no RIS bridge allowed on this server).
+    for action in ("claim", "release", "report"):
+        refused = httpx.post(f"{auth_server.url}/api/v1/studies/1.2.3.4/{action}", headers=bearer, timeout=30)
+        assert refused.status_code == 403, (action, refused.text)
+        assert "service account" in refused.json()["detail"]
     assert "pacs-bridge" in triage_cli("users", "list", "--data-dir", data_dir).stdout
     triage_cli("users", "disable", "pacs-bridge", "--data-dir", data_dir)
     assert httpx.get(auth_server.url + "/api/v1/me", headers=bearer, timeout=30).status_code == 401
@@ -121,3 +127,23 @@ def test_browser_session_cookie_and_csrf_over_http(auth_server: Server, tmp_path
         assert client.post("/logout", data={"csrf_token": csrf}).status_code == 303
         client.cookies.set("triage_session", session)  # a copied cookie is worthless after sign-out
         assert client.get("/api/v1/me").status_code == 401
+
+
+def test_cli_worklist_says_whether_a_token_is_missing_or_refused(auth_server: Server) -> None:
+    def worklist(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "TRIAGE_API_TOKEN"}
+        command = [sys.executable, "-m", "triage", "worklist", "--url", auth_server.url, *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+
+    missing = worklist()
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.stderr.startswith("triage: the server wants an API token: pass --token or set TRIAGE_API_TOKEN")
+    assert "triage users add NAME --role service" in missing.stderr
+    wrong = worklist("--token", "trg_not-a-real-token-at-all")
+    assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1
+    assert wrong.stderr.startswith("triage: the server refused the API token (401)")
+    assert "pass --token" not in wrong.stderr
+    token = (auth_server.headers or {})["Authorization"].removeprefix("Bearer ")
+    right = worklist("--token", token)
+    assert right.returncode == 0, right.stderr
+    assert "worklist" in right.stdout

@@ -1,11 +1,15 @@
 """The storage SCP and the store against the real DICOM client: dcmtk's storescu and echoscu as subprocesses.
 
-Covers synthetic CT/DX/CR/SC/SR, real compressed files from pydicom's test data in every accepted transfer
-syntax dcmtk can propose, the real 28-slice head CT, duplicates, refused instances, and the calling-AE allow-list.
+Covers synthetic CT/DX/CR/SC/SR, MR/US/NM/PT/MG/XA and multi-frame instances, real compressed files from
+pydicom's test data in every accepted transfer syntax dcmtk can propose, the real 28-slice head CT, duplicates,
+refused instances, the calling-AE allow-list and the called AE title, a site's SOP class restriction, idle
+sockets with 25 parallel senders, and the per-peer association limit.
 """
 
 from __future__ import annotations
 
+import logging
+import socket
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,6 +18,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, JPEGLSNearLossless
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.dicom_factory import (
     compress_dataset,
@@ -24,10 +30,11 @@ from tests.dicom_factory import (
     write_dataset,
     write_datasets,
 )
+from tests.dicom_modalities import make_enhanced_mr, make_mr_series, make_other_modalities, make_us_image
 from triage.config import DicomSettings
 from triage.dicom.dcmtk import find_dcmtk
 from triage.dicom.scp import StorageSCP
-from triage.dicom.store import DicomStore
+from triage.dicom.store import DicomStore, StorePolicy
 from triage.domain import InstanceMeta
 
 pytestmark = pytest.mark.integration
@@ -76,10 +83,15 @@ class Index:
 
 
 class Service:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, **overrides: object) -> None:
         self.index = Index()
-        self.store = DicomStore(root, "integration-salt", self.index)
-        settings = DicomSettings(port=0, bind_address="127.0.0.1", allowed_calling_aets=[MODALITY_AE])
+        settings = DicomSettings(
+            port=0,
+            bind_address="127.0.0.1",
+            allowed_calling_aets=[MODALITY_AE],
+            **overrides,  # type: ignore[arg-type]
+        )
+        self.store = DicomStore(root, "integration-salt", self.index, policy=StorePolicy.from_settings(settings))
         self.scp = StorageSCP(settings, self.store.write)
 
 
@@ -241,14 +253,102 @@ def test_a_real_file_without_study_instance_uid_is_refused(service: Service):
     assert pydicom.dcmread(path).SOPInstanceUID not in service.index.metas
 
 
-def test_a_sop_class_we_do_not_take_has_no_presentation_context(service: Service):
+def test_a_sop_class_the_site_does_not_take_has_no_presentation_context(tmp_path: Path):
+    restricted = Service(
+        tmp_path / "store", accepted_sop_classes=["CTImageStorage", "DigitalXRayImageStorageForPresentation"]
+    )
+    restricted.scp.start()
     path = get_testdata_file("MR_small_implicit.dcm")
-
-    result = storescu(service.scp.port, [path], ["-R"])
+    try:
+        result = storescu(restricted.scp.port, [path], ["-R"])
+    finally:
+        restricted.scp.stop()
 
     assert result.returncode != 0
     assert "no acceptable presentation context" in (result.stdout + result.stderr).lower()
-    assert pydicom.dcmread(path).SOPInstanceUID not in service.index.metas
+    assert pydicom.dcmread(path).SOPInstanceUID not in restricted.index.metas
+
+
+def test_mr_us_and_multiframe_instances_arrive_intact(service: Service, tmp_path: Path):
+    real_mr = get_testdata_file("MR_small_implicit.dcm")
+    instances = [*make_mr_series(2), make_enhanced_mr(5), make_us_image(), make_us_image(frames=3)]
+    instances += list(make_other_modalities().values())
+    files = [*write_datasets(instances, tmp_path), Path(real_mr)]
+
+    result = storescu(service.scp.port, files)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (result.stdout + result.stderr).count("Received Store Response (Success)") == len(files)
+    assert_stored_unchanged(service, files)
+
+
+def test_a_wrong_called_ae_title_is_rejected(service: Service, tmp_path: Path):
+    path = write_dataset(make_ct_series(1)[0], tmp_path / "ct.dcm")
+
+    command = [dcmtk("storescu"), "-aet", MODALITY_AE, "-aec", "PACS", "127.0.0.1", str(service.scp.port), str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode != 0
+    assert "Called AE Title Not Recognized" in result.stdout + result.stderr
+
+
+def test_idle_sockets_and_25_parallel_senders_are_all_served(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """12 connections that never speak, then 25 storescu senders at once (the issue's figures): all stored."""
+    caplog.set_level(logging.INFO, logger="triage")
+    door = Service(tmp_path / "store")
+    door.scp.start()
+    idle = [socket.create_connection(("127.0.0.1", door.scp.port), timeout=60) for _ in range(12)]
+    try:
+        folders = []
+        for n in range(25):
+            folder = tmp_path / f"sender-{n:02d}"
+            write_datasets(make_ct_series(2, rows=32, columns=32), folder)
+            folders.append(folder)
+        command = [dcmtk("storescu"), "-nh", "-aet", MODALITY_AE, "-aec", "TRIAGE", "127.0.0.1", str(door.scp.port)]
+        senders = [
+            subprocess.Popen(
+                [*command, *map(str, sorted(f.iterdir()))], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+            for f in folders
+        ]
+        outputs = [sender.communicate(timeout=120)[0].decode(errors="replace") for sender in senders]
+        codes = [sender.returncode for sender in senders]
+        # The association request timeout (5 s by default) closes the idle connections.
+        closed = [s.recv(16) == b"" for s in idle]
+    finally:
+        for s in idle:
+            s.close()
+        door.scp.stop()
+
+    assert codes == [0] * 25, "\n".join(o for o in outputs if "Success" not in o)[:4000]
+    assert len(door.index.metas) == 50
+    assert closed == [True] * 12
+    assert "rejected" not in caplog.text
+
+
+def test_one_peer_over_its_limit_is_rejected_transient_with_the_reason_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="triage")
+    door = Service(tmp_path / "store", max_associations_per_peer=1)
+    door.scp.start()
+    ae = AE(ae_title=MODALITY_AE)
+    ae.add_requested_context(Verification)
+    holder = ae.associate("127.0.0.1", door.scp.port, ae_title="TRIAGE")
+    path = write_dataset(make_ct_series(1)[0], tmp_path / "ct.dcm")
+    try:
+        assert holder.is_established
+        rejected = storescu(door.scp.port, [path])
+        holder.release()
+        accepted = storescu(door.scp.port, [path])
+    finally:
+        ae.shutdown()
+        door.scp.stop()
+
+    assert rejected.returncode != 0
+    assert "Local Limit Exceeded" in rejected.stdout + rejected.stderr
+    assert accepted.returncode == 0
+    assert "1 associations open from 127.0.0.1, at most 1 per peer" in caplog.text
 
 
 def test_a_calling_ae_outside_the_allow_list_is_refused(service: Service, tmp_path: Path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.integration.conftest import HEAD_CT, Server
+from tests.integration.conftest import HEAD_CT, Server, study_lines
 from triage.dicom.dcmtk import find_dcmtk
 
 pytestmark = pytest.mark.integration
@@ -41,7 +41,7 @@ def test_head_ct_over_storescu_is_listed_once_analysed_and_resend_changes_nothin
     assert result.returncode == 0, result.stderr
 
     item = server.wait_for(_analysed(study_uid), what="the head CT to be analysed")
-    assert item["ai_status"] == "done", item
+    assert item["ai_status"] == "done", study_lines([item])
     assert item["modality"] == "CT"
     (finding,) = [f for f in item["findings"] if f["label"] == "intracranial_haemorrhage"]
     assert finding["model"] == "ct-head-ich" and finding["model_version"]
@@ -80,7 +80,7 @@ def test_chest_xray_is_analysed_by_the_synthetic_model_and_says_so(server: Serve
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     assert server.storescu(*files).returncode == 0
     item = server.wait_for(_analysed(study_uid), what="the chest X-ray to be analysed")
-    assert item["ai_status"] == "done", item
+    assert item["ai_status"] == "done", study_lines([item])
     (finding,) = item["findings"]
     assert finding["label"] == "pneumothorax"
     assert finding["synthetic"] is True

@@ -258,3 +258,25 @@ def test_permanent_failures_are_not_retried(service: TriageService) -> None:
     assert outcome.ai_status == AIStatus.FAILED and runner.calls == 1
     assert service.worklist.get_study(study_uid, datetime.now(UTC)).failure_kind == "permanent"
     assert service.worklist.requeue_transient_failures(datetime.now(UTC), 3) == []
+
+
+def test_a_pixel_bomb_is_listed_not_analysed_with_the_reason_and_never_decoded(service: TriageService) -> None:
+    import resource
+    from io import BytesIO
+
+    import pydicom
+
+    from tests.fuzz.corpus import pixel_bomb
+
+    chest = make_radiograph("DX", requested_priority="HIGH")
+    ds = pydicom.dcmread(BytesIO(pixel_bomb(base=chest)))
+    before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    study_uid = _receive(service, [ds])
+    outcome = service._analyse(study_uid)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kib
+    assert grown_kib < 1024 * 1024  # decoding the declared 65535 x 65535 frame would take 8 GiB
+    assert outcome.ai_status == AIStatus.FAILED
+    item = _item(service, study_uid)
+    assert item["priority"]["level"] == "urgent"  # listed at its clinical priority
+    assert "65535 x 65535 pixels exceeds the limit" in item["ai_reason"]
+    assert service.worklist.get_study(study_uid, datetime.now(UTC)).failure_kind == "permanent"

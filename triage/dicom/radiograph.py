@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from triage.dicom.store import check_decode_limits
 from triage.errors import InvalidStudyError, UnsupportedInputError
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def radiograph_from_dataset(ds: Any, source: str = "dataset") -> Radiograph:
             f"{source}: PhotometricInterpretation={photometric!r} with SamplesPerPixel={samples}; "
             "only greyscale MONOCHROME1/MONOCHROME2 radiographs are supported"
         )
+    check_decode_limits(ds)  # a declared 65535 x 65535 image is refused here, before anything is allocated
     try:
         stored = ds.pixel_array  # type: ignore[attr-defined]
     except Exception as exc:  # decoders raise a variety of errors on corrupt or truncated data

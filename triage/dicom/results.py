@@ -25,7 +25,7 @@ from pynetdicom import AE
 from triage.dicom.radiograph import radiograph_from_dataset
 from triage.dicom.sopclasses import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from triage.dicom.status import describe_status, status_category
-from triage.dicom.store import validate_uid
+from triage.dicom.store import check_decode_limits, validate_uid
 from triage.errors import InvalidStudyError, TriageError, UnsupportedInputError
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,7 @@ def _display_values(source_ds: Dataset) -> np.ndarray:
             f"CT instance {source_ds.get('SOPInstanceUID', '?')} has NumberOfFrames={frames} and "
             f"SamplesPerPixel={source_ds.get('SamplesPerPixel')}; a capture is drawn from a single greyscale slice"
         )
+    check_decode_limits(source_ds)
     try:
         stored = np.asarray(source_ds.pixel_array, dtype=np.float64)
     except Exception as exc:  # decoders raise a variety of errors on corrupt data

@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
+from triage.dicom.store import check_decode_limits
 from triage.domain import InstanceMeta, SeriesInfo
 from triage.errors import InvalidStudyError
 
@@ -323,6 +324,9 @@ def _read_slices(path: Path) -> list[_Slice]:
     samples = int(ds.get("SamplesPerPixel", 1))
     if samples != 1:
         raise InvalidStudyError(f"{path.name!r} has Samples per Pixel {samples}; a CT slice has 1 (greyscale)")
+    # The store refused instances beyond the site's limits; files read from elsewhere (`triage infer` on a
+    # folder) meet the default limits here, before the decoder allocates what the header declares.
+    check_decode_limits(ds)
     try:
         stored = ds.pixel_array
     except Exception as exc:  # pydicom raises several types for missing decoders and corrupt data

@@ -6,15 +6,8 @@ import uuid
 
 from pydicom.uid import (
     JPEG2000,
-    BasicTextSRStorage,
-    ComprehensiveSRStorage,
-    ComputedRadiographyImageStorage,
-    CTImageStorage,
+    UID,
     DeflatedExplicitVRLittleEndian,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    EnhancedCTImageStorage,
-    EnhancedSRStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -31,32 +24,41 @@ from pydicom.uid import (
     MultiFrameTrueColorSecondaryCaptureImageStorage,
     RLELossless,
     SecondaryCaptureImageStorage,
-    XRayRadiationDoseSRStorage,
 )
+from pynetdicom.sop_class import _STORAGE_CLASSES
 
-# Image storage SOP classes (PS3.4 B.5): they must carry Pixel Data (7FE0,0010).
-IMAGE_SOP_CLASSES: frozenset[str] = frozenset(
+# Every standard storage SOP class (PS3.4 Annex B, Table B.5-1) as pynetdicom maintains the list: a reading
+# centre's radiologists read every modality, so a study of any kind reaches the worklist, analysed or not.
+STORAGE_SOP_CLASSES: frozenset[str] = frozenset(str(uid) for uid in _STORAGE_CLASSES.values())
+
+# Storage SOP classes whose IOD carries pixels although "Image" is not in their name: Pixel Data, Float Pixel
+# Data or Double Float Pixel Data (PS3.3 C.7.6.3, C.8.32, C.8.20.2) is required by their IODs.
+_PIXEL_IODS_WITHOUT_IMAGE_IN_NAME = frozenset(
     {
-        CTImageStorage,
-        EnhancedCTImageStorage,
-        ComputedRadiographyImageStorage,
-        DigitalXRayImageStorageForPresentation,
-        DigitalXRayImageStorageForProcessing,
-        SecondaryCaptureImageStorage,
-        MultiFrameSingleBitSecondaryCaptureImageStorage,
-        MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
-        MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
-        MultiFrameTrueColorSecondaryCaptureImageStorage,
+        "SegmentationStorage",
+        "LabelMapSegmentationStorage",
+        "HeightMapSegmentationStorage",
+        "ParametricMapStorage",
+        "EnhancedUSVolumeStorage",
+        "OphthalmicThicknessMapStorage",
+        "CornealTopographyMapStorage",
     }
 )
 
-# Structured reports: accepted so that a study sent with its dose report reaches the worklist whole;
-# never analysed by a model.
-NON_IMAGE_SOP_CLASSES: frozenset[str] = frozenset(
-    {XRayRadiationDoseSRStorage, BasicTextSRStorage, EnhancedSRStorage, ComprehensiveSRStorage}
+# Image storage SOP classes: their IODs include the Image Pixel module (or its float variants), so an
+# instance without pixels does not match its SOP class (PS3.4 B.2.3, 0xA900). Derived from the maintained list
+# of storage classes: every "... Image Storage" class, plus the pixel-bearing ones named otherwise.
+IMAGE_SOP_CLASSES: frozenset[str] = frozenset(
+    str(uid)
+    for keyword, uid in _STORAGE_CLASSES.items()
+    if "Image" in keyword or keyword in _PIXEL_IODS_WITHOUT_IMAGE_IN_NAME
 )
 
-ACCEPTED_SOP_CLASSES: frozenset[str] = IMAGE_SOP_CLASSES | NON_IMAGE_SOP_CLASSES
+# Everything else (structured reports, presentation states, waveforms, encapsulated documents, RT objects,
+# registrations, raw data): accepted so that a study reaches the worklist whole; never analysed by a model.
+NON_IMAGE_SOP_CLASSES: frozenset[str] = STORAGE_SOP_CLASSES - IMAGE_SOP_CLASSES
+
+ACCEPTED_SOP_CLASSES: frozenset[str] = STORAGE_SOP_CLASSES
 
 SECONDARY_CAPTURE_SOP_CLASSES: frozenset[str] = frozenset(
     {
@@ -67,6 +69,10 @@ SECONDARY_CAPTURE_SOP_CLASSES: frozenset[str] = frozenset(
         MultiFrameTrueColorSecondaryCaptureImageStorage,
     }
 )
+
+# The elements that can hold an image's pixels (PS3.3 C.7.6.3 Pixel Data, C.7.6.24 Float / Double Float).
+PIXEL_DATA_KEYWORDS: tuple[str, ...] = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
 
 # Uncompressed transfer syntaxes: Pixel Data is native, so its length follows from the image attributes.
 NATIVE_TRANSFER_SYNTAXES: tuple[str, ...] = (
@@ -103,6 +109,32 @@ IMPLEMENTATION_VERSION_NAME = "TRIAGE_0_1"
 
 def is_accepted_sop_class(uid: str) -> bool:
     return str(uid) in ACCEPTED_SOP_CLASSES
+
+
+def resolve_sop_classes(names: list[str] | tuple[str, ...]) -> frozenset[str]:
+    """The storage SOP class UIDs a site's setting names, by UID or keyword ("MRImageStorage"); empty: all.
+
+    Raises:
+        ValueError: quoting a name that is neither a storage SOP class UID nor its keyword.
+    """
+    if not names:
+        return STORAGE_SOP_CLASSES
+    resolved: set[str] = set()
+    for name in names:
+        text = str(name).strip()
+        uid = str(_STORAGE_CLASSES.get(text, text))
+        if uid not in STORAGE_SOP_CLASSES:
+            raise ValueError(
+                f"not a storage SOP class: {text!r}; give a UID or a keyword such as 'MRImageStorage' "
+                "(pynetdicom.sop_class lists them)"
+            )
+        resolved.add(uid)
+    return frozenset(resolved)
+
+
+def sop_class_name(uid: str) -> str:
+    """The SOP class's name for messages ("MR Image Storage"), or the UID when pydicom does not know it."""
+    return UID(str(uid)).name
 
 
 def is_image_sop_class(uid: str) -> bool:

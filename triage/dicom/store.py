@@ -19,18 +19,22 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from triage.config import DicomSettings
 from triage.dicom.phi import hash_identifier
 from triage.dicom.sopclasses import (
     ACCEPTED_SOP_CLASSES,
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
-    is_accepted_sop_class,
+    PIXEL_DATA_KEYWORDS,
     is_accepted_transfer_syntax,
     is_image_sop_class,
     is_native_transfer_syntax,
+    resolve_sop_classes,
+    sop_class_name,
 )
+from triage.dicom.status import CannotUnderstandError
 from triage.domain import InstanceMeta
-from triage.errors import InvalidStudyError, UnsupportedInputError
+from triage.errors import InvalidStudyError, TriageError, UnsupportedInputError
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,64 @@ _TEMP_SUFFIX = ".tmp"
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _ITEM_TAG_LE = b"\xfe\xff\x00\xe0"  # (FFFE,E000) Item, the first bytes of encapsulated Pixel Data (PS3.5 A.4)
 _ITEM_TAG_BE = b"\xff\xfe\xe0\x00"
+_SEQUENCE_DELIMITER_LE = b"\xfe\xff\xdd\xe0"
+# What the first fragment of a frame starts with, per compressed transfer syntax (checked without decoding):
+# JPEG SOI marker (ISO 10918-1 B.2.1, also JPEG-LS: ISO 14495-1 C.1), JPEG 2000 codestream SOC+SIZ markers or
+# a JP2 signature box (ISO 15444-1 A.4.1, I.5.1); RLE has a 64-byte header instead (PS3.5 G.5).
+_JPEG_SOI = (b"\xff\xd8",)
+_J2K_STARTS = (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")
+_FRAME_STARTS: dict[str, tuple[bytes, ...]] = {
+    "1.2.840.10008.1.2.4.50": _JPEG_SOI,
+    "1.2.840.10008.1.2.4.51": _JPEG_SOI,
+    "1.2.840.10008.1.2.4.57": _JPEG_SOI,
+    "1.2.840.10008.1.2.4.70": _JPEG_SOI,
+    "1.2.840.10008.1.2.4.80": _JPEG_SOI,
+    "1.2.840.10008.1.2.4.81": _JPEG_SOI,
+    "1.2.840.10008.1.2.4.90": _J2K_STARTS,
+    "1.2.840.10008.1.2.4.91": _J2K_STARTS,
+}
+_RLE = "1.2.840.10008.1.2.5"
+_REASON_MAX_CHARS = 240
+
+
+def parse_reason(exc: BaseException) -> str:
+    """pydicom's reason for a parse failure in one line: its messages can carry a whole traceback as text
+    (`tag_in_exception`), which must not reach a log line or an Error Comment."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {text}"[:_REASON_MAX_CHARS]
+
+
+@dataclass(frozen=True)
+class StorePolicy:
+    """What a site accepts into its store: the SOP classes, and the limits checked before any pixel is decoded.
+
+    A pixel bomb (a few kilobytes of compressed data declaring 65535 x 65535 pixels) would make a decoder
+    allocate gigabytes in the pipelines or the preview; refusing it at the door means every stored instance is
+    safe to decode.
+    """
+
+    accepted_sop_classes: frozenset[str] = ACCEPTED_SOP_CLASSES
+    max_image_dimension_px: int = 16384
+    max_frames: int = 10000
+    max_decoded_bytes: int = 2 * 1024**3
+
+    @classmethod
+    def from_settings(cls, settings: DicomSettings) -> StorePolicy:
+        """The policy of `settings` (accepted SOP classes by UID or keyword; empty: all).
+
+        Raises:
+            ValueError: a name in `accepted_sop_classes` is not a storage SOP class (quoted).
+        """
+        return cls(
+            accepted_sop_classes=resolve_sop_classes(list(settings.accepted_sop_classes)),
+            max_image_dimension_px=int(settings.max_image_dimension_px),
+            max_frames=int(settings.max_frames),
+            max_decoded_bytes=int(settings.max_decoded_bytes),
+        )
+
+
+DEFAULT_POLICY = StorePolicy()
 
 
 @dataclass(frozen=True)
@@ -108,39 +170,214 @@ def check_complete(ds: Dataset) -> None:
             )
 
 
-def _expected_native_pixel_bytes(ds: Dataset) -> int:
+def _int_attribute(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        if default is None:
+            raise InvalidStudyError(
+                f"image without {keyword}: it cannot be decoded (SOP Instance UID {ds.get('SOPInstanceUID', '')!s})"
+            )
+        return default
     try:
-        rows = int(ds.Rows)
-        columns = int(ds.Columns)
-        bits_allocated = int(ds.BitsAllocated)
-    except (AttributeError, TypeError, ValueError) as exc:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise CannotUnderstandError(f"{keyword} is not a number: {str(value)[:40]!r}") from exc
+
+
+def declared_pixel_bytes(ds: Dataset) -> int:
+    """The decoded size of an image's pixels as its header declares it: rows x columns x samples x bits x frames.
+
+    Reads the header only, so it is safe on any instance whatever its Pixel Data holds.
+
+    Raises:
+        InvalidStudyError: Rows, Columns or Bits Allocated missing, or a dimension that is not positive.
+        CannotUnderstandError: one of them is not a number.
+    """
+    rows = _int_attribute(ds, "Rows")
+    columns = _int_attribute(ds, "Columns")
+    bits_allocated = _int_attribute(ds, "BitsAllocated")
+    samples = _int_attribute(ds, "SamplesPerPixel", 1) or 1
+    frames = _int_attribute(ds, "NumberOfFrames", 1) or 1
+    if min(rows, columns, bits_allocated, samples, frames) < 1:
         raise InvalidStudyError(
-            "image without Rows, Columns or Bits Allocated: it cannot be decoded "
-            f"(SOP Instance UID {ds.get('SOPInstanceUID', '')!s})"
-        ) from exc
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+            f"image dimensions must be positive: Rows {rows}, Columns {columns}, Bits Allocated {bits_allocated}, "
+            f"Samples per Pixel {samples}, Number of Frames {frames}"
+        )
     return (rows * columns * samples * frames * bits_allocated + 7) // 8
 
 
-def validate_instance(ds: Dataset) -> None:
-    """Check that `ds` is an instance triage can store and later read.
+def check_decode_limits(ds: Dataset, policy: StorePolicy = DEFAULT_POLICY) -> None:
+    """Refuse an image whose declared size is beyond the site's limits, before anything decodes its pixels.
 
-    Checks, in order: the bytes were complete; SOP Class UID present, valid and accepted; SOP Instance, Study
-    Instance and Series Instance UIDs present and valid; the File Meta (if any) names the same SOP instance;
-    the transfer syntax is accepted; image SOP classes carry Pixel Data of the length their attributes imply
-    (native transfer syntaxes) or encapsulated in items (compressed ones).
+    Raises:
+        CannotUnderstandError: Rows or Columns above `max_image_dimension_px`, Number of Frames above
+            `max_frames`, or the declared decoded size above `max_decoded_bytes` (each quoted with its limit).
+        InvalidStudyError: the image attributes are missing or not positive.
+    """
+    decoded = declared_pixel_bytes(ds)
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    frames = _int_attribute(ds, "NumberOfFrames", 1) or 1
+    if max(rows, columns) > policy.max_image_dimension_px:
+        raise CannotUnderstandError(
+            f"image of {rows} x {columns} pixels exceeds the limit of {policy.max_image_dimension_px} per side "
+            "(refused before decoding; TRIAGE_DICOM__MAX_IMAGE_DIMENSION_PX)"
+        )
+    if frames > policy.max_frames:
+        raise CannotUnderstandError(
+            f"{frames} frames exceed the limit of {policy.max_frames} (refused before decoding; "
+            "TRIAGE_DICOM__MAX_FRAMES)"
+        )
+    if decoded > policy.max_decoded_bytes:
+        raise CannotUnderstandError(
+            f"decoded pixels would take {decoded} bytes, above the limit of {policy.max_decoded_bytes} "
+            "(refused before decoding; TRIAGE_DICOM__MAX_DECODED_BYTES)"
+        )
+
+
+def check_encoding(ds: Dataset, syntax: str) -> None:
+    """Refuse a data set whose bytes are not in the transfer syntax it was received in.
+
+    pydicom reads Implicit VR data sent as Explicit (and the reverse) by guessing from the first element, and
+    only fails on writing (or writes what the sender never meant); the sender's data disagree with the
+    negotiated transfer syntax (PS3.5 10.1).
+
+    Raises:
+        CannotUnderstandError: naming both encodings.
+    """
+    declared = UID(syntax)
+    if not declared.is_transfer_syntax or declared.is_deflated:
+        return
+    # Each element read from bytes keeps the encoding it was found in; the data set's own record of it may
+    # have been set from the presentation context afterwards (pynetdicom does), so ask the elements.
+    implicit, little = ds.original_encoding
+    for tag in list(ds.keys()):
+        element = ds.get_item(tag)
+        if isinstance(element, RawDataElement):
+            implicit, little = element.is_implicit_VR, element.is_little_endian
+            break
+    if implicit is None:
+        return
+    if bool(implicit) != declared.is_implicit_VR or bool(little) != declared.is_little_endian:
+        encoding = f"{'Implicit' if implicit else 'Explicit'} VR {'Little' if little else 'Big'} Endian"
+        raise CannotUnderstandError(f"the data set is encoded {encoding} but declared {declared.name} (PS3.5 10.1)")
+
+
+def check_decodable(ds: Dataset) -> None:
+    """Decode every data element's value (not pixels), recursively, so that an unknown VR or a value that
+    cannot be read is found now rather than by a later reader.
+
+    Raises:
+        CannotUnderstandError: quoting pydicom's reason and the element.
+    """
+
+    def visit(dataset: Dataset, element: object) -> None:
+        return None
+
+    try:
+        ds.walk(visit)
+    except TriageError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # pydicom raises NotImplementedError, KeyError, ValueError, struct.error ...
+        raise CannotUnderstandError(f"cannot decode a data element: {parse_reason(exc)}") from exc
+
+
+def check_encapsulated(pixel_data: bytes, syntax: str, frames: int, sop_instance: str) -> None:
+    """Check the structure of encapsulated Pixel Data (PS3.5 A.4) without decoding a frame.
+
+    The value must start with the Basic Offset Table item, hold at least one fragment per frame in whole items,
+    and the first fragment must start as the codec's data do.
+
+    Raises:
+        CannotUnderstandError: what is wrong, quoting the instance.
+    """
+    view = memoryview(pixel_data)
+    if bytes(view[:4]) not in (_ITEM_TAG_LE, _ITEM_TAG_BE):
+        raise CannotUnderstandError(
+            f"Pixel Data not encapsulated although the transfer syntax {UID(syntax).name} is compressed "
+            f"(PS3.5 A.4; instance {sop_instance!r})"
+        )
+    fragments: list[memoryview] = []
+    position = 0
+    end = len(view)
+    first = True
+    while True:
+        if position == end:
+            break  # pydicom's value stops before the Sequence Delimitation Item
+        if position + 8 > end:
+            raise CannotUnderstandError(
+                f"encapsulated Pixel Data ends inside an item header (instance {sop_instance!r})"
+            )
+        tag = bytes(view[position : position + 4])
+        length = int.from_bytes(view[position + 4 : position + 8], "little")
+        position += 8
+        if tag == _SEQUENCE_DELIMITER_LE:
+            break
+        if tag != _ITEM_TAG_LE or length == _UNDEFINED_LENGTH or position + length > end:
+            raise CannotUnderstandError(
+                f"malformed item in encapsulated Pixel Data at byte {position - 8} (instance {sop_instance!r})"
+            )
+        if not first:
+            fragments.append(view[position : position + length])
+        first = False
+        position += length
+    if len(fragments) < frames or any(len(f) == 0 for f in fragments[:1]):
+        raise CannotUnderstandError(
+            f"encapsulated Pixel Data has {len(fragments)} fragment(s) for {frames} frame(s), or an empty first "
+            f"fragment (PS3.5 A.4: at least one fragment per frame; instance {sop_instance!r})"
+        )
+    head = bytes(fragments[0][:64])
+    starts = _FRAME_STARTS.get(str(syntax))
+    if starts is not None and not head.startswith(starts):
+        raise CannotUnderstandError(
+            f"the first fragment is not {UID(syntax).name} data (it starts {head[:4].hex()}; instance {sop_instance!r})"
+        )
+    if str(syntax) == _RLE:
+        segments = int.from_bytes(head[:4], "little") if len(head) == 64 else 0
+        if not 1 <= segments <= 15 or int.from_bytes(head[4:8], "little") != 64:
+            raise CannotUnderstandError(
+                f"the first fragment has no valid RLE header (PS3.5 G.5; instance {sop_instance!r})"
+            )
+
+
+def validate_instance(ds: Dataset, policy: StorePolicy = DEFAULT_POLICY) -> None:
+    """Check that `ds` is an instance triage can store and later read, without decoding its pixels.
+
+    Checks, in order: the bytes were complete; SOP Class UID present, valid and accepted by `policy`; SOP
+    Instance, Study Instance and Series Instance UIDs present and valid; the File Meta (if any) names the same
+    SOP instance; the transfer syntax is accepted and the data are really encoded in it; every element can be
+    decoded; image SOP classes carry pixels within the policy's decode limits, of the length their attributes
+    imply (native transfer syntaxes) or as well-formed fragments (compressed ones).
+
+    Any failure of pydicom itself while doing so is wrapped into CannotUnderstandError: bad input is refused
+    permanently, never answered as if it were a resource problem.
 
     Raises:
         UnsupportedInputError: the SOP class or transfer syntax is not one triage accepts.
+        CannotUnderstandError: the bytes cannot be parsed in their transfer syntax, or the image is beyond the
+            decode limits.
         InvalidStudyError: anything else, quoting the offending value.
     """
+    try:
+        _validate(ds, policy)
+    except TriageError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # pydicom raises NotImplementedError, KeyError, ValueError, struct.error ...
+        raise CannotUnderstandError(f"cannot parse the data set: {parse_reason(exc)}") from exc
+
+
+def _validate(ds: Dataset, policy: StorePolicy) -> None:
     check_complete(ds)
+    check_encoding(ds, transfer_syntax_of(ds))
     sop_class = validate_uid(ds.get("SOPClassUID"), "SOP Class UID (0008,0016)")
-    if not is_accepted_sop_class(sop_class):
-        accepted = sorted(UID(uid).name for uid in ACCEPTED_SOP_CLASSES)
+    if sop_class not in policy.accepted_sop_classes:
+        scope = "this site accepts" if policy.accepted_sop_classes != ACCEPTED_SOP_CLASSES else "not a storage class"
         raise UnsupportedInputError(
-            f"SOP class not accepted: {UID(sop_class).name} ({sop_class!r}); accepted: {', '.join(accepted)}"
+            f"SOP class not accepted: {sop_class_name(sop_class)} ({sop_class!r}); {scope} "
+            "(TRIAGE_DICOM__ACCEPTED_SOP_CLASSES)"
         )
     sop_instance = validate_uid(ds.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)")
     validate_uid(ds.get("StudyInstanceUID"), "Study Instance UID (0020,000D)")
@@ -166,27 +403,29 @@ def validate_instance(ds: Dataset) -> None:
             f"transfer syntax not accepted: {UID(syntax).name} ({syntax!r}); "
             "see triage.dicom.sopclasses.ACCEPTED_TRANSFER_SYNTAXES"
         )
+    check_decodable(ds)
 
     if not is_image_sop_class(sop_class):
         return
-    pixel_data = ds.get("PixelData")
+    keyword = next((k for k in PIXEL_DATA_KEYWORDS if k in ds), None)
+    pixel_data = ds.get(keyword) if keyword else None
     if not pixel_data:
         raise InvalidStudyError(
-            f"no Pixel Data (7FE0,0010) in {UID(sop_class).name} instance {sop_instance!r} "
+            f"no Pixel Data (7FE0,0010) in {sop_class_name(sop_class)} instance {sop_instance!r} "
             "(an image SOP class must carry it; the data may also be truncated)"
         )
-    if is_native_transfer_syntax(syntax):
-        expected = _expected_native_pixel_bytes(ds)
+    # The decode limits are not checked here: an image beyond them is stored (its bytes are small; only decoding
+    # it would be costly) and listed, and every reader refuses it before decoding (`check_decode_limits`).
+    expected = declared_pixel_bytes(ds)
+    if keyword != "PixelData" or is_native_transfer_syntax(syntax):
         if len(pixel_data) < expected:
             raise InvalidStudyError(
                 f"truncated Pixel Data: {len(pixel_data)} bytes where Rows, Columns, Samples per Pixel, "
                 f"Bits Allocated and Number of Frames imply {expected} (instance {sop_instance!r})"
             )
-    elif bytes(pixel_data[:4]) not in (_ITEM_TAG_LE, _ITEM_TAG_BE):
-        raise InvalidStudyError(
-            f"Pixel Data not encapsulated although the transfer syntax {UID(syntax).name} is compressed "
-            f"(PS3.5 A.4; instance {sop_instance!r})"
-        )
+    else:
+        frames = _int_attribute(ds, "NumberOfFrames", 1) or 1
+        check_encapsulated(bytes(pixel_data), syntax, frames, sop_instance)
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -244,20 +483,23 @@ def read_dataset_bytes(data: bytes) -> Dataset:
     A bare data set is given File Meta with the transfer syntax it was found to be encoded in.
 
     Raises:
-        InvalidStudyError: when the bytes are empty, cannot be parsed, or are truncated.
+        CannotUnderstandError: when the bytes are empty or cannot be parsed.
+        InvalidStudyError: when they are truncated.
     """
     if not data:
-        raise InvalidStudyError("the DICOM data is empty (0 bytes)")
+        raise CannotUnderstandError("the DICOM data is empty (0 bytes)")
     part10 = len(data) >= 132 and data[128:132] == b"DICM"
     try:
         ds = dcmread(BytesIO(data), force=not part10)
         check_complete(ds)
     except InvalidStudyError:
         raise
+    except MemoryError:
+        raise
     except Exception as exc:  # pydicom raises many kinds (struct.error, zlib.error, ValueError, ...)
-        raise InvalidStudyError(f"cannot parse the DICOM data ({len(data)} bytes): {exc}") from exc
+        raise CannotUnderstandError(f"cannot parse the DICOM data ({len(data)} bytes): {parse_reason(exc)}") from exc
     if len(ds) == 0:
-        raise InvalidStudyError(f"no DICOM data set found in {len(data)} bytes")
+        raise CannotUnderstandError(f"no DICOM data set found in {len(data)} bytes")
     if "TransferSyntaxUID" not in ds.file_meta:
         ds.file_meta.TransferSyntaxUID = UID(transfer_syntax_of(ds))
     return ds
@@ -282,12 +524,20 @@ class DicomStore:
         root: the store's folder (created if missing).
         salt: the site's `phi_salt` for the patient hash.
         index: records an instance; returns False when its SOP Instance UID was already indexed.
+        policy: the SOP classes accepted and the decode limits (`StorePolicy.from_settings(settings.dicom)`).
     """
 
-    def __init__(self, root: Path, salt: str, index: Callable[[InstanceMeta], bool]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        salt: str,
+        index: Callable[[InstanceMeta], bool],
+        policy: StorePolicy = DEFAULT_POLICY,
+    ) -> None:
         self.root = Path(root)
         self.salt = salt
         self.index = index
+        self.policy = policy
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
@@ -303,21 +553,37 @@ class DicomStore:
         A second copy of an instance already stored replaces the file (same SOP Instance UID: same
         instance) and is reported as `duplicate`.
 
+        Bad data and resource trouble stay apart: whatever pydicom raises while reading, checking or encoding the
+        instance becomes CannotUnderstandError (permanent); only OSError, MemoryError and failures of `index`
+        pass through as they are (transient: the sender retries).
+
         Raises:
             UnsupportedInputError: SOP class or transfer syntax not accepted.
+            CannotUnderstandError: the bytes cannot be parsed or encoded. (An image beyond the decode limits is
+                stored and logged: its study is listed, and the readers refuse to decode it.)
             InvalidStudyError: the instance is malformed (see `validate_instance`).
-            OSError: the file could not be written (disk full, permissions); nothing is indexed then.
+            OSError: the file could not be written (disk full, read-only, permissions); nothing is indexed then.
         """
-        validate_instance(ds)
-        path = self.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-        syntax = transfer_syntax_of(ds)
-
-        encoded = copy.copy(ds)  # shallow: the caller's File Meta stays as it was
-        encoded.file_meta = self._file_meta(ds, syntax, calling_ae)
+        validate_instance(ds, self.policy)
+        try:
+            path = self.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+            syntax = transfer_syntax_of(ds)
+            encoded = copy.copy(ds)  # shallow: the caller's File Meta stays as it was
+            encoded.file_meta = self._file_meta(ds, syntax, calling_ae)
+            meta = extract_meta(ds, path, calling_ae, self.salt)
+        except (TriageError, MemoryError):
+            raise
+        except Exception as exc:
+            raise CannotUnderstandError(f"cannot read the data set: {parse_reason(exc)}") from exc
+        if is_image_sop_class(meta.sop_class_uid):
+            try:
+                check_decode_limits(ds, self.policy)
+            except TriageError as exc:
+                # Kept, so the study reaches the worklist; it is listed as not analysed with this reason.
+                logger.warning("instance %s stored but will never be decoded: %s", meta.sop_instance_uid, exc)
         self._ensure_directory(path.parent)
         self._write_atomic(encoded, path)
 
-        meta = extract_meta(ds, path, calling_ae, self.salt)
         is_new = self.index(meta)
         logger.debug(
             "stored instance %s of study %s%s", meta.sop_instance_uid, meta.study_uid, "" if is_new else " (duplicate)"
@@ -399,11 +665,20 @@ class DicomStore:
         """Write to a temporary file beside `path`, fsync, rename over `path`, fsync the folder.
 
         A reader (or a crash) sees either no file or the whole file, never a partial one.
+
+        Raises:
+            OSError: writing, fsync or rename failed (disk full, read-only file system): resource trouble.
+            CannotUnderstandError: pydicom could not encode the data set (bad data, nothing written).
         """
         fd, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=_TEMP_SUFFIX, dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
-                ds.save_as(handle, enforce_file_format=True)
+                try:
+                    ds.save_as(handle, enforce_file_format=True)
+                except (OSError, MemoryError):
+                    raise
+                except Exception as exc:  # an element pydicom read but cannot write back: bad data
+                    raise CannotUnderstandError(f"cannot encode the data set: {parse_reason(exc)}") from exc
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temp_name, path)

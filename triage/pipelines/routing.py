@@ -140,6 +140,29 @@ def _rank_key(rule: Rule, series: SeriesInfo) -> tuple[float, ...]:
     return (0.0,)
 
 
+def _routed_modalities(rules: RoutingRules) -> set[str] | None:
+    """The modalities some rule can route, upper case; None when a rule has no modality condition (any)."""
+    modalities: set[str] = set()
+    for rule in rules.rules:
+        if "modality" not in rule.match.conditions:
+            return None
+        modalities |= {str(m).upper() for m in rule.match.conditions["modality"]}
+    return modalities
+
+
+def _unrouted_reason(series: SeriesInfo, rules: RoutingRules, near_misses: list[str]) -> str:
+    """Why no rule routed `series`: "no model for MR: ..." when no rule takes its modality at all (the text the
+    worklist shows before the first colon), else "no-rule-matched: <each rule's first failed condition>"."""
+    detail = "; ".join(near_misses) if near_misses else "no rules configured"
+    routed = _routed_modalities(rules)
+    modality = series.modality.strip().upper()
+    if routed is not None and modality not in routed:
+        shown = modality or "an unknown modality"
+        handled = ", ".join(sorted(routed)) or "none"
+        return f"no model for {shown}: no routing rule takes modality {shown} (rules exist for {handled})"
+    return f"{SkipReason.NO_RULE}: {detail}"
+
+
 def route_study(
     series_list: Sequence[SeriesInfo], rules: RoutingRules, installed_models: set[str]
 ) -> list[RoutingDecision]:
@@ -163,9 +186,8 @@ def route_study(
                 break
             near_misses.append(f"{rule.name}: {failed[0]}")
         else:
-            detail = "; ".join(near_misses) if near_misses else "no rules configured"
             decisions[series.series_uid] = RoutingDecision(
-                series.series_uid, None, None, f"{SkipReason.NO_RULE}: {detail}"
+                series.series_uid, None, None, _unrouted_reason(series, rules, near_misses)
             )
     for model, pairs in candidates.items():
         ranked = sorted(pairs, key=lambda pair: _rank_key(pair[0], pair[1]))

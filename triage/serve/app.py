@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
+import re
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import IO, Annotated, Any, Literal
 
+import fastapi_offline
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
@@ -20,11 +25,20 @@ from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
 from triage import __version__
-from triage.config import Settings
+from triage.config import ALL_ROLES, ServiceRole, Settings
 from triage.dicom.stow import refusal_for_content_type, stow_instances
 from triage.domain import utcnow
 from triage.serve import web
-from triage.serve.auth import SignInRequired, current_user, page_user, require_roles, sign_in_location
+from triage.serve.auth import (
+    HUMAN_ROLES,
+    RIS_BRIDGE,
+    SignInRequired,
+    current_user,
+    page_user,
+    require_reporter,
+    require_roles,
+    sign_in_location,
+)
 from triage.serve.errors import install_error_handlers
 from triage.serve.service import TriageService
 from triage.worklist.accounts import (
@@ -33,6 +47,7 @@ from triage.worklist.accounts import (
     Role,
     User,
 )
+from triage.worklist.priority import may_raise
 
 
 def get_service(request: Request) -> TriageService:
@@ -44,7 +59,11 @@ Service = Annotated[TriageService, Depends(get_service)]
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
-Human = Annotated[User, Depends(require_roles(Role.RADIOLOGIST, Role.ADMIN))]
+Human = Annotated[User, Depends(require_roles(*HUMAN_ROLES, action="give feedback on AI findings"))]
+# Claims are for people: a machine that claims a study takes it away from every radiologist.
+Claimant = Annotated[User, Depends(require_roles(*HUMAN_ROLES, action="claim or release studies"))]
+# People, and a service account only where the site lets its RIS bridge mark studies reported.
+Reporter = Annotated[User, Depends(require_reporter)]
 Admin = Annotated[User, Depends(require_roles(Role.ADMIN))]
 Exporter = Annotated[User, Depends(require_roles(Role.ADMIN, Role.SERVICE))]
 
@@ -140,23 +159,40 @@ def build_api() -> APIRouter:
         audit(request, user, "view-image", study_uid, finding=finding)
         return response
 
-    @api.post("/studies/{study_uid}/claim", response_model=ActionResult)
-    def claim(study_uid: str, service: Service, user: CurrentUser, request: Request) -> ActionResult:
+    @api.post("/studies/{study_uid}/claim", response_model=ActionResult, summary="Claim a study to report it (people)")
+    def claim(study_uid: str, service: Service, user: Claimant, request: Request) -> ActionResult:
         service.worklist.claim(study_uid, user.name, utcnow())
         audit(request, user, "claim", study_uid, via="api")
         return ActionResult(study_uid=study_uid, action="claim", user=user.name)
 
-    @api.post("/studies/{study_uid}/release", response_model=ActionResult)
-    def release(study_uid: str, service: Service, user: CurrentUser, request: Request) -> ActionResult:
+    @api.post("/studies/{study_uid}/release", response_model=ActionResult, summary="Give a claim back (people)")
+    def release(study_uid: str, service: Service, user: Claimant, request: Request) -> ActionResult:
         # Only the claimant or an admin may release a claim; the worklist raises ConflictError (409) otherwise.
         service.worklist.release(study_uid, user.name, is_admin=user.is_admin, now=utcnow())
         audit(request, user, "release", study_uid, via="api")
         return ActionResult(study_uid=study_uid, action="release", user=user.name)
 
-    @api.post("/studies/{study_uid}/report", response_model=ActionResult)
-    def report(study_uid: str, service: Service, user: CurrentUser, request: Request) -> ActionResult:
-        service.worklist.mark_reported(study_uid, user.name, utcnow())
-        audit(request, user, "report", study_uid, via="api")
+    @api.post(
+        "/studies/{study_uid}/report",
+        response_model=ActionResult,
+        summary="Mark a study reported (people; a RIS bridge's service account where TRIAGE_RIS_BRIDGE_MAY_REPORT)",
+    )
+    def report(study_uid: str, service: Service, user: Reporter, request: Request) -> ActionResult:
+        now = utcnow()
+        if user.role == Role.SERVICE:
+            # A RIS bridge relays a report signed in the RIS: a claim still held here is moot, so it is given
+            # back first (recorded), else the reported study would stay claimed and listed.
+            claimed_by = service.worklist.get_study(study_uid, now).item.claimed_by
+            if claimed_by is not None and claimed_by != user.name:
+                service.worklist.release(study_uid, user.name, is_admin=True, now=now)
+            service.worklist.mark_reported(study_uid, user.name, now)
+            audit(
+                request, user, "report", study_uid, via="api", account="service", acting_as=RIS_BRIDGE,
+                released_claim_of=claimed_by,
+            )  # fmt: skip
+        else:
+            service.worklist.mark_reported(study_uid, user.name, now)
+            audit(request, user, "report", study_uid, via="api")
         return ActionResult(study_uid=study_uid, action="report", user=user.name)
 
     @api.post("/studies/{study_uid}/feedback", response_model=FeedbackOut, status_code=201)
@@ -235,6 +271,9 @@ def build_api() -> APIRouter:
                 "version": m.card.version,
                 "task": m.card.task,
                 "synthetic": m.card.synthetic,
+                # Whether its flags may raise a study's priority at this site (a synthetic-data model only
+                # where the site names it in priority.unvalidated_models_may_raise).
+                "raises_priority": may_raise(m.card.name, m.card.synthetic, service.settings.priority),
                 "summary": m.card.summary,
                 "licence": m.card.licence,
                 "error": service.unavailable.get(m.card.name),
@@ -352,12 +391,43 @@ def build_dicomweb() -> APIRouter:
     return web
 
 
-# Pages get a strict Content-Security-Policy (no inline script or style); the Swagger UI at /docs loads its
-# assets from a CDN and is left without one.
+# Pages get a strict Content-Security-Policy (no inline script or style).
 PAGE_CSP = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
     "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
 )
+# Swagger UI's files, served from the installed fastapi-offline package: a hospital network is often offline, and
+# /docs must not load scripts from a CDN. Mounted before /static, which would otherwise match the prefix.
+SWAGGER_ASSETS_URL = "/static/swagger-ui"
+SWAGGER_ASSETS_DIR = Path(fastapi_offline.__file__).resolve().parent / "static"
+_INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
+
+
+def docs_page() -> HTMLResponse:
+    """Swagger UI on local assets, with a CSP that runs only our scripts and the page's own start-up script.
+
+    The start-up script is inline (FastAPI writes it), so it is allowed by its sha256 rather than by
+    'unsafe-inline'; Swagger UI sets inline styles, which CSP then has to allow.
+    """
+    page = get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title="triage API",
+        swagger_js_url=f"{SWAGGER_ASSETS_URL}/swagger-ui-bundle.js",
+        swagger_css_url=f"{SWAGGER_ASSETS_URL}/swagger-ui.css",
+        swagger_favicon_url=f"{SWAGGER_ASSETS_URL}/favicon.png",
+        # No badge from the public validator service: nothing leaves the site.
+        swagger_ui_parameters={"validatorUrl": None},
+    )
+    hashes = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(body).digest()).decode() + "'"
+        for body in _INLINE_SCRIPT.findall(bytes(page.body))
+    )
+    page.headers["Content-Security-Policy"] = (
+        "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+        f"script-src 'self' {hashes}; connect-src 'self'; frame-ancestors 'none'; form-action 'self'; "
+        "base-uri 'none'"
+    )
+    return page
 
 
 def open_accounts_for(service: TriageService) -> Accounts:
@@ -376,15 +446,22 @@ def open_accounts_for(service: TriageService) -> Accounts:
     return accounts
 
 
-def create_app(settings: Settings, runner_kind: str = "ray", service: TriageService | None = None) -> FastAPI:
-    """Build the application. The service starts with the app (lifespan) and stops with it.
+def create_app(
+    settings: Settings,
+    runner_kind: str = "ray",
+    service: TriageService | None = None,
+    roles: frozenset[ServiceRole] = ALL_ROLES,
+) -> FastAPI:
+    """Build the application for `roles`. The service starts with the app (lifespan) and stops with it.
 
-    Everything but /healthz, /readyz, /login and /static needs a signed-in session or an API token.
+    Every role answers /healthz and /readyz (probes); the api role serves the JSON API, the web pages and the
+    documentation; the ingest role serves STOW-RS. Everything but /healthz, /readyz, /login and /static needs a
+    signed-in session or an API token.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.service = service or TriageService(settings, runner_kind=runner_kind)
+        app.state.service = service or TriageService(settings, runner_kind=runner_kind, roles=roles)
         app.state.accounts = await asyncio.to_thread(open_accounts_for, app.state.service)
         await asyncio.to_thread(app.state.service.start)
         try:
@@ -414,8 +491,8 @@ def create_app(settings: Settings, runner_kind: str = "ray", service: TriageServ
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("X-Frame-Options", "DENY")
         response.headers.setdefault("Referrer-Policy", "same-origin")
-        if not request.url.path.startswith("/docs"):
-            response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+        # /docs sets its own (see docs_page).
+        response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
         return response
 
     @app.get("/healthz", tags=["ops"], summary="The process is up")
@@ -442,14 +519,18 @@ def create_app(settings: Settings, runner_kind: str = "ray", service: TriageServ
     def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    @app.get("/docs", include_in_schema=False, dependencies=[Depends(page_user)])
-    def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="triage API")
+    if ServiceRole.API in roles:
 
-    templates = web.build_templates()
-    app.mount("/static", StaticFiles(directory=str(web.STATIC_DIR)), name="static")
-    app.include_router(web.build_sign_in(templates))
-    app.include_router(web.build_pages(templates))
-    app.include_router(build_api())
-    app.include_router(build_dicomweb())
+        @app.get("/docs", include_in_schema=False, dependencies=[Depends(page_user)])
+        def docs() -> HTMLResponse:
+            return docs_page()
+
+        templates = web.build_templates()
+        app.mount(SWAGGER_ASSETS_URL, StaticFiles(directory=str(SWAGGER_ASSETS_DIR)), name="swagger-ui")
+        app.mount("/static", StaticFiles(directory=str(web.STATIC_DIR)), name="static")
+        app.include_router(web.build_sign_in(templates))
+        app.include_router(web.build_pages(templates))
+        app.include_router(build_api())
+    if ServiceRole.INGEST in roles:
+        app.include_router(build_dicomweb())
     return app

@@ -28,7 +28,23 @@ CSRF_FIELD = "csrf_token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SIGN_IN_PATH = "/login"
 
-__all__ = ["Principal", "SignInRequired", "User", "current_user", "page_user", "require_roles", "principal"]
+# People read, claim, release, report and give feedback; service accounts are machines (PACS, RIS, exporters).
+HUMAN_ROLES = (Role.RADIOLOGIST, Role.ADMIN)
+# Audit detail of a report marked by a service account acting as RIS bridge (TRIAGE_RIS_BRIDGE_MAY_REPORT).
+RIS_BRIDGE = "ris-bridge"
+
+__all__ = [
+    "HUMAN_ROLES",
+    "RIS_BRIDGE",
+    "Principal",
+    "SignInRequired",
+    "User",
+    "current_user",
+    "page_user",
+    "principal",
+    "require_reporter",
+    "require_roles",
+]
 
 
 @dataclass(frozen=True)
@@ -128,21 +144,53 @@ async def page_user(request: Request) -> User:
     return found.user
 
 
-def require_roles(*roles: Role, page: bool = False) -> Callable[[Request], Coroutine[Any, Any, User]]:
-    """A dependency: the user if their role is one of `roles`, else 403."""
+def refusal(user: User, allowed: frozenset[Role], action: str) -> str:
+    """The 403 message: who may not do what, and who may."""
+    needs = sorted(r.value for r in allowed)
+    if user.role == Role.SERVICE and allowed <= frozenset(HUMAN_ROLES):
+        return f"a service account (API token) may not {action}: only people may ({', '.join(needs)})"
+    return f"role {user.role.value!r} may not {action}; needs one of {needs}"
+
+
+def require_roles(
+    *roles: Role, page: bool = False, action: str = "do this"
+) -> Callable[[Request], Coroutine[Any, Any, User]]:
+    """A dependency: the user if their role is one of `roles`, else 403 naming `action` and who may do it."""
     allowed = frozenset(roles)
     base = page_user if page else current_user
 
     async def dependency(request: Request) -> User:
         user = await base(request)
         if user.role not in allowed:
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN,
-                detail=f"role {user.role.value!r} may not do this; needs one of {sorted(r.value for r in allowed)}",
-            )
+            raise HTTPException(status.HTTP_403_FORBIDDEN, detail=refusal(user, allowed, action))
         return user
 
     return dependency
+
+
+def ris_bridge_may_report(request: Request) -> bool:
+    """The site's setting `ris_bridge_may_report` (TRIAGE_RIS_BRIDGE_MAY_REPORT) of the running service."""
+    return bool(request.app.state.service.settings.ris_bridge_may_report)
+
+
+async def require_reporter(request: Request) -> User:
+    """A dependency for marking a study reported: people always; a service account only as a RIS bridge.
+
+    Marking reported hides a study from the default worklist, so a machine account may do it only where the
+    site says a RIS bridge reports through it (`ris_bridge_may_report`); else 403 saying how to allow it.
+    """
+    user = await current_user(request)
+    if user.role in HUMAN_ROLES:
+        return user
+    if user.role == Role.SERVICE and ris_bridge_may_report(request):
+        return user
+    raise HTTPException(
+        status.HTTP_403_FORBIDDEN,
+        detail=(
+            "a service account (API token) may not mark studies reported unless it is the site's RIS bridge:"
+            " set TRIAGE_RIS_BRIDGE_MAY_REPORT=true to allow service accounts to do so"
+        ),
+    )
 
 
 def sign_in_location(next_path: str) -> str:

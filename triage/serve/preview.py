@@ -20,6 +20,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from triage.dicom.radiograph import radiograph_from_dataset
+from triage.dicom.store import check_decode_limits
 from triage.domain import Overlay
 from triage.errors import InvalidStudyError, NotFoundError
 from triage.worklist.tables import Instance
@@ -142,6 +143,7 @@ def read_preview_image(path: Path, frame: int | None = None) -> PreviewImage:
         return PreviewImage(
             _to_uint8(radiograph_from_dataset(ds, source=path.name).pixels, 0.0, 1.0), uid, "radiograph"
         )
+    check_decode_limits(ds)
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # noqa: BLE001

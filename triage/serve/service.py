@@ -1,5 +1,6 @@
 """The running service: wires the store, the SCP, the worklist, the models and the runner, and watches for
-complete studies (no instance for `stable_age_s`) to send them to the pipeline.
+complete studies (no instance for `stable_age_s`) to send them to the pipeline. One process runs any of the
+roles (API, ingest, analysis); they share nothing but the database and the store.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Any
 
 from pydicom import Dataset
 
-from triage.config import Settings
+from triage.config import ALL_ROLES, ServiceRole, Settings
 from triage.dicom.results import export_study_results
 from triage.dicom.scp import StorageSCP
-from triage.dicom.store import DicomStore, StoredInstance
+from triage.dicom.store import DicomStore, StoredInstance, StorePolicy
 from triage.domain import AIStatus, InstanceMeta, utcnow
 from triage.errors import TriageError
 from triage.models.registry import ModelRegistry
@@ -34,10 +35,22 @@ log = logging.getLogger(__name__)
 
 
 class TriageService:
-    """Everything `triage serve` runs besides HTTP. Start once, stop once."""
+    """Everything `triage serve` runs besides HTTP, for the roles it is given. Start once, stop once.
 
-    def __init__(self, settings: Settings, runner_kind: str = "ray", start_scp: bool = True) -> None:
+    ingest: the Storage SCP (unless `start_scp` is False) and, at start, indexing files the store holds but
+    the index lacks. analysis: the runner, the model health probe and the scheduler that claims ready studies.
+    api: nothing beyond the database, the store and the model registry that every role has.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        runner_kind: str = "ray",
+        start_scp: bool = True,
+        roles: frozenset[ServiceRole] = ALL_ROLES,
+    ) -> None:
         self.settings = settings
+        self.roles = frozenset(roles)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         settings.store_dir.mkdir(parents=True, exist_ok=True)
         settings.overlay_dir.mkdir(parents=True, exist_ok=True)
@@ -50,12 +63,17 @@ class TriageService:
             events=self.events,
             sender_priority=settings.dicom.sender_priority,
         )
-        self.store = DicomStore(settings.store_dir, settings.ensure_phi_salt(), index=self._index)
+        self.store = DicomStore(
+            settings.store_dir,
+            settings.ensure_phi_salt(),
+            index=self._index,
+            policy=StorePolicy.from_settings(settings.dicom),
+        )
         self.registry = ModelRegistry(settings.weights_dir)
         self.rules = RoutingRules.load(settings.routing_rules)
         self.runner_kind = runner_kind
         self.runner: Runner | None = None
-        self.scp = StorageSCP(settings.dicom, self.accept) if start_scp else None
+        self.scp = StorageSCP(settings.dicom, self.accept) if start_scp and ServiceRole.INGEST in self.roles else None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         # Studies are claimed from the database (a lease per analysis), so several schedulers never analyse
@@ -95,6 +113,14 @@ class TriageService:
             except Exception as exc:  # noqa: BLE001 - refuse that model, keep serving the others
                 self.model_errors[model.card.name] = str(exc)
                 log.error("%s", exc)
+        if ServiceRole.INGEST in self.roles:
+            self._start_ingest()
+        if ServiceRole.ANALYSIS in self.roles:
+            self._start_analysis()
+        log.info("service started with roles: %s", ", ".join(sorted(self.roles)))
+        self.ready = True
+
+    def _start_ingest(self) -> None:
         # Files written before a crash but not yet indexed are indexed now: no received study is lost.
         self.store.remove_stale_temp_files()
         self._reindexing = True
@@ -106,10 +132,12 @@ class TriageService:
             log.warning(
                 "start-up: indexed %d stored instance(s) missing from the index; %d unreadable", new, unreadable
             )
-        self.worklist.recover_interrupted(utcnow(), is_dead=self._not_running_here)
         if self.scp is not None:
             self.scp.start()
             log.info("DICOM SCP %s listening on port %s", self.settings.dicom.ae_title, self.scp.port)
+
+    def _start_analysis(self) -> None:
+        self.worklist.recover_interrupted(utcnow(), is_dead=self._not_running_here)
         self.runner = make_runner(self.runner_kind, self.registry, self.settings.inference, self.settings.ray)
         self.runner.warm_up()
         self.model_errors.update(getattr(self.runner, "load_errors", {}))
@@ -118,7 +146,6 @@ class TriageService:
         self._watcher.start()
         self._health_thread = threading.Thread(target=self._watch_models, name="model-health", daemon=True)
         self._health_thread.start()
-        self.ready = True
 
     def stop(self) -> None:
         self.ready = False
@@ -284,9 +311,13 @@ class TriageService:
 
     def health(self) -> dict[str, Any]:
         unavailable = self.unavailable
+        analysing = ServiceRole.ANALYSIS in self.roles
         return {
-            # Not ready while any installed model cannot run: its studies would only collect failures.
-            "ready": self.ready and not unavailable,
+            # An analysis process is not ready while any installed model cannot run: its studies would only
+            # collect failures. The other roles do not run models.
+            "ready": self.ready and not (analysing and unavailable),
+            "roles": sorted(self.roles),
+            "worker": self.worker_id,
             "dicom_port": self.scp.port if self.scp is not None else None,
             "runner": self.runner_kind,
             "models": {m.card.name: m.card.version for m in self.registry.all()},

@@ -30,6 +30,7 @@ from triage.errors import ConflictError, NotFoundError, TriageError
 from triage.serve import preview as previews
 from triage.serve.auth import (
     CSRF_FIELD,
+    HUMAN_ROLES,
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
     accounts_of,
@@ -56,7 +57,10 @@ STATIC_DIR = PAGES_DIR / "static"
 
 PageUser = Annotated[User, Depends(page_user)]
 AdminPage = Annotated[User, Depends(require_roles(Role.ADMIN, page=True))]
-HumanPage = Annotated[User, Depends(require_roles(Role.RADIOLOGIST, Role.ADMIN, page=True))]
+HumanPage = Annotated[User, Depends(require_roles(*HUMAN_ROLES, page=True, action="give feedback on AI findings"))]
+# The page forms are for people; a RIS bridge marks reported through the API (TRIAGE_RIS_BRIDGE_MAY_REPORT).
+ClaimPage = Annotated[User, Depends(require_roles(*HUMAN_ROLES, page=True, action="claim or release studies"))]
+ReportPage = Annotated[User, Depends(require_roles(*HUMAN_ROLES, page=True, action="mark studies reported here"))]
 
 AI_STATUSES = [s.value for s in AIStatus]
 LEVELS = [level.value for level in sorted(PriorityLevel, key=lambda lv: -lv.rank)]
@@ -465,7 +469,7 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
     async def claim_page(
         request: Request,
         study_uid: str,
-        user: HumanPage,
+        user: ClaimPage,
         next: Annotated[str, Form()] = "",  # noqa: A002
     ) -> Response:
         return await act(request, study_uid, user, "claim", _back(next, study_uid))
@@ -474,7 +478,7 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
     async def release_page(
         request: Request,
         study_uid: str,
-        user: HumanPage,
+        user: ClaimPage,
         next: Annotated[str, Form()] = "",  # noqa: A002
     ) -> Response:
         return await act(request, study_uid, user, "release", _back(next, study_uid))
@@ -483,7 +487,7 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
     async def report_page(
         request: Request,
         study_uid: str,
-        user: HumanPage,
+        user: ReportPage,
         next: Annotated[str, Form()] = "",  # noqa: A002
     ) -> Response:
         return await act(request, study_uid, user, "report", _back(next, study_uid))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 from triage.errors import TriageError
 
@@ -109,6 +111,32 @@ def alembic_config(url: str | URL | None = None, engine: Engine | None = None) -
     return config
 
 
+# Several processes (API replicas, ingest replicas, schedulers) start against one PostgreSQL database at once;
+# an advisory lock makes them migrate one after the other instead of racing on CREATE TABLE.
+_MIGRATION_LOCK_KEY = 0x7472_6961_6765  # "triage"
+
+
+@contextmanager
+def _migration_lock(url: str | URL | Engine) -> Iterator[None]:
+    engine = url if isinstance(url, Engine) else None
+    parsed = engine.url if engine is not None else _normalise_url(url)  # type: ignore[arg-type]
+    if parsed.get_backend_name() != "postgresql":
+        yield  # SQLite: one writer at a time anyway, and the embedded default is one process
+        return
+    lock_engine = engine or create_engine_for(parsed, poolclass=NullPool)
+    try:
+        with lock_engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+                conn.commit()
+    finally:
+        if engine is None:
+            lock_engine.dispose()
+
+
 def migrate(url: str | URL | Engine, revision: str = "head") -> None:
     """Bring the database at `url` (or behind an engine) up to `revision` with the packaged migrations.
 
@@ -124,7 +152,8 @@ def migrate(url: str | URL | Engine, revision: str = "head") -> None:
         config = alembic_config(url=url)
         target = make_url(url).render_as_string(hide_password=True)
     try:
-        command.upgrade(config, revision)
+        with _migration_lock(url):
+            command.upgrade(config, revision)
     except TriageError:
         raise
     except Exception as exc:

@@ -9,7 +9,26 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, MRImageStorage
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    DigitalMammographyXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForPresentation,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    MRImageStorage,
+    NuclearMedicineImageStorage,
+    PositronEmissionTomographyImageStorage,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    UltrasoundImageStorage,
+    UltrasoundMultiFrameImageStorage,
+    XRayAngiographicImageStorage,
+    XRayRadiationDoseSRStorage,
+)
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -62,20 +81,39 @@ def scp(received: Received) -> Iterator[StorageSCP]:
     server.stop()
 
 
+# What the tests send (a requestor proposes at most 128 presentation contexts, PS3.8 9.3.2.2).
+REQUESTED_CLASSES = (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    ComputedRadiographyImageStorage,
+    SecondaryCaptureImageStorage,
+    XRayRadiationDoseSRStorage,
+    MRImageStorage,
+    EnhancedMRImageStorage,
+    UltrasoundImageStorage,
+    UltrasoundMultiFrameImageStorage,
+    NuclearMedicineImageStorage,
+    PositronEmissionTomographyImageStorage,
+    DigitalMammographyXRayImageStorageForPresentation,
+    XRayAngiographicImageStorage,
+)
+
+
 def scu(calling_ae: str = "TEST_SCU") -> AE:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(Verification)
-    for sop_class in sorted(ACCEPTED_SOP_CLASSES):
+    for sop_class in REQUESTED_CLASSES:
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.add_requested_context(CTImageStorage, JPEG2000Lossless)
-    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(CTImageStorage, RLELossless)
     return ae
 
 
 def store_one(port: int, ds: Dataset | Path, calling_ae: str = "TEST_SCU") -> Dataset:
     ae = scu(calling_ae)
-    assoc = ae.associate("127.0.0.1", port)
+    assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
     assert assoc.is_established
     try:
         return assoc.send_c_store(ds)
@@ -102,7 +140,7 @@ def test_port_zero_binds_a_free_port_and_stop_is_idempotent(received: Received):
 
 def test_c_echo_succeeds(scp: StorageSCP):
     ae = scu()
-    assoc = ae.associate("127.0.0.1", scp.port)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="TRIAGE")
     try:
         assert assoc.send_c_echo().Status == 0x0000
     finally:
@@ -233,7 +271,7 @@ def test_calling_ae_outside_the_allow_list_is_rejected(received: Received):
     scp = start_scp(received.store.write, allowed_calling_aets=["ER_CT"])
     try:
         ae = scu("INTRUDER")
-        refused = ae.associate("127.0.0.1", scp.port)
+        refused = ae.associate("127.0.0.1", scp.port, ae_title="TRIAGE")
         assert refused.is_rejected
         ae.shutdown()
         assert store_one(scp.port, make_ct_series(1)[0], calling_ae="ER_CT").Status == 0x0000
@@ -241,9 +279,10 @@ def test_calling_ae_outside_the_allow_list_is_rejected(received: Received):
         scp.stop()
 
 
-def test_unsupported_sop_class_has_no_presentation_context(scp: StorageSCP):
+def test_a_sop_class_the_site_does_not_accept_has_no_presentation_context(received: Received):
+    server = start_scp(received.store.write, accepted_sop_classes=["CTImageStorage"])
     ae = scu()
-    assoc = ae.associate("127.0.0.1", scp.port)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="TRIAGE")
     try:
         accepted = {str(c.abstract_syntax) for c in assoc.accepted_contexts}
         assert MRImageStorage not in accepted
@@ -251,6 +290,13 @@ def test_unsupported_sop_class_has_no_presentation_context(scp: StorageSCP):
     finally:
         assoc.release()
         ae.shutdown()
+        server.stop()
+
+
+def test_every_standard_storage_class_is_offered_by_default(scp: StorageSCP):
+    supported = {str(c.abstract_syntax) for c in scp._ae.supported_contexts}
+    assert supported >= ACCEPTED_SOP_CLASSES
+    assert len(ACCEPTED_SOP_CLASSES) > 150
 
 
 def test_logs_carry_no_patient_identifiers(scp: StorageSCP, caplog: pytest.LogCaptureFixture):

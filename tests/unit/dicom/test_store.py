@@ -33,8 +33,16 @@ from tests.dicom_factory import (
     make_sr,
     to_bytes,
 )
+from triage.config import DicomSettings
 from triage.dicom.phi import hash_identifier
-from triage.dicom.store import DicomStore, StoredInstance, extract_meta, read_dataset_bytes, validate_instance
+from triage.dicom.store import (
+    DicomStore,
+    StoredInstance,
+    StorePolicy,
+    extract_meta,
+    read_dataset_bytes,
+    validate_instance,
+)
 from triage.domain import InstanceMeta
 from triage.errors import InvalidStudyError, UnsupportedInputError
 
@@ -236,10 +244,28 @@ def test_report_without_pixel_data_is_accepted(store: DicomStore):
     assert not store.write(make_sr()).duplicate
 
 
-def test_unsupported_sop_class_is_refused_quoting_it(store: DicomStore):
+def test_a_sop_class_the_site_does_not_accept_is_refused_quoting_it(tmp_path: Path, index: MemoryIndex):
+    policy = StorePolicy.from_settings(
+        DicomSettings(accepted_sop_classes=["CTImageStorage", "1.2.840.10008.5.1.4.1.1.1"])
+    )
+    store = DicomStore(tmp_path / "store", SALT, index, policy=policy)
     ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     with pytest.raises(UnsupportedInputError, match=r"MR Image Storage.*1\.2\.840\.10008\.5\.1\.4\.1\.1\.4"):
         store.write(ds)
+    assert store.write(make_ct_series(1)[0])
+    assert all_files(store.root) != []
+
+
+def test_a_class_that_is_no_storage_class_is_refused(store: DicomStore):
+    ds = make_ct_series(1)[0]
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.1.1")  # Verification
+    with pytest.raises(UnsupportedInputError, match=r"not a storage class"):
+        store.write(ds)
+
+
+def test_site_setting_naming_no_storage_class_is_an_error():
+    with pytest.raises(ValueError, match=r"'MRStorage'"):
+        StorePolicy.from_settings(DicomSettings(accepted_sop_classes=["MRStorage"]))
 
 
 def test_unsupported_transfer_syntax_is_refused(store: DicomStore):

@@ -143,6 +143,7 @@ def test_some_failed_is_202_with_failure_reasons(store: DicomStore):
     no_pixels = make_radiograph()
     del no_pixels.PixelData
     mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    mr.SOPClassUID = mr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.1"  # Verification: no storage class
     body = multipart([to_bytes(good), b"\x00garbage", to_bytes(no_pixels), to_bytes(mr)])
 
     status, response = stow_instances(body, CONTENT_TYPE, store, BASE)

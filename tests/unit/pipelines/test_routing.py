@@ -24,8 +24,12 @@ def rules() -> RoutingRules:
 
 
 def series(uid: str, modality: str = "CT", sop: str = CT, n: int = 30, **attrs: object) -> SeriesInfo:
-    base: dict[str, object] = {"BodyPartExamined": "HEAD", "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
-                               "ConvolutionKernel": "STANDARD", "SliceThickness": 5.0}
+    base: dict[str, object] = {
+        "BodyPartExamined": "HEAD",
+        "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+        "ConvolutionKernel": "STANDARD",
+        "SliceThickness": 5.0,
+    }
     base.update(attrs)
     return SeriesInfo(uid, modality, sop, n, (), base)
 
@@ -70,6 +74,14 @@ def test_chest_radiograph_frontal_views(rules: RoutingRules, view: str, routed: 
 def test_modality_no_model_handles_is_recorded(rules: RoutingRules) -> None:
     (decision,) = route_study([series("mr", modality="MR", sop="1.2.840.10008.5.1.4.1.1.4")], rules, MODELS)
     assert decision.model is None
+    assert decision.reason.startswith("no model for MR:")
+    # What the worklist shows of it: the text before the first colon (triage.serve.analysis.summarise).
+    assert decision.reason.split(":")[0] == "no model for MR"
+
+
+def test_modality_with_a_rule_that_does_not_match_keeps_the_rules_reasons(rules: RoutingRules) -> None:
+    dx = series("dx", modality="DX", sop=DX, n=1, BodyPartExamined="ABDOMEN")
+    (decision,) = route_study([dx], rules, MODELS)
     assert decision.reason.startswith("no-rule-matched")
 
 

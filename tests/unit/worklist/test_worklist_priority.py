@@ -12,19 +12,26 @@ from triage.worklist.priority import base_level, compute_priority, priority_to_d
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 SETTINGS = PrioritySettings(
-    finding_levels={"intracranial_haemorrhage": "stat", "fracture": "urgent", "nodule": "routine"},
+    finding_levels={
+        "intracranial_haemorrhage": "stat",
+        "fracture": "urgent",
+        "nodule": "routine",
+        "pneumothorax": "stat",
+    },
     turnaround_min={"stat": 60, "urgent": 240, "routine": 1440},
     promote_at_fraction=0.75,
 )
 ROUTINE, URGENT, STAT = PriorityLevel.ROUTINE, PriorityLevel.URGENT, PriorityLevel.STAT
 
 
-def finding(label: str, probability: float = 0.9, flagged: bool = True, synthetic: bool = True) -> dict:
+def finding(
+    label: str, probability: float = 0.9, flagged: bool = True, synthetic: bool = False, model: str = "ct-head-ich"
+) -> dict:
     return {
         "label": label,
         "probability": probability,
         "flagged": flagged,
-        "model": "ct-head-ich",
+        "model": model,
         "model_version": "1.2.0",
         "synthetic": synthetic,
         "details": {},
@@ -32,6 +39,9 @@ def finding(label: str, probability: float = 0.9, flagged: bool = True, syntheti
 
 
 ICH, FRACTURE, NODULE = finding("intracranial_haemorrhage"), finding("fracture"), finding("nodule")
+# A flag from a model whose card says it was trained on synthetic data (not validated for any site).
+SYNTH_PTX = finding("pneumothorax", 0.97, synthetic=True, model="xr-chest-pneumothorax")
+SYNTH_ICH = finding("intracranial_haemorrhage", 0.95, synthetic=True, model="ct-head-ich-synthetic")
 
 # id, clinical, findings, AI status, minutes waited -> expected level, expected reason codes in order
 GOLDEN = [
@@ -118,6 +128,45 @@ GOLDEN = [
     ),
     ("ai-stat-not-promoted-further", ROUTINE, [ICH], "done", 50, STAT, ["clinical", "ai-finding"]),
     ("failed-study-still-promoted", ROUTINE, [], "failed", 1100, URGENT, ["clinical", "ai-failed", "waiting-promoted"]),
+    # Synthetic-data models: their flags are listed with a reason but raise nothing by default.
+    ("synthetic-flag-does-not-raise", ROUTINE, [SYNTH_PTX], "done", 5, ROUTINE, ["clinical", "ai-finding-unvalidated"]),
+    ("synthetic-flag-under-urgent", URGENT, [SYNTH_PTX], "done", 5, URGENT, ["clinical", "ai-finding-unvalidated"]),
+    (
+        "synthetic-flag-beside-real-finding",
+        ROUTINE,
+        [SYNTH_PTX, FRACTURE],
+        "done",
+        5,
+        URGENT,
+        ["clinical", "ai-finding-unvalidated", "ai-finding"],
+    ),
+    (
+        "synthetic-flag-still-promoted-by-waiting",
+        ROUTINE,
+        [SYNTH_PTX],
+        "done",
+        1080,
+        URGENT,
+        ["clinical", "ai-finding-unvalidated", "waiting-promoted"],
+    ),
+    (
+        "synthetic-flag-kept-while-requeued",
+        ROUTINE,
+        [SYNTH_PTX],
+        "pending",
+        5,
+        ROUTINE,
+        ["clinical", "ai-pending", "ai-finding-unvalidated"],
+    ),
+    (
+        "synthetic-unflagged-is-negative",
+        ROUTINE,
+        [finding("pneumothorax", 0.1, False, synthetic=True, model="xr-chest-pneumothorax")],
+        "done",
+        5,
+        ROUTINE,
+        ["clinical", "ai-negative"],
+    ),
 ]
 
 
@@ -148,12 +197,63 @@ def test_failure_reason_quotes_the_failure_and_keeps_clinical():
 
 
 def test_finding_reason_names_finding_probability_model_version_and_synthetic():
-    priority = compute_priority(ROUTINE, [finding("intracranial_haemorrhage", 0.934)], "done", T0, T0, SETTINGS)
-    text = priority.reasons[1].text
+    allowed = PrioritySettings(**{**SETTINGS.model_dump(), "unvalidated_models_may_raise": ["ct-head-ich"]})
+    flag = finding("intracranial_haemorrhage", 0.934, synthetic=True)
+    text = compute_priority(ROUTINE, [flag], "done", T0, T0, allowed).reasons[1].text
     for part in ("intracranial_haemorrhage", "p=0.93", "ct-head-ich", "1.2.0", "synthetic model", "stat"):
         assert part in text
+    assert "the site lets this unvalidated model raise priority" in text
     real = compute_priority(ROUTINE, [finding("fracture", synthetic=False)], "done", T0, T0, SETTINGS)
-    assert "synthetic" not in real.reasons[1].text
+    assert "synthetic" not in real.reasons[1].text and "unvalidated" not in real.reasons[1].text
+
+
+def test_synthetic_model_reason_says_plainly_that_priority_was_not_raised():
+    priority = compute_priority(ROUTINE, [SYNTH_PTX], "done", T0, T0, SETTINGS)
+    assert priority.reasons[1].text == (
+        "pneumothorax flagged by a synthetic-data model (xr-chest-pneumothorax 1.2.0, p=0.97; not validated for"
+        " this site): priority not raised"
+    )
+    assert priority.reasons[1].level is ROUTINE
+
+
+def with_allowed(*names: str) -> PrioritySettings:
+    return PrioritySettings(**{**SETTINGS.model_dump(), "unvalidated_models_may_raise": list(names)})
+
+
+# Only the models a site names may raise priority although trained on synthetic data; real models always may.
+# id, allowed models, findings -> expected level, expected reason codes
+UNVALIDATED_GOLDEN = [
+    ("default-none-allowed", (), [SYNTH_PTX], ROUTINE, ["clinical", "ai-finding-unvalidated"]),
+    ("named-model-raises", ("xr-chest-pneumothorax",), [SYNTH_PTX], STAT, ["clinical", "ai-finding"]),
+    ("other-model-named", ("ct-head-ich-synthetic",), [SYNTH_PTX], ROUTINE, ["clinical", "ai-finding-unvalidated"]),
+    (
+        "one-of-two-synthetic-named",
+        ("ct-head-ich-synthetic",),
+        [SYNTH_PTX, SYNTH_ICH],
+        STAT,
+        ["clinical", "ai-finding-unvalidated", "ai-finding"],
+    ),
+    ("real-model-needs-no-name", (), [ICH], STAT, ["clinical", "ai-finding"]),
+    ("names-are-exact", ("XR-CHEST-PNEUMOTHORAX",), [SYNTH_PTX], ROUTINE, ["clinical", "ai-finding-unvalidated"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("allowed", "findings", "level", "codes"), [pytest.param(*row[1:], id=row[0]) for row in UNVALIDATED_GOLDEN]
+)
+def test_unvalidated_models_golden_table(allowed, findings, level, codes):
+    priority = compute_priority(ROUTINE, findings, "done", T0, T0, with_allowed(*allowed))
+    assert priority.level is level
+    assert [r.code for r in priority.reasons] == codes
+
+
+def test_unvalidated_setting_comes_from_the_environment(monkeypatch):
+    from triage.config import Settings
+
+    monkeypatch.setenv("TRIAGE_PRIORITY__UNVALIDATED_MODELS_MAY_RAISE", '["xr-chest-pneumothorax"]')
+    assert Settings().priority.unvalidated_models_may_raise == ["xr-chest-pneumothorax"]
+    monkeypatch.delenv("TRIAGE_PRIORITY__UNVALIDATED_MODELS_MAY_RAISE")
+    assert Settings().priority.unvalidated_models_may_raise == []
 
 
 def test_waiting_reason_says_minutes_of_target():
@@ -165,9 +265,11 @@ def test_waiting_reason_says_minutes_of_target():
 
 
 def test_finding_records_are_accepted_like_dicts():
-    record = Finding("intracranial_haemorrhage", 0.8, True, "ct-head-ich", "1.2.0", True)
+    record = Finding("intracranial_haemorrhage", 0.8, True, "ct-head-ich", "1.2.0", False)
     priority = compute_priority(ROUTINE, [record], "done", T0, T0, SETTINGS)
     assert priority.level is STAT
+    synthetic = Finding("pneumothorax", 0.9, True, "xr-chest-pneumothorax", "1.0.0", True)
+    assert compute_priority(ROUTINE, [synthetic], "done", T0, T0, SETTINGS).level is ROUTINE
 
 
 def test_score_sorts_level_then_closeness_to_breach_then_age():
@@ -209,6 +311,8 @@ def test_malformed_finding_is_refused_with_the_value():
         (PrioritySettings(turnaround_min={"soon": 10}), "'soon'"),
         (PrioritySettings(turnaround_min={"stat": 0}), "must be > 0"),
         (PrioritySettings(promote_at_fraction=1.5), "promote_at_fraction"),
+        (PrioritySettings(unvalidated_models_may_raise=[" xr-chest-pneumothorax"]), "unvalidated_models_may_raise"),
+        (PrioritySettings(unvalidated_models_may_raise=[""]), "not a model name"),
     ],
 )
 def test_invalid_policy_is_refused_quoting_the_value(settings, message):
