@@ -45,6 +45,7 @@ from triage.worklist.accounts import (
     ADMIN_NAME,
     Accounts,
     Role,
+    SharedSignInThrottle,
     User,
 )
 from triage.worklist.priority import may_raise
@@ -528,7 +529,9 @@ def create_app(
         templates = web.build_templates()
         app.mount(SWAGGER_ASSETS_URL, StaticFiles(directory=str(SWAGGER_ASSETS_DIR)), name="swagger-ui")
         app.mount("/static", StaticFiles(directory=str(web.STATIC_DIR)), name="static")
-        app.include_router(web.build_sign_in(templates))
+        # Failed sign-ins are counted in the database, so every API replica sees the same lockout.
+        throttle = SharedSignInThrottle(lambda: app.state.accounts.engine)
+        app.include_router(web.build_sign_in(templates, throttle))
         app.include_router(web.build_pages(templates))
         app.include_router(build_api())
     if ServiceRole.INGEST in roles:

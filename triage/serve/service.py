@@ -28,7 +28,7 @@ from triage.pipelines.routing import RoutingRules
 from triage.pipelines.runner import Runner, make_runner
 from triage.serve.analysis import AnalysisOutcome, RetryPolicy, analyse_study
 from triage.worklist.db import create_engine_for, migrate
-from triage.worklist.events import Broadcaster
+from triage.worklist.events import Broadcaster, relay_for
 from triage.worklist.repository import Worklist
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,9 @@ class TriageService:
             events=self.events,
             sender_priority=settings.dicom.sender_priority,
         )
+        # On PostgreSQL, changes made by any process reach this one's subscribers (LISTEN/NOTIFY); on SQLite
+        # (one process) the in-memory broadcaster is all there is.
+        self.events_relay = relay_for(self.worklist.engine, self.events)
         self.store = DicomStore(
             settings.store_dir,
             settings.ensure_phi_salt(),
@@ -105,6 +108,8 @@ class TriageService:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        if self.events_relay is not None and not self.events_relay.start():
+            log.warning("change events from other processes are not received yet; retrying in the background")
         for problem in self.registry.problems:
             log.error("model registry: %s", problem)
         for model in self.registry.all():
@@ -159,6 +164,8 @@ class TriageService:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self.runner is not None:
             self.runner.close()
+        if self.events_relay is not None:
+            self.events_relay.stop()
 
     # ------------------------------------------------------------------ model health
     def _watch_models(self) -> None:

@@ -13,8 +13,6 @@ import io
 import logging
 import re
 import secrets
-import threading
-import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +41,7 @@ from triage.worklist.accounts import (
     FeedbackEntry,
     InvalidAccountError,
     Role,
+    SharedSignInThrottle,
     User,
     Verdict,
     constant_time_equal,
@@ -216,39 +215,9 @@ def _study_url(study_uid: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- sign-in
-class SignInThrottle:
-    """Slows password guessing: after `max_failures` failed sign-ins for one user name within `window_s`, that
-    name is refused for `lockout_s` without checking the password. In memory, per service process."""
-
-    def __init__(self, max_failures: int = 5, window_s: float = 900.0, lockout_s: float = 60.0) -> None:
-        self.max_failures = max_failures
-        self.window_s = window_s
-        self.lockout_s = lockout_s
-        self._failures: dict[str, list[float]] = {}
-        self._lock = threading.Lock()
-
-    def wait_s(self, name: str, now_s: float) -> float:
-        """Seconds until `name` may try again (0 when it may now)."""
-        with self._lock:
-            recent = [t for t in self._failures.get(name.lower(), []) if now_s - t < self.window_s]
-            if len(recent) < self.max_failures:
-                return 0.0
-            return max(0.0, recent[-1] + self.lockout_s - now_s)
-
-    def failed(self, name: str, now_s: float) -> None:
-        with self._lock:
-            recent = [t for t in self._failures.get(name.lower(), []) if now_s - t < self.window_s]
-            self._failures[name.lower()] = [*recent, now_s][-self.max_failures :]
-
-    def succeeded(self, name: str) -> None:
-        with self._lock:
-            self._failures.pop(name.lower(), None)
-
-
-def build_sign_in(templates: Jinja2Templates, throttle: SignInThrottle | None = None) -> APIRouter:
+def build_sign_in(templates: Jinja2Templates, throttle: SharedSignInThrottle) -> APIRouter:
     """/login and /logout. The sign-in form is public; its CSRF token is a double-submit cookie."""
     router = APIRouter(tags=["pages"], include_in_schema=False)
-    throttle = throttle or SignInThrottle()
 
     def render_login(request: Request, next_path: str, message: str = "", code: int = 200) -> HTMLResponse:
         token = secrets.token_urlsafe(32)
@@ -286,7 +255,8 @@ def build_sign_in(templates: Jinja2Templates, throttle: SignInThrottle | None = 
             return render_login(request, next, "The sign-in form expired; please sign in again.", 400)
         accounts = accounts_of(request)
         name = username.strip()
-        wait_s = throttle.wait_s(name, time.monotonic())
+        # In the database: guesses spread over several API replicas count together.
+        wait_s = await asyncio.to_thread(throttle.wait_s, name, utcnow())
         if wait_s > 0:
             await _audit(request, "(throttled)", "sign-in-throttled")
             return render_login(
@@ -294,12 +264,12 @@ def build_sign_in(templates: Jinja2Templates, throttle: SignInThrottle | None = 
             )
         user = await asyncio.to_thread(accounts.verify_password, name, password, utcnow())
         if user is None:
-            throttle.failed(name, time.monotonic())
+            await asyncio.to_thread(throttle.failed, name, utcnow())
             known = await asyncio.to_thread(lambda: name in {u.name for u in accounts.list_users()})
             await _audit(request, name[:64] if known else "(unknown)", "sign-in-failed")
             log.info("failed sign-in (%s user name)", "known" if known else "unknown")
             return render_login(request, next, "Wrong user name or password, or the account is disabled.", 401)
-        throttle.succeeded(name)
+        await asyncio.to_thread(throttle.succeeded, name)
         sign_in = await asyncio.to_thread(accounts.start_session, user, utcnow())
         await _audit(request, user, "sign-in")
         response = _redirect(safe_next(next))

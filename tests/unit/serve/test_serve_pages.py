@@ -395,14 +395,19 @@ def test_repeated_wrong_passwords_are_throttled(site: Site) -> None:
     assert site.accounts.audit_entries(action="sign-in-throttled")
 
 
-def test_throttle_forgets_old_failures_and_resets_on_success() -> None:
-    from triage.serve.web import SignInThrottle
+def test_throttle_forgets_old_failures_and_resets_on_success(site: Site) -> None:
+    from triage.worklist.accounts import SharedSignInThrottle
 
-    throttle = SignInThrottle(max_failures=2, window_s=100, lockout_s=10)
-    throttle.failed("Reader", 0.0)
-    throttle.failed("reader", 1.0)
-    assert throttle.wait_s("READER", 2.0) == pytest.approx(9.0)
-    assert throttle.wait_s("reader", 11.5) == 0.0
-    assert throttle.wait_s("reader", 200.0) == 0.0  # outside the window
+    t0 = utcnow()
+
+    def at(second: float):  # type: ignore[no-untyped-def]
+        return t0 + timedelta(seconds=second)
+
+    throttle = SharedSignInThrottle(site.accounts.engine, max_failures=2, window_s=100, lockout_s=10)
+    throttle.failed("Reader", at(0.0))
+    throttle.failed("reader", at(1.0))
+    assert throttle.wait_s("READER", at(2.0)) == pytest.approx(9.0)
+    assert throttle.wait_s("reader", at(11.5)) == 0.0
+    assert throttle.wait_s("reader", at(200.0)) == 0.0  # outside the window
     throttle.succeeded("reader")
-    assert throttle.wait_s("reader", 2.0) == 0.0
+    assert throttle.wait_s("reader", at(2.0)) == 0.0
