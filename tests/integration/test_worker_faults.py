@@ -183,3 +183,47 @@ def test_model_that_cannot_load_makes_readyz_not_ready_and_its_studies_run_when_
     item = _wait_status(server, study_uid, {"done"}, timeout_s=300)
     assert [f["model"] for f in item["findings"]] == [XRAY_MODEL]
     assert "requeued" in _history_kinds(_study(server, study_uid))
+
+
+@pytest.fixture(scope="module")
+def impatient_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A service whose stage deadline (8 s) is shorter than a head CT's inference on this machine."""
+    data_dir = tmp_path_factory.mktemp("deadline") / "data"
+    env = {
+        "TRIAGE_INFERENCE__TIMEOUT_S": "8",
+        "TRIAGE_INFERENCE__RETRY_BACKOFF_S": "1",
+        "TRIAGE_INFERENCE__MAX_ATTEMPTS": "2",
+        "TRIAGE_INFERENCE__HEALTH_INTERVAL_S": "1",
+    }
+    srv = start_server(data_dir, extra_env=env, runner="ray")
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
+
+
+def test_a_call_past_its_deadline_is_cancelled_and_the_hung_worker_restarted(
+    impatient_server: Server, tmp_path: Path
+) -> None:
+    server = impatient_server
+    pid = _worker_pid(server, CT_MODEL)
+    result = server.storescu(HEAD_CT)
+    assert result.returncode == 0, result.stderr
+    first = next(p for p in sorted(HEAD_CT.iterdir()) if p.suffix == ".dcm")
+    study_uid = str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
+
+    item = _wait_status(server, study_uid, {"done", "failed"}, timeout_s=600)
+    assert item["ai_status"] == "failed", "the CT finished within 8 s: the deadline was never reached"
+    assert "did not finish within its deadline of 8 s" in item["ai_reason"], item["ai_reason"]
+    assert "re-queued when the model can run again" in item["ai_reason"]
+    detail = _study(server, study_uid)
+    assert detail["failure_kind"] == "transient"
+    assert [a["status"] for a in detail["analyses"]] == ["retry", "failed"]
+    if "inference did not finish" in item["ai_reason"]:
+        # The hung inference call was ended by restarting its worker: a new process answers the probe.
+        assert _worker_pid(server, CT_MODEL) != pid
+    else:  # on a slow machine preprocessing already ran past the deadline: that task was cancelled
+        assert "preprocess did not finish" in item["ai_reason"], item["ai_reason"]
+    # The service carries on: a chest X-ray is analysed within the deadline.
+    after = _send_xray(server, tmp_path, seed=14)
+    assert _wait_status(server, after, {"done", "failed"})["ai_status"] == "done"

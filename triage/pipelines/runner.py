@@ -77,7 +77,7 @@ def _mentions_oom(text: str) -> bool:
     )
 
 
-def classify_failure(exc: BaseException, timeout_s: float | None = None) -> tuple[bool, str]:
+def classify_failure(exc: BaseException, timeout_s: float | None = None, stage: str = "") -> tuple[bool, str]:
     """Whether a failed stage may succeed if tried again, and one short sentence for the worklist.
 
     Transient: the worker or its node died or was killed (Ray's memory monitor included), memory ran out, the
@@ -94,7 +94,7 @@ def classify_failure(exc: BaseException, timeout_s: float | None = None) -> tupl
         if isinstance(exc, rex.RayTaskError) and not isinstance(exc, rex.RayActorError):
             cause = getattr(exc, "cause", None)
             if cause is not None and cause is not exc:
-                return classify_failure(cause, timeout_s)
+                return classify_failure(cause, timeout_s, stage)
             return False, _describe(exc)
         if isinstance(exc, rex.OutOfMemoryError):
             return True, "the model worker ran out of memory"
@@ -117,7 +117,7 @@ def classify_failure(exc: BaseException, timeout_s: float | None = None) -> tupl
             return True, "intermediate data was lost on the cluster"
         if isinstance(exc, rex.GetTimeoutError):
             limit = f" of {timeout_s:g} s" if timeout_s else ""
-            return True, f"a stage did not finish within its deadline{limit}"
+            return True, f"{stage or 'a stage'} did not finish within its deadline{limit}"
         if isinstance(exc, rex.TaskCancelledError):
             return True, "a stage was cancelled"
         if isinstance(exc, rex.TaskUnschedulableError | rex.ActorUnschedulableError):
@@ -492,7 +492,7 @@ class RayRunner:
                 timings.add("postprocess", seconds)
                 results.append(SeriesResult(series.series_uid, card.name, version, True, findings, "", timings))  # type: ignore[union-attr]
             except Exception as exc:  # noqa: BLE001 - an AI failure is recorded, never raised to the worklist
-                transient, reason = classify_failure(exc, self.timeout_s)
+                transient, reason = classify_failure(exc, self.timeout_s, stage)
                 # The whole Ray text (with other processes' command lines) goes to the log only.
                 log.warning(
                     "study %s series %s: %s failed at %s (%s): %s",

@@ -18,7 +18,7 @@ from triage.pipelines.runner import classify_failure
         (rex.WorkerCrashedError(), "a worker process crashed"),
         (rex.NodeDiedError("node 1 died"), "a cluster node was lost"),
         (rex.ObjectLostError("0" * 56, "owner", ""), "intermediate data was lost"),
-        (rex.GetTimeoutError("timed out"), "did not finish within its deadline of 30 s"),
+        (rex.GetTimeoutError("timed out"), "a stage did not finish within its deadline of 30 s"),
         (rex.RayTaskError("infer", "Traceback ...", MemoryError()), "ran out of memory"),
         (MemoryError(), "ran out of memory"),
     ],
