@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 CONSTRAINTS := -c constraints.txt
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup dcmtk system-deps demo serve test test-fast bench lint clean
+.PHONY: setup dcmtk system-deps demo serve test test-fast bench lint clean constraints
 
 setup: $(VENV)/.installed
 
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) install -q -U pip
 	$(PIP) install -q $(CONSTRAINTS) torch==2.13.0
-	$(PIP) install -q $(CONSTRAINTS) -e '.[cpu,postgres,train,dev]'
+	$(PIP) install -q $(CONSTRAINTS) -e '.[postgres,train,dev]'
 	# blast-ct supplies the DeepMedic definition for export, parity and benchmarks only; its other
 	# requirements (tensorboard) are not needed for that, hence --no-deps.
 	$(PIP) install -q $(CONSTRAINTS) --no-deps blast-ct==2.1.0
@@ -55,6 +55,11 @@ lint: setup
 	$(VENV)/bin/ruff check triage tests benchmarks
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy triage
+
+# Pin every package of the development install (after a change to pyproject.toml and a fresh make setup).
+constraints: setup
+	{ sed -n '1,3p' constraints.txt; $(PIP) freeze --exclude-editable | grep -v -i '^torch==\|^triage'; \
+	  echo 'torch==2.13.0'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf var test-artifacts reports .pytest_cache
