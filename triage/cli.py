@@ -333,7 +333,10 @@ def fetch_worklist(url: str, token: str | None) -> list[dict[str, Any]]:
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     response = httpx.get(
-        f"{url.rstrip('/')}/api/v1/worklist", params={"include_reported": True}, headers=headers, timeout=30
+        f"{url.rstrip('/')}/api/v1/worklist",
+        params={"include_reported": True, "limit": 10_000},  # the route pages (default 100); ask for all
+        headers=headers,
+        timeout=30,
     )
     if response.status_code == 401:
         if token:

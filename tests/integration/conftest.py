@@ -74,7 +74,7 @@ class Server:
     headers: dict[str, str] | None = None
 
     def worklist(self) -> list[dict]:
-        response = self.get("/api/v1/worklist", include_reported=True)
+        response = self.get("/api/v1/worklist", include_reported=True, limit=10_000)  # the route pages (100)
         response.raise_for_status()
         return response.json()
 

@@ -119,6 +119,8 @@ def build_api() -> APIRouter:
         site: str | None = None,
         accession: str | None = None,
         include_reported: bool = False,
+        limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many studies (a page)")] = 100,
+        offset: Annotated[int, Query(ge=0, description="Skip this many studies of the order first")] = 0,
     ) -> list[dict[str, Any]]:
         try:
             items = service.worklist.list_worklist(
@@ -129,6 +131,8 @@ def build_api() -> APIRouter:
                 site=site,
                 accession=accession,
                 include_reported=include_reported,
+                limit=limit,
+                offset=offset,
             )
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from exc

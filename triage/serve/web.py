@@ -347,7 +347,6 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
         include_reported: bool = False,
     ) -> HTMLResponse:
         items, problem = worklist_items(request, status_, modality, level, site, accession, include_reported)
-        everything, _ = worklist_items(request, None, None, None, None, None, True)
         filters = {
             "status": status_ or "",
             "modality": modality or "",
@@ -356,8 +355,7 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
             "accession": accession or "",
             "include_reported": include_reported,
         }
-        modalities = sorted({m for it in everything for m in it.modality.split("\\") if m})
-        sites = sorted({it.site for it in everything if it.site})
+        modalities, sites = _worklist(request).worklist_facets()
         return render(
             request,
             "worklist.html",

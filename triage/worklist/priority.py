@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from triage.config import PrioritySettings
@@ -24,9 +27,12 @@ AI_NOT_APPLICABLE = "ai-not-applicable"
 WAITING_PROMOTED = "waiting-promoted"
 OVERDUE = "overdue"
 
-# Score layout: level rank in the thousands, fraction of the turnaround target elapsed below it.
-_LEVEL_WEIGHT = 1000.0
-_MAX_FRACTION = 999.0
+# Score layout: level rank in the thousands, fraction of the turnaround target elapsed below it. The worklist
+# query computes the same score in SQL (repository.py), so these are public and the arithmetic is one place.
+LEVEL_WEIGHT = 1000.0
+MAX_FRACTION = 999.0
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
 
 _TOP = max(PriorityLevel, key=lambda level: level.rank)
 
@@ -262,8 +268,71 @@ def compute_priority(
                     final,
                 )
             )
-    score = final.rank * _LEVEL_WEIGHT + min(wait.fraction, _MAX_FRACTION)
-    return Priority(level=final, score=score, reasons=tuple(reasons))
+    return Priority(level=final, score=score_of(final, wait.fraction), reasons=tuple(reasons))
+
+
+def score_of(level: PriorityLevel, fraction: float) -> float:
+    """The sort score: the level's rank in the thousands, the elapsed fraction of the target (capped) below."""
+    return level.rank * LEVEL_WEIGHT + min(fraction, MAX_FRACTION)
+
+
+def epoch_us(value: datetime) -> int:
+    """Microseconds since 1970-01-01 UTC (exact: datetimes have microsecond resolution)."""
+    return (require_utc(value, "value") - _EPOCH) // _ONE_US
+
+
+@dataclass(frozen=True)
+class QueueOrder:
+    """What ordering a study at any later time needs, none of which moves with the clock.
+
+    At time `now` the study's level is `base` promoted one level when `promote_at` is set and `now >=
+    promote_at`; its score is `score_of(level, waiting / target_min)` (0 without a target). The worklist stores
+    these on the study so that the database orders and pages without running the policy per row.
+
+    Attributes:
+        base: The level from the clinical priority and the AI findings, before any promotion for waiting.
+        target_min: The site's turnaround target for `base` in minutes; None when it sets none.
+        promote_at: The first instant (to the microsecond) at which waiting promotes the study; None when it
+            never does (no target, or already at the top level). `compute_priority` promotes at most once.
+    """
+
+    base: PriorityLevel
+    target_min: float | None
+    promote_at: datetime | None
+
+
+def queue_order(base: PriorityLevel, received_at: datetime, settings: PrioritySettings) -> QueueOrder:
+    """The stored ordering of a study that reached `base` before waiting, received at `received_at`.
+
+    `promote_at` is found with the very test `compute_priority` applies (`turnaround(...).fraction >=
+    promote_at_fraction`), so comparing it with the clock in SQL promotes exactly when the policy does, even
+    where floating point puts the boundary a microsecond off the arithmetic instant.
+    """
+    received_at = require_utc(received_at, "received_at")
+    target = turnaround(base, received_at, received_at, settings).target_min
+    if target is None or base is _TOP:
+        return QueueOrder(base, target, None)
+
+    def promoted(wait_us: int) -> bool:
+        wait = turnaround(base, received_at, received_at + timedelta(microseconds=wait_us), settings)
+        return wait.fraction >= settings.promote_at_fraction
+
+    wait_us = max(0, math.ceil(settings.promote_at_fraction * target * 60e6))
+    # The estimate is at most a few microseconds off; walk to the first microsecond that promotes.
+    for _ in range(1000):
+        if wait_us > 0 and promoted(wait_us - 1):
+            wait_us -= 1
+        elif not promoted(wait_us):
+            wait_us += 1
+        else:
+            break
+    return QueueOrder(base, target, received_at + timedelta(microseconds=wait_us))
+
+
+def policy_fingerprint(settings: PrioritySettings) -> str:
+    """A short digest of the policy: stored with each study's ordering so a changed policy is noticed."""
+    text = json.dumps(settings.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def base_level(priority: Priority) -> PriorityLevel:

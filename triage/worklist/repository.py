@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, or_, select, update
+from sqlalchemy import BigInteger, Engine, Float, and_, case, cast, func, literal, or_, select, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -30,12 +30,18 @@ from triage.errors import ConflictError, NotFoundError
 from triage.worklist.db import WRITE_OPTION, create_engine_for
 from triage.worklist.events import STUDY_UPDATED, Broadcaster
 from triage.worklist.priority import (
+    LEVEL_WEIGHT,
+    MAX_FRACTION,
+    QueueOrder,
     base_level,
     compute_priority,
+    epoch_us,
     level_of,
+    policy_fingerprint,
     priority_to_dict,
+    queue_order,
     require_utc,
-    sort_key,
+    score_of,
     turnaround,
     validate_settings,
 )
@@ -47,6 +53,9 @@ log = logging.getLogger(__name__)
 MODALITY_SEPARATOR = "\\"
 _FINDING_KEYS = ("label", "probability", "flagged", "model", "model_version", "synthetic")
 _FINISHED = (AIStatus.DONE, AIStatus.FAILED, AIStatus.NOT_APPLICABLE)
+PRIORITY_ERROR = "priority-error"  # reason code of a study whose priority could not be computed
+_TOP_LEVEL = max(PriorityLevel, key=lambda lvl: lvl.rank)
+_RESCORE_BATCH = 500
 
 
 @dataclass
@@ -241,6 +250,10 @@ class Worklist:
             self._upsert = sqlite_insert
         else:  # create_engine_for refuses others; an engine built elsewhere might not
             raise ValueError(f"unsupported database dialect {dialect!r}; use SQLite or PostgreSQL")
+        # The policy may differ from the one the stored queue columns were computed with (another run's
+        # settings, or a database just upgraded): bring them up to date before the first read.
+        self.policy = policy_fingerprint(self.settings)
+        self.rescore_studies()
 
     @classmethod
     def open(
@@ -302,14 +315,30 @@ class Worklist:
             # One unreadable row must never hide the worklist or this study: list it at the highest level it
             # could have (a study is never demoted by an error), with the reason, and log its UID.
             log.error("study %s: priority could not be computed (%s); listed at stat", study.study_uid, exc)
-            reason = PriorityReason("priority-error", f"priority could not be computed ({exc}); listed at stat",
+            reason = PriorityReason(PRIORITY_ERROR, f"priority could not be computed ({exc}); listed at stat",
                                     PriorityLevel.STAT)  # fmt: skip
-            return Priority(PriorityLevel.STAT, float(PriorityLevel.STAT.rank), (reason,))
+            # Scored as a stat study with no waiting fraction (the SQL order gives it the same place).
+            return Priority(PriorityLevel.STAT, score_of(PriorityLevel.STAT, 0.0), (reason,))
+
+    def _queue_order(self, study: Study, priority: Priority) -> QueueOrder:
+        if any(r.code == PRIORITY_ERROR for r in priority.reasons):
+            return QueueOrder(PriorityLevel.STAT, None, None)
+        return queue_order(base_level(priority), study.received_at, self.settings)
 
     def _refresh_priority(self, study: Study, now: datetime) -> None:
+        """Store the priority at `now` and the clock-independent columns the worklist query orders by.
+
+        Called by every write that changes what the policy looks at (instances, AI status and findings).
+        """
         priority = self._priority(study, now)
         study.priority_level = priority.level.value
         study.priority_reasons = priority_to_dict(priority)["reasons"]
+        order = self._queue_order(study, priority)
+        study.priority_base_rank = order.base.rank
+        study.priority_target_min = order.target_min
+        study.priority_promote_at = order.promote_at
+        study.received_us = epoch_us(study.received_at)
+        study.priority_policy = self.policy
 
     def _clinical_priority(self, meta: InstanceMeta) -> tuple[PriorityLevel, str]:
         note = ""
@@ -1008,8 +1037,15 @@ class Worklist:
         site: str | None = None,
         accession: str | None = None,
         include_reported: bool = False,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> list[WorklistItem]:
         """Studies on the worklist, highest priority first, with the priority computed for `now`.
+
+        The database filters, orders and pages (the stored queue columns and `_queue_score`); the policy runs
+        in Python only for the rows returned, for their reasons. The order is the policy's own: level at
+        `now` (waiting promotes), then the fraction of the turnaround target elapsed, then the oldest, then
+        the Study Instance UID.
 
         Args:
             now: The time of the read; waiting time moves priorities (timezone-aware).
@@ -1019,11 +1055,17 @@ class Worklist:
             site: Only studies from this institution.
             accession: Only the study with this accession number.
             include_reported: Also list studies already reported.
+            limit: At most this many studies (None: all).
+            offset: Skip this many studies of the order first.
 
         Raises:
-            ValueError: when a filter value is not one of the valid ones (quoted with them).
+            ValueError: when a filter value is not one of the valid ones (quoted with them), or `limit` or
+                `offset` is negative.
         """
         now = require_utc(now, "now")
+        if limit is not None and limit < 0 or offset < 0:
+            raise ValueError(f"limit and offset must not be negative, got limit={limit!r} offset={offset!r}")
+        rank, score = self._queue_score(now)
         query = select(Study)
         if status:
             query = query.where(Study.ai_status == _status(status).value)
@@ -1035,20 +1077,82 @@ class Worklist:
             query = query.where(Study.reported_at.is_(None))
         wanted_modality = modality.strip().upper() if modality else None
         if wanted_modality:
-            query = query.where(Study.modality.contains(wanted_modality, autoescape=True))
-        wanted_level = level_of(level) if level else None
+            # One value of the multi-valued ModalitiesInStudy, not a substring: "C" matches neither CT nor CR.
+            escaped = "".join("/" + ch if ch in "/%_" else ch for ch in wanted_modality)
+            joined = literal(MODALITY_SEPARATOR) + Study.modality + literal(MODALITY_SEPARATOR)
+            query = query.where(joined.like(f"%{MODALITY_SEPARATOR}{escaped}{MODALITY_SEPARATOR}%", escape="/"))
+        if level:
+            query = query.where(rank == level_of(level).rank)
+        uid: Any = Study.study_uid
+        if self.engine.dialect.name == "postgresql":
+            uid = uid.collate("C")  # code point order, as Python compares strings; not the locale's
+        query = query.order_by(score.desc(), func.coalesce(Study.received_us, epoch_us(now)), uid)
+        if limit is not None:
+            query = query.limit(limit)
+        if offset:
+            query = query.offset(offset)
         with self._read() as session:
             studies = session.execute(query).scalars().all()
-        items = []
-        for study in studies:
-            if wanted_modality and wanted_modality not in _modalities(study.modality):
-                continue
-            item = self._item(study, now)
-            if wanted_level and item.priority.level is not wanted_level:
-                continue
-            items.append(item)
-        items.sort(key=lambda it: (*sort_key(it.priority, it.received_at), it.study_uid))
-        return items
+        return [self._item(study, now) for study in studies]
+
+    def _queue_score(self, now: datetime) -> tuple[Any, Any]:
+        """SQL expressions for a study's level rank and score at `now`, from the stored queue columns.
+
+        The same arithmetic as `compute_priority` in the same order on IEEE doubles (integer microseconds
+        -> seconds -> minutes -> fraction of the target, capped, plus the rank in the thousands), so the score
+        is the policy's to the last bit and ties fall to received_at as they do in Python. A study whose
+        columns are not computed yet is listed at the top level (never demoted for want of a score).
+        """
+        now_us = epoch_us(now)
+        promoted = and_(Study.priority_promote_at.is_not(None), Study.priority_promote_at <= now)
+        rank = func.coalesce(Study.priority_base_rank, _TOP_LEVEL.rank) + case((promoted, 1), else_=0)
+        waited_us = literal(now_us, BigInteger) - func.coalesce(Study.received_us, now_us)
+        minutes = cast(waited_us, Float) / literal(1e6, Float) / literal(60.0, Float)
+        minutes = case((minutes > 0.0, minutes), else_=literal(0.0, Float))
+        fraction = case(
+            (Study.priority_target_min.is_(None), literal(0.0, Float)), else_=minutes / Study.priority_target_min
+        )
+        capped = case((fraction > MAX_FRACTION, literal(MAX_FRACTION, Float)), else_=fraction)
+        return rank, cast(rank, Float) * literal(LEVEL_WEIGHT, Float) + capped
+
+    def rescore_studies(self, now: datetime | None = None) -> int:
+        """Recompute the stored priority and queue columns of every study scored under another policy.
+
+        Called when the worklist is built, so a site that changed its policy (or a database just upgraded,
+        whose studies have no queue columns yet) orders correctly from the first read; open studies first,
+        in batches, each batch in its own transaction.
+
+        Returns:
+            How many studies were rescored.
+        """
+        now = require_utc(now, "now") if now is not None else datetime.now(UTC)
+        stale = or_(Study.priority_policy != self.policy, Study.priority_policy.is_(None))
+        done = 0
+        for open_only in (True, False):
+            while True:
+                with self._write() as session, session.begin():
+                    query = select(Study).where(stale)
+                    if open_only:
+                        query = query.where(Study.reported_at.is_(None))
+                    if session.get_bind().dialect.name == "postgresql":
+                        query = query.with_for_update(skip_locked=True)
+                    studies = session.execute(query.limit(_RESCORE_BATCH)).scalars().all()
+                    for study in studies:
+                        self._refresh_priority(study, now)
+                if not studies:
+                    break
+                done += len(studies)
+        if done:
+            log.info("rescored %d studies for the current priority policy", done)
+        return done
+
+    def worklist_facets(self) -> tuple[list[str], list[str]]:
+        """The modalities and the sites of every study (for the worklist's filter menus), each sorted."""
+        with self._read() as session:
+            joined = session.execute(select(Study.modality).distinct()).scalars().all()
+            sites = session.execute(select(Study.site).distinct().where(Study.site != "")).scalars().all()
+        modalities = sorted({m for value in joined for m in _modalities(value or "")})
+        return modalities, sorted(s for s in sites if s)
 
     def get_study(self, study_uid: str, now: datetime) -> StudyDetail:
         """One study with its series, the routing decision per series and its history.

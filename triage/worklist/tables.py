@@ -5,7 +5,20 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    text,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -60,6 +73,16 @@ class Study(Base):
     """
 
     __tablename__ = "studies"
+    # The worklist query: open studies (not reported), ordered from the stored queue columns below.
+    __table_args__ = (
+        Index(
+            "ix_studies_open_queue",
+            "priority_base_rank",
+            "received_us",
+            sqlite_where=text("reported_at IS NULL"),
+            postgresql_where=text("reported_at IS NULL"),
+        ),
+    )
 
     study_uid: Mapped[str] = mapped_column(String(UID_LEN), primary_key=True)
     accession_number: Mapped[str] = mapped_column(Text, default="", index=True)
@@ -103,6 +126,15 @@ class Study(Base):
     # because waiting time moves it.
     priority_level: Mapped[str] = mapped_column(Text, default="routine", index=True)
     priority_reasons: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    # What the worklist query orders by, none of which moves with the clock (priority.QueueOrder): the rank of
+    # the level before promotion for waiting (clinical + AI), that level's turnaround target, the first instant
+    # waiting promotes it (None: never), received_at in microseconds since the epoch (exact integer arithmetic
+    # for the score in SQL) and a digest of the policy they were computed with (a changed policy rescores).
+    priority_base_rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    priority_target_min: Mapped[float | None] = mapped_column(Float, nullable=True)
+    priority_promote_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    received_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    priority_policy: Mapped[str] = mapped_column(Text, default="", server_default="")
 
 
 class Series(Base):
