@@ -6,7 +6,7 @@ which the database does not know, so this revision leaves them empty (`priority_
 one (`Worklist.rescore_studies`), before it serves a read.
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-02
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
