@@ -311,7 +311,9 @@ class RayRunner:
             if ray_settings.address:
                 ray.init(address=ray_settings.address, **kwargs)
             else:
-                ray.init(num_cpus=ray_settings.num_cpus, **kwargs)
+                # "local": a new instance of our own, even when another Ray cluster runs on this machine (a
+                # bare ray.init() would join the latest one it finds there).
+                ray.init(address="local", num_cpus=ray_settings.num_cpus, **kwargs)
         self.has_gpu = ray.cluster_resources().get("GPU", 0) > 0
         # Studies live in this node's store, so reading and preprocessing run on this node; inference actors
         # and post-processing may run anywhere in the cluster. Task retries are left to the caller, which
