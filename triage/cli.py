@@ -239,54 +239,70 @@ def ingest(
 
 # ----------------------------------------------------------------------------------------------- infer
 def infer_path(path: Path, settings: Settings, model: str | None = None) -> dict[str, Any]:
-    """Run routing and the pipeline in-process on a local study folder; returns a JSON-ready report."""
+    """Analyse a local study folder in-process, the way `triage serve` analyses a received study; returns a
+    JSON-ready report.
+
+    The files are indexed in an in-memory worklist and each study goes through `triage.analysis.analyse_study`,
+    the one orchestration the scheduler uses too (routing, the runner, the fail-safe, the recorded outcome).
+    Overlays are not kept. With `model`, every other installed model counts as unavailable.
+    """
     import pydicom
 
+    from triage.analysis import analyse_study
     from triage.dicom.sender import collect_files
-    from triage.dicom.series import group_series
     from triage.dicom.store import extract_meta
     from triage.models.registry import ModelRegistry
-    from triage.pipelines.routing import RoutingRules, route_study
+    from triage.pipelines.routing import RoutingRules
     from triage.pipelines.runner import InProcessRunner
+    from triage.worklist.repository import Worklist
 
     files = collect_files([path])
     if not files:
         _fail(f"no DICOM files under {path}; give a study folder or a DICOM file", code=2)
-    metas = [extract_meta(pydicom.dcmread(f, stop_before_pixels=True), str(f), "", "infer") for f in files]
     registry = ModelRegistry(settings.weights_dir)
-    studies: dict[str, list[Any]] = {}
-    for meta in metas:
-        studies.setdefault(meta.study_uid, []).append(meta)
+    unavailable = set(registry.names()) - {model} if model is not None else set()
+    rules = RoutingRules.load(settings.routing_rules)
     runner = InProcessRunner(registry, settings.inference)
+    worklist = Worklist.open("sqlite://", settings.priority)
     report: dict[str, Any] = {"studies": []}
-    for study_uid, study_metas in studies.items():
-        series_list = group_series(study_metas)
-        decisions = route_study(series_list, RoutingRules.load(settings.routing_rules), set(registry.names()))
-        if model is not None:
-            decisions = [d for d in decisions if d.model == model]
-        by_uid = {s.series_uid: s for s in series_list}
-        work = [(by_uid[d.series_uid], d) for d in decisions if d.model]
-        results = runner.analyse(study_uid, work)
-        report["studies"].append(
-            {
-                "study_uid": study_uid,
-                "routing": [{"series_uid": d.series_uid, "model": d.model, "reason": d.reason} for d in decisions],
-                "results": [
-                    {
-                        "series_uid": r.series_uid,
-                        "model": r.model,
-                        "model_version": r.model_version,
-                        "ok": r.ok,
-                        "error": r.error,
-                        "timings_s": {k: round(v, 3) for k, v in r.timings.seconds.items()},
-                        "findings": [
-                            {**f.to_dict(), **({"notice": SYNTHETIC_NOTICE} if f.synthetic else {})} for f in r.findings
-                        ],
-                    }
-                    for r in results
-                ],
-            }
-        )
+    try:
+        studies: dict[str, None] = {}
+        for file in files:
+            meta = extract_meta(pydicom.dcmread(file, stop_before_pixels=True), str(file), "", "infer")
+            worklist.record_instance(meta, utcnow())
+            studies.setdefault(meta.study_uid)
+        for study_uid in studies:
+            outcome = analyse_study(
+                study_uid, worklist, registry, rules, runner, overlay_dir=None, unavailable_models=unavailable
+            )
+            report["studies"].append(
+                {
+                    "study_uid": study_uid,
+                    "ai_status": outcome.ai_status.value,
+                    "reason": outcome.reason,
+                    "routing": [
+                        {"series_uid": d.series_uid, "model": d.model, "reason": d.reason} for d in outcome.routing
+                    ],
+                    "results": [
+                        {
+                            "series_uid": r.series_uid,
+                            "model": r.model,
+                            "model_version": r.model_version,
+                            "ok": r.ok,
+                            "error": r.error,
+                            "timings_s": {k: round(v, 3) for k, v in r.timings.seconds.items()},
+                            "findings": [
+                                {**f.model_dump(mode="json"), **({"notice": SYNTHETIC_NOTICE} if f.synthetic else {})}
+                                for f in r.findings
+                            ],
+                        }
+                        for r in outcome.results
+                        if r.model
+                    ],
+                }
+            )
+    finally:
+        worklist.close()
     return report
 
 

@@ -26,6 +26,7 @@ from triage.dicom.radiograph import radiograph_from_dataset
 from triage.dicom.sopclasses import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from triage.dicom.status import describe_status, status_category
 from triage.dicom.store import check_decode_limits, validate_uid
+from triage.domain import Finding
 from triage.errors import InvalidStudyError, TriageError, UnsupportedInputError
 
 log = logging.getLogger(__name__)
@@ -145,25 +146,30 @@ def _format_details(details: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def describe_finding(finding: dict[str, Any]) -> str:
+def describe_finding(finding: Finding) -> str:
     """One finding as the sentence written into the SR, e.g.
     "intracranial haemorrhage: probability 0.91, FLAGGED (model ct-head-ich 1.0.0; ...)"."""
-    label = str(finding.get("label", "")) or "(unlabelled)"
-    try:
-        probability = f"{float(finding.get('probability', float('nan'))):.2f}"
-    except (TypeError, ValueError):
-        probability = str(finding.get("probability"))
-    flagged = "FLAGGED" if finding.get("flagged") else "not flagged"
-    model = f"model {finding.get('model', '?')} {finding.get('model_version', '?')}"
-    if finding.get("synthetic"):
+    label = finding.label or "(unlabelled)"
+    flagged = "FLAGGED" if finding.flagged else "not flagged"
+    model = f"model {finding.model} {finding.model_version}"
+    if finding.synthetic:
         model += f"; {SYNTHETIC_NOTICE}"
-    text = f"{label}: probability {probability}, {flagged} ({model})"
-    details = _format_details(dict(finding.get("details") or {}))
+    text = f"{label}: probability {finding.probability:.2f}, {flagged} ({model})"
+    details = _format_details(finding.details)
     if details:
         text += f". Details: {details}"
-    if finding.get("series_uid"):
-        text += f". Series {finding['series_uid']}"
+    if finding.series_uid:
+        text += f". Series {finding.series_uid}"
     return text + "."
+
+
+def finding_caption(finding: Finding) -> str:
+    """What an overlay picture of `finding` says under "NOT FOR DIAGNOSTIC USE": model, version, finding and
+    probability, and a warning for a synthetic-data model."""
+    text = f"{finding.model} {finding.model_version}: {finding.label} p={finding.probability:.2f}"
+    if finding.synthetic:
+        text += " (synthetic model)"
+    return text
 
 
 def _text_item(concept: tuple[str, str, str], text: str) -> Dataset:
@@ -177,7 +183,7 @@ def _text_item(concept: tuple[str, str, str], text: str) -> Dataset:
 
 def build_result_sr(
     source_ds: Dataset,
-    findings: Sequence[dict[str, Any]],
+    findings: Sequence[Finding],
     study_ai_status: str,
     reason: str,
     now: datetime | None = None,
@@ -186,7 +192,7 @@ def build_result_sr(
 
     Args:
         source_ds: any instance of the analysed study; its Patient and General Study modules are copied.
-        findings: the finding records stored with the study (`Finding.to_dict()` plus `overlay_file`).
+        findings: the study's findings as recorded.
         study_ai_status: the study's AI status ("done", "failed", ...), written as a comment.
         reason: the one-line reason recorded with that status.
         now: content date and time (local wall clock when omitted).
@@ -217,7 +223,7 @@ def build_result_sr(
     if reason:
         status_text += f" ({reason})"
     items.append(_text_item(_COMMENT, status_text + "."))
-    if any(f.get("synthetic") for f in findings):
+    if any(f.synthetic for f in findings):
         items.append(
             _text_item(_COMMENT, f"Results marked synthetic come from a {SYNTHETIC_NOTICE}; do not act on them.")
         )
@@ -443,10 +449,10 @@ def _study_files(store_dir: Path, study_uid: str) -> list[Path]:
 
 
 def _capture_for(
-    store_dir: Path, overlay_dir: Path, study_uid: str, finding: dict[str, Any], now: datetime
+    store_dir: Path, overlay_dir: Path, study_uid: str, finding: Finding, now: datetime
 ) -> Dataset | None:
     """The overlay capture of one finding, or None when it has no overlay file."""
-    name = finding.get("overlay_file")
+    name = finding.overlay_file
     if not name:
         return None
     path = Path(overlay_dir) / study_uid / Path(str(name)).name
@@ -462,22 +468,14 @@ def _capture_for(
     if not matches:
         raise InvalidStudyError(f"study {study_uid} has no stored instance {sop_uid} for overlay {path.name}")
     source = dcmread(matches[0])
-    probability = finding.get("probability")
-    try:
-        shown = f"p={float(probability):.2f}"  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        shown = f"p={probability}"
-    caption = f"{finding.get('model', '?')} {finding.get('model_version', '?')}: {finding.get('label', '?')} {shown}"
-    if finding.get("synthetic"):
-        caption += " (synthetic model)"
-    return build_overlay_capture(source, mask, stride, caption, kind=kind, now=now)
+    return build_overlay_capture(source, mask, stride, finding_caption(finding), kind=kind, now=now)
 
 
 def export_study_results(
     store_dir: Path,
     overlay_dir: Path,
     study_uid: str,
-    findings: Sequence[dict[str, Any]],
+    findings: Sequence[Finding],
     ai_status: str,
     reason: str,
     destination: Destination,
@@ -492,7 +490,7 @@ def export_study_results(
         store_dir: the instance store (`Settings.store_dir`), <study>/<series>/<sop>.dcm.
         overlay_dir: the overlay folder (`Settings.overlay_dir`), <study>/<overlay_file>.npz.
         study_uid: the analysed study.
-        findings: the finding records as recorded (with `overlay_file`).
+        findings: the study's findings as recorded (with `overlay_file`).
         ai_status, reason: the study's AI status and its reason.
         destination: (called AE title, host, port) of the PACS.
         calling_ae: our AE title.
@@ -516,7 +514,7 @@ def export_study_results(
             capture = _capture_for(Path(store_dir), Path(overlay_dir), study_uid, finding, now)
         except TriageError as exc:
             # A missing or unusable overlay costs only its picture: the SR still goes out with every finding.
-            log.warning("study %s: no overlay capture for %s: %s", study_uid, finding.get("label", "?"), exc)
+            log.warning("study %s: no overlay capture for %s: %s", study_uid, finding.label, exc)
             continue
         if capture is not None:
             capture.InstanceNumber = len(datasets)

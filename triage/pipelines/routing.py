@@ -205,6 +205,8 @@ def route_study(
         )
         for rule, series in ranked[1:]:
             decisions[series.series_uid] = RoutingDecision(
-                series_uid=series.series_uid, rule=rule.name, reason=f"{model} analyses series {chosen.series_uid} instead"
+                series_uid=series.series_uid,
+                rule=rule.name,
+                reason=f"{model} analyses series {chosen.series_uid} instead",
             )
     return [decisions[s.series_uid] for s in series_list]

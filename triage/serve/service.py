@@ -16,6 +16,7 @@ from typing import Any
 
 from pydicom import Dataset
 
+from triage.analysis import AnalysisOutcome, RetryPolicy, analyse_study
 from triage.config import Settings
 from triage.dicom.results import export_study_results
 from triage.dicom.scp import StorageSCP
@@ -25,7 +26,6 @@ from triage.errors import TriageError
 from triage.models.registry import ModelRegistry
 from triage.pipelines.routing import RoutingRules
 from triage.pipelines.runner import Runner, make_runner
-from triage.serve.analysis import AnalysisOutcome, RetryPolicy, analyse_study
 from triage.worklist.db import create_engine_for, migrate
 from triage.worklist.events import Broadcaster
 from triage.worklist.repository import Worklist

@@ -10,6 +10,7 @@ import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,11 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from triage.dicom.radiograph import radiograph_from_dataset
+from triage.dicom.results import finding_caption as overlay_caption
 from triage.dicom.store import check_decode_limits
-from triage.domain import Overlay
-from triage.errors import InvalidStudyError, NotFoundError
+from triage.domain import Finding, Overlay, RoutingDecision
+from triage.errors import InvalidStudyError, NotFoundError, TriageError
+from triage.worklist.repository import Worklist
 from triage.worklist.tables import Instance
 
 log = logging.getLogger(__name__)
@@ -264,24 +267,19 @@ def render_png(image: PreviewImage, overlay: Overlay | None, details: str = "") 
     return buffer.getvalue()
 
 
-def finding_caption(finding: dict[str, Any], kind: str) -> str:
-    """The second caption line: model, version, finding and probability, and a synthetic warning."""
+def finding_caption(finding: Finding, kind: str) -> str:
+    """The second caption line: the window for CT, then model, version, finding and probability, and a synthetic
+    warning (as on the overlay captures sent to PACS)."""
     window = "brain window 0-80 HU  " if kind == "ct" else ""
-    text = (
-        f"{window}{finding.get('model', '')} {finding.get('model_version', '')}: {finding.get('label', '')} "
-        f"p={float(finding.get('probability', 0.0)):.2f}"
-    )
-    if finding.get("synthetic"):
-        text += "  (synthetic model)"
-    return text
+    return window + overlay_caption(finding)
 
 
 def study_preview(
     engine: Engine,
     overlay_dir: Path,
     study_uid: str,
-    findings: list[dict[str, Any]],
-    routing: Sequence[dict[str, Any] | None],
+    findings: Sequence[Finding],
+    routing: Sequence[RoutingDecision],
     finding_index: int | None = None,
 ) -> bytes:
     """Render the preview the study page shows.
@@ -298,16 +296,15 @@ def study_preview(
     candidates = [finding_index] if finding_index is not None else list(range(len(findings)))
     for index in candidates:
         finding = findings[index]
-        if not finding.get("overlay_file"):
+        if not finding.overlay_file:
             continue
-        overlay = load_overlay(overlay_dir, study_uid, str(finding["overlay_file"]))
+        overlay = load_overlay(overlay_dir, study_uid, finding.overlay_file)
         image = read_preview_image(instance_path(engine, study_uid, overlay.sop_instance_uid))
         return render_png(image, overlay, finding_caption(finding, image.kind))
     chosen = findings[finding_index] if finding_index is not None else None
-    series_uids = [r["series_uid"] for r in routing if r and r.get("model")]
-    series_uids += [r["series_uid"] for r in routing if r and not r.get("model")]
-    if chosen is not None and chosen.get("series_uid"):
-        series_uids.insert(0, str(chosen["series_uid"]))
+    series_uids = [r.series_uid for r in routing if r.model] + [r.series_uid for r in routing if not r.model]
+    if chosen is not None and chosen.series_uid:
+        series_uids.insert(0, chosen.series_uid)
     for series_uid in series_uids:
         files = series_files(engine, study_uid, series_uid)
         if not files:
@@ -321,3 +318,28 @@ def study_preview(
         details = finding_caption(chosen, image.kind) + "  (no region stored)" if chosen else "no AI region"
         return render_png(image, None, details)
     raise NotFoundError(f"study {study_uid!r} has no image that can be previewed")
+
+
+def preview_png(
+    worklist: Worklist, overlay_dir: Path, study_uid: str, finding_index: int | None, now: datetime
+) -> bytes:
+    """The study page's preview PNG of one study (see `study_preview`); it is an image of a patient: never cache it.
+
+    Raises:
+        NotFoundError: unknown study or finding, or nothing to preview.
+        InvalidStudyError: when the image cannot be read or drawn (quoting why).
+    """
+    detail = worklist.get_study(study_uid, now)
+    # A series not routed yet counts as one no model analyses.
+    routing = [s.routing or RoutingDecision(series_uid=s.series_uid) for s in detail.series]
+    try:
+        return study_preview(worklist.engine, overlay_dir, study_uid, detail.findings, routing, finding_index)
+    except TriageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a preview failure must not look like a server crash
+        log.exception("study %s: preview failed", study_uid)
+        raise PreviewError(f"preview cannot be rendered: {exc}") from exc
+
+
+class PreviewError(InvalidStudyError):
+    """The stored image or overlay could not be drawn as a preview."""
