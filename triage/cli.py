@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -21,9 +21,12 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from triage.config import REPO_ROOT, Settings
-from triage.domain import utcnow
+from triage.domain import Finding, utcnow
 from triage.errors import TriageError
 from triage.logs import configure_logging
+
+if TYPE_CHECKING:
+    from triage.worklist.repository import WorklistItem
 
 DEBUG_KEY = "triage.debug"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -324,8 +327,12 @@ def infer(
 
 
 # ----------------------------------------------------------------------------------------------- worklist
-def fetch_worklist(url: str, token: str | None) -> list[dict[str, Any]]:
+def fetch_worklist(url: str, token: str | None) -> list[WorklistItem]:
+    """The worklist of a running server, read into the records the server lists (`GET /api/v1/worklist`)."""
     import httpx
+    from pydantic import TypeAdapter
+
+    from triage.worklist.repository import WorklistItem
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     response = httpx.get(
@@ -336,41 +343,38 @@ def fetch_worklist(url: str, token: str | None) -> list[dict[str, Any]]:
             _fail(f"the server refused the API token (401): it is wrong or its account is disabled; {TOKEN_HINT}")
         _fail(f"the server wants an API token: pass --token or set TRIAGE_API_TOKEN; {TOKEN_HINT}")
     response.raise_for_status()
-    items: list[dict[str, Any]] = response.json()
-    return items
+    return TypeAdapter(list[WorklistItem]).validate_python(response.json())
 
 
-def _finding_text(f: dict[str, Any]) -> str:
-    flag = "[bold red]FLAG[/bold red] " if f.get("flagged") else ""
-    details = f.get("details") or {}
+def _finding_text(f: Finding) -> str:
+    flag = "[bold red]FLAG[/bold red] " if f.flagged else ""
     extra = []
-    if "subtype" in details and f.get("flagged"):
-        extra.append(str(details["subtype"]))
-    if details.get("volume_ml") is not None:
-        extra.append(f"{details['volume_ml']:.1f} mL")
-    text = f"{flag}{f['label']} p={f['probability']:.2f} ({f['model']} {f['model_version']}"
+    if "subtype" in f.details and f.flagged:
+        extra.append(str(f.details["subtype"]))
+    if f.details.get("volume_ml") is not None:
+        extra.append(f"{f.details['volume_ml']:.1f} mL")
+    text = f"{flag}{f.label} p={f.probability:.2f} ({f.model} {f.model_version}"
     text += (", " + ", ".join(extra) if extra else "") + ")"
-    if f.get("synthetic"):
+    if f.synthetic:
         text += f" [yellow]{escape('[' + SYNTHETIC_NOTICE + ']')}[/yellow]"
     return text
 
 
-def render_worklist(items: list[dict[str, Any]], title: str) -> Table:
+def render_worklist(items: list[WorklistItem], title: str) -> Table:
     table = Table(title=title, show_lines=True, expand=True)
     for column in ("#", "priority", "why", "study", "AI", "findings", "waiting"):
         table.add_column(column, overflow="fold")
     for rank, item in enumerate(items, 1):
-        priority = item["priority"]
-        level = priority["level"]
+        level = item.priority.level.value
         style = {"stat": "bold red", "urgent": "yellow"}.get(level, "")
         table.add_row(
             str(rank),
             f"[{style}]{level}[/{style}]" if style else level,
-            "\n".join(r["text"] for r in priority["reasons"]),
-            f"{item['modality']} {item.get('study_description') or ''}\n{item['study_uid'][-16:]}",
-            item["ai_status"] + (f"\n{item['ai_reason']}" if item.get("ai_reason") else ""),
-            "\n".join(_finding_text(f) for f in item["findings"]) or "-",
-            f"{item.get('waiting_min', 0):.0f} min",
+            "\n".join(r.text for r in item.priority.reasons),
+            f"{item.modality} {item.study_description}\n{item.study_uid[-16:]}",
+            item.ai_status + (f"\n{item.ai_reason}" if item.ai_reason else ""),
+            "\n".join(_finding_text(f) for f in item.findings) or "-",
+            f"{item.waiting_min:.0f} min",
         )
     return table
 
@@ -502,7 +506,7 @@ def demo(
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 items = fetch_worklist(url, token)
-                done = sum(1 for i in items if i["ai_status"] not in ("pending", "analysing"))
+                done = sum(1 for i in items if i.ai_status not in ("pending", "analysing"))
                 progress.update(task, completed=done)
                 if len(items) >= expected and done >= expected:
                     break

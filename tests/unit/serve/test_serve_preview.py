@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from triage.worklist.preview import compose, load_overlay, mask_on_image, read_preview_image
 
 from tests.dicom_factory import make_ct_series, write_dataset
 from triage.domain import Overlay
 from triage.errors import NotFoundError
+from triage.worklist.preview import compose, load_overlay, mask_on_image, read_preview_image
 
 
 def test_ct_is_shown_in_the_brain_window(tmp_path: Path) -> None:

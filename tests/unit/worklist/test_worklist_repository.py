@@ -679,3 +679,36 @@ def test_a_claim_whose_lease_runs_out_is_taken_back_and_a_live_one_is_not(wl):
     assert wl.recover_interrupted(T0 + timedelta(seconds=92), is_dead=lambda worker, _: worker == "host:2") == [
         uid("l")
     ]
+
+
+# ------------------------------------------------------------------------------------ stored JSON, read back
+def _store_findings(wl, study_uid: str, findings: list) -> None:
+    """Write a study's findings column as an earlier release left it (bypassing today's validation)."""
+    from sqlalchemy import update
+
+    from triage.worklist.tables import Study
+
+    with wl.engine.begin() as conn:
+        conn.execute(update(Study).where(Study.study_uid == study_uid).values(findings=findings, ai_status="done"))
+
+
+def test_findings_stored_by_the_previous_release_load_as_records(wl):
+    wl.record_instance(meta("old"), T0)
+    # As 0.x wrote them: no overlay_file or series_uid, and a key this release does not know.
+    _store_findings(wl, uid("old"), [{**ich(), "legacy_score": 3}])
+    [item] = wl.list_worklist(T0 + timedelta(minutes=1))
+    (finding,) = item.findings
+    assert (finding.label, finding.flagged, finding.details) == ("intracranial_haemorrhage", True, {"volume_ml": 4.2})
+    assert (finding.series_uid, finding.overlay_file, finding.overlay_sop_instance_uid) == ("", None, None)
+    assert item.priority.level == "stat"
+    assert "legacy_score" not in wl.get_study(uid("old"), T0).to_dict()["findings"][0]
+
+
+def test_an_unreadable_stored_finding_lists_the_study_at_stat_with_the_reason(wl, caplog):
+    wl.record_instance(meta("bad"), T0)
+    _store_findings(wl, uid("bad"), [{"label": "intracranial_haemorrhage", "flagged": "perhaps"}])
+    [item] = wl.list_worklist(T0)
+    # Never demoted by an error: the highest level, saying why, and the study is still listed.
+    assert item.priority.level == "stat" and item.priority.reasons[-1].code == "priority-error"
+    assert item.findings == []
+    assert uid("bad") in caplog.text
