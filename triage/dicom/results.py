@@ -22,12 +22,12 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
-from triage.dicom.radiograph import radiograph_from_dataset
+from triage.dicom.overlay import display_image, render_overlay
 from triage.dicom.sopclasses import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from triage.dicom.status import describe_status, status_category
-from triage.dicom.store import check_decode_limits, validate_uid
-from triage.domain import Finding
-from triage.errors import InvalidStudyError, TriageError, UnsupportedInputError
+from triage.dicom.store import validate_uid
+from triage.domain import Finding, Overlay
+from triage.errors import InvalidStudyError, TriageError
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +36,9 @@ CAPTURE_SERIES_DESCRIPTION = "AI triage overlays (not for diagnostic use)"
 MANUFACTURER = "triage"
 DISCLAIMER = "AI triage aid, not a diagnosis."
 SYNTHETIC_NOTICE = "synthetic demonstration model, not validated"
-BURNED_IN_WARNING = "NOT FOR DIAGNOSTIC USE"
 # Series numbers high enough not to collide with the modality's own series.
 SR_SERIES_NUMBER = 9901
 CAPTURE_SERIES_NUMBER = 9902
-# CT brain window (level 40 HU, width 80 HU): the window a radiologist reads a head CT for haemorrhage in.
-BRAIN_WINDOW_HU = (0.0, 80.0)
-# Pixels whose mask value is at least this are drawn in red; heatmaps are blended in proportion instead.
-MASK_THRESHOLD = 0.5
-OVERLAY_ALPHA = 0.6
-_RED = np.array([255.0, 0.0, 0.0])
 
 # PS3.3 C.7.1.1 Patient module and C.7.2.1 General Study module: what a result must repeat to be filed in the
 # same patient and study by PACS (Type 2 attributes are written empty when the source lacks them).
@@ -232,96 +225,6 @@ def build_result_sr(
     return ds
 
 
-def _display_values(source_ds: Dataset) -> np.ndarray:
-    """The key image as a viewer would show it, float (rows, cols) in [0, 1].
-
-    CT: Hounsfield units through Rescale Slope/Intercept, shown in the brain window 0-80 HU. Anything else
-    (radiographs): the instance's own Modality and VOI LUTs (see `radiograph_from_dataset`).
-
-    Raises:
-        InvalidStudyError: when there is no decodable pixel data.
-        UnsupportedInputError: for multi-frame or colour images.
-    """
-    if str(source_ds.get("Modality", "")).upper() != "CT":
-        return np.asarray(radiograph_from_dataset(source_ds, source=str(source_ds.get("SOPInstanceUID", ""))).pixels)
-    if "PixelData" not in source_ds:
-        raise InvalidStudyError(f"CT instance {source_ds.get('SOPInstanceUID', '?')} has no pixel data")
-    frames = int(source_ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1 or int(source_ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise UnsupportedInputError(
-            f"CT instance {source_ds.get('SOPInstanceUID', '?')} has NumberOfFrames={frames} and "
-            f"SamplesPerPixel={source_ds.get('SamplesPerPixel')}; a capture is drawn from a single greyscale slice"
-        )
-    check_decode_limits(source_ds)
-    try:
-        stored = np.asarray(source_ds.pixel_array, dtype=np.float64)
-    except Exception as exc:  # decoders raise a variety of errors on corrupt data
-        raise InvalidStudyError(
-            f"CT instance {source_ds.get('SOPInstanceUID', '?')}: cannot decode pixels: {exc}"
-        ) from exc
-    hu = stored * float(source_ds.get("RescaleSlope", 1) or 1) + float(source_ds.get("RescaleIntercept", 0) or 0)
-    low, high = BRAIN_WINDOW_HU
-    return np.clip((hu - low) / (high - low), 0.0, 1.0)
-
-
-def _upsample(mask: np.ndarray, stride: int, shape: tuple[int, int]) -> np.ndarray:
-    """The mask on the image's pixel grid: each mask pixel covers stride x stride image pixels."""
-    if mask.ndim != 2:
-        raise InvalidStudyError(f"overlay mask has shape {mask.shape}; expected (rows, cols)")
-    if stride < 1:
-        raise InvalidStudyError(f"overlay stride {stride!r} is not a positive integer")
-    full = np.repeat(np.repeat(mask.astype(np.float32), stride, axis=0), stride, axis=1)
-    rows, cols = shape
-    if full.shape[0] + stride <= rows or full.shape[1] + stride <= cols or full.shape[0] > rows + stride:
-        raise InvalidStudyError(
-            f"overlay mask {mask.shape} with stride {stride} does not fit the image ({rows}, {cols})"
-        )
-    out = np.zeros(shape, dtype=np.float32)
-    out[: min(rows, full.shape[0]), : min(cols, full.shape[1])] = full[:rows, :cols]
-    return np.nan_to_num(np.clip(out, 0.0, 1.0))
-
-
-def _caption_band(lines: Sequence[str], width: int) -> np.ndarray:
-    """A black band with the lines in white, uint8 (band_rows, width, 3)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    size = max(10, width // 36)
-    try:
-        font: Any = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType: the fixed bitmap font
-        font = ImageFont.load_default()
-    line_height = size + size // 2
-    band = Image.new("RGB", (width, line_height * len(lines) + size // 2), (0, 0, 0))
-    draw = ImageDraw.Draw(band)
-    for index, line in enumerate(lines):
-        draw.text((size // 2, size // 4 + index * line_height), line, fill=(255, 255, 255), font=font)
-    return np.asarray(band, dtype=np.uint8)
-
-
-def render_overlay(
-    display: np.ndarray, mask: np.ndarray, stride: int, caption: str, kind: str = "mask"
-) -> tuple[np.ndarray, int]:
-    """Draw `mask` in red over a greyscale image and put a caption band on top.
-
-    Args:
-        display: float (rows, cols) in [0, 1], the image as a viewer shows it.
-        mask: float (rows / stride, cols / stride) in [0, 1] on the image's pixel grid, downsampled by `stride`.
-        stride: the mask's integer downsampling factor.
-        caption: the second caption line (the first is "NOT FOR DIAGNOSTIC USE").
-        kind: "mask" draws pixels at or above 0.5 in red; "heatmap" blends red in proportion to the value.
-
-    Returns:
-        (rgb, band_rows): uint8 (band_rows + rows, cols, 3), and how many rows the caption band takes.
-    """
-    grey = np.clip(np.asarray(display, dtype=np.float64), 0.0, 1.0) * 255.0
-    weight = _upsample(np.asarray(mask), int(stride), grey.shape)
-    alpha = weight * OVERLAY_ALPHA if kind == "heatmap" else np.where(weight >= MASK_THRESHOLD, OVERLAY_ALPHA, 0.0)
-    rgb = grey[..., None] * (1.0 - alpha[..., None]) + _RED * alpha[..., None]
-    image = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-    band = _caption_band([BURNED_IN_WARNING, caption], grey.shape[1])
-    return np.concatenate([band, image], axis=0), band.shape[0]
-
-
 def build_overlay_capture(
     source_ds: Dataset,
     mask: np.ndarray,
@@ -337,7 +240,7 @@ def build_overlay_capture(
         mask: float32 (rows / stride, cols / stride) in [0, 1], on that instance's pixel grid.
         stride: the mask's integer downsampling factor.
         caption: what the overlay shows (model, label, probability); printed under "NOT FOR DIAGNOSTIC USE".
-        kind: "mask" or "heatmap" (see `render_overlay`).
+        kind: "mask" or "heatmap" (see `triage.dicom.overlay.draw_overlay`).
         now: content date and time (local wall clock when omitted).
 
     Returns:
@@ -346,10 +249,11 @@ def build_overlay_capture(
 
     Raises:
         InvalidStudyError: no decodable pixels, or a mask that does not fit the image.
-        UnsupportedInputError: multi-frame or colour source.
+        UnsupportedInputError: a colour CT or a multi-frame radiograph (an Enhanced CT shows its middle frame).
     """
     now = now or datetime.now()
-    rgb, _ = render_overlay(_display_values(source_ds), mask, stride, caption, kind)
+    image = display_image(source_ds)
+    rgb, _ = render_overlay(image, Overlay(image.sop_instance_uid, mask, stride, kind), [caption])
     ds = _new_instance(source_ds, SecondaryCaptureImageStorage, CAPTURE_SERIES_NUMBER, now)
     ds.Modality = "OT"
     ds.ConversionType = "WSD"  # workstation (PS3.3 C.8.6.1)
