@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from tests.dicom_factory import make_ct_series, write_dataset
+from triage.dicom.overlay import draw_overlay, mask_on_image
 from triage.domain import Overlay
 from triage.errors import NotFoundError
-from triage.dicom.overlay import draw_overlay, mask_on_image
 from triage.worklist.preview import load_overlay, read_preview_image
 
 
