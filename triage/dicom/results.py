@@ -16,15 +16,14 @@ from pydicom.uid import (
     UID,
     BasicTextSRStorage,
     ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
-from pynetdicom import AE
 
 from triage.dicom.overlay import display_image, render_overlay
+from triage.dicom.sender import send_datasets
 from triage.dicom.sopclasses import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from triage.dicom.status import describe_status, status_category
+from triage.dicom.status import status_category
 from triage.dicom.store import validate_uid
 from triage.domain import Finding, Overlay
 from triage.errors import InvalidStudyError, TriageError
@@ -279,18 +278,14 @@ def build_overlay_capture(
     return ds
 
 
-def _requested_contexts(datasets: Sequence[Dataset]) -> list[str]:
-    classes = dict.fromkeys(str(ds.SOPClassUID) for ds in datasets)
-    return list(classes)
-
-
 def send_results(
     datasets: Sequence[Dataset],
     destination: Destination,
     calling_ae: str = "TRIAGE",
     timeout_s: float = 30.0,
 ) -> list[int]:
-    """Send result instances to a storage SCP (PACS) with C-STORE over one association.
+    """Send result instances to a storage SCP (PACS) with C-STORE, through the one C-STORE client
+    (`triage.dicom.sender.send_datasets`).
 
     Args:
         datasets: instances from `build_result_sr` / `build_overlay_capture` (Explicit VR Little Endian).
@@ -309,42 +304,20 @@ def send_results(
     target = f"{called_ae}@{host}:{port}"
     if not datasets:
         return []
-    ae = AE(ae_title=calling_ae)
-    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    for sop_class in _requested_contexts(datasets):
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    statuses: list[int] = []
-    try:
-        assoc = ae.associate(host, int(port), ae_title=called_ae)
-        if not assoc.is_established:
-            why = "rejected (check the calling and called AE titles)" if assoc.is_rejected else "refused or timed out"
+    report = send_datasets(datasets, host, int(port), called_ae, calling_ae, timeout_s=timeout_s)
+    unanswered = [r for r in report.results if r.status is None]
+    if unanswered:
+        stored = len(report.results) - len(unanswered)
+        error = unanswered[0].error
+        if report.associations and not stored and ("associate" in error or "rejected" in error):
+            why = "rejected (check the calling and called AE titles)" if "rejected" in error else "refused or timed out"
             raise ResultsExportError(f"cannot send AI results to {target}: association {why}")
-        try:
-            for ds in datasets:
-                try:
-                    response = assoc.send_c_store(ds)
-                except (ValueError, RuntimeError, AttributeError) as exc:
-                    raise ResultsExportError(
-                        f"cannot send {UID(str(ds.SOPClassUID)).name} {ds.SOPInstanceUID} to {target}: {exc}; "
-                        f"{len(statuses)} of {len(datasets)} stored before"
-                    ) from exc
-                if response is None or "Status" not in response:
-                    raise ResultsExportError(
-                        f"{target} stopped answering (association aborted or timed out) after "
-                        f"{len(statuses)} of {len(datasets)} result instances"
-                    )
-                status = int(response.Status)
-                statuses.append(status)
-                if status_category(status) not in ("success", "warning"):
-                    log.warning("%s refused result instance %s: %s", target, ds.SOPInstanceUID, describe_status(status))
-        finally:
-            if assoc.is_established:
-                assoc.release()
-    finally:
-        ae.shutdown()
-    return statuses
+        raise ResultsExportError(
+            f"cannot send AI results to {target}: {error}; {stored} of {len(datasets)} result instances stored"
+        )
+    for result in report.failures:
+        log.warning("%s refused result instance %s: %s", target, result.sop_instance_uid, result.error)
+    return [int(r.status) for r in report.results if r.status is not None]
 
 
 def _study_files(store_dir: Path, study_uid: str) -> list[Path]:
