@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from triage.dicom.series import read_series_attributes
+from triage.dicom.series import with_routing_attributes
 from triage.domain import (
     AIStatus,
     Finding,
@@ -67,14 +67,6 @@ class RetryPolicy:
 
     def delay_s(self, failed_attempts: int) -> float:
         return float(self.backoff_s) * 3 ** max(0, failed_attempts - 1)
-
-
-def _with_attributes(series: SeriesInfo) -> SeriesInfo:
-    """The series with the attributes routing rules look at, read from its first stored instance."""
-    if not series.files:
-        return series
-    attributes = {**series.attributes, **read_series_attributes(series.files[0])}
-    return replace(series, attributes=attributes)
 
 
 def _earlier_findings(worklist: Worklist, study_uid: str, models: set[str], now: datetime) -> list[Finding]:
@@ -198,7 +190,7 @@ def analyse_study(
     results: list[SeriesResult] = []
     try:
         started = time.perf_counter()
-        series_list = [_with_attributes(s) for s in worklist.series_of(study_uid)]
+        series_list = [with_routing_attributes(s) for s in worklist.series_of(study_uid)]
         timings.add("database", time.perf_counter() - started)
         installed = set(registry.names()) - (unavailable_models or set())
         decisions = route_study(series_list, rules, installed)
