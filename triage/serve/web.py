@@ -40,7 +40,7 @@ from triage.serve.deps import get_service
 from triage.serve.service import TriageService
 from triage.worklist.accounts import Accounts, InvalidAccountError, Role, User, constant_time_equal
 from triage.worklist.feedback import record_feedback
-from triage.worklist.repository import Worklist
+from triage.worklist.repository import Worklist, WorklistItem
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
         site: str | None,
         accession: str | None,
         include_reported: bool,
-    ) -> tuple[list[Any], str | None]:
+    ) -> tuple[list[WorklistItem], str | None]:
         try:
             items = _worklist(request).list_worklist(
                 utcnow(),
