@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -21,9 +21,12 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from triage.config import REPO_ROOT, Settings
-from triage.domain import utcnow
+from triage.domain import Finding, utcnow
 from triage.errors import TriageError
 from triage.logs import configure_logging
+
+if TYPE_CHECKING:
+    from triage.worklist.repository import WorklistItem
 
 DEBUG_KEY = "triage.debug"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -259,54 +262,70 @@ def ingest(
 
 # ----------------------------------------------------------------------------------------------- infer
 def infer_path(path: Path, settings: Settings, model: str | None = None) -> dict[str, Any]:
-    """Run routing and the pipeline in-process on a local study folder; returns a JSON-ready report."""
+    """Analyse a local study folder in-process, the way `triage serve` analyses a received study; returns a
+    JSON-ready report.
+
+    The files are indexed in an in-memory worklist and each study goes through `triage.analysis.analyse_study`,
+    the one orchestration the scheduler uses too (routing, the runner, the fail-safe, the recorded outcome).
+    Overlays are not kept. With `model`, every other installed model counts as unavailable.
+    """
     import pydicom
 
+    from triage.analysis import analyse_study
     from triage.dicom.sender import collect_files
-    from triage.dicom.series import group_series
     from triage.dicom.store import extract_meta
     from triage.models.registry import ModelRegistry
-    from triage.pipelines.routing import RoutingRules, route_study
+    from triage.pipelines.routing import RoutingRules
     from triage.pipelines.runner import InProcessRunner
+    from triage.worklist.repository import Worklist
 
     files = collect_files([path])
     if not files:
         _fail(f"no DICOM files under {path}; give a study folder or a DICOM file", code=2)
-    metas = [extract_meta(pydicom.dcmread(f, stop_before_pixels=True), str(f), "", "infer") for f in files]
     registry = ModelRegistry(settings.weights_dir)
-    studies: dict[str, list[Any]] = {}
-    for meta in metas:
-        studies.setdefault(meta.study_uid, []).append(meta)
+    unavailable = set(registry.names()) - {model} if model is not None else set()
+    rules = RoutingRules.load(settings.routing_rules)
     runner = InProcessRunner(registry, settings.inference)
+    worklist = Worklist.open("sqlite://", settings.priority)
     report: dict[str, Any] = {"studies": []}
-    for study_uid, study_metas in studies.items():
-        series_list = group_series(study_metas)
-        decisions = route_study(series_list, RoutingRules.load(settings.routing_rules), set(registry.names()))
-        if model is not None:
-            decisions = [d for d in decisions if d.model == model]
-        by_uid = {s.series_uid: s for s in series_list}
-        work = [(by_uid[d.series_uid], d) for d in decisions if d.model]
-        results = runner.analyse(study_uid, work)
-        report["studies"].append(
-            {
-                "study_uid": study_uid,
-                "routing": [{"series_uid": d.series_uid, "model": d.model, "reason": d.reason} for d in decisions],
-                "results": [
-                    {
-                        "series_uid": r.series_uid,
-                        "model": r.model,
-                        "model_version": r.model_version,
-                        "ok": r.ok,
-                        "error": r.error,
-                        "timings_s": {k: round(v, 3) for k, v in r.timings.seconds.items()},
-                        "findings": [
-                            {**f.to_dict(), **({"notice": SYNTHETIC_NOTICE} if f.synthetic else {})} for f in r.findings
-                        ],
-                    }
-                    for r in results
-                ],
-            }
-        )
+    try:
+        studies: dict[str, None] = {}
+        for file in files:
+            meta = extract_meta(pydicom.dcmread(file, stop_before_pixels=True), str(file), "", "infer")
+            worklist.record_instance(meta, utcnow())
+            studies.setdefault(meta.study_uid)
+        for study_uid in studies:
+            outcome = analyse_study(
+                study_uid, worklist, registry, rules, runner, overlay_dir=None, unavailable_models=unavailable
+            )
+            report["studies"].append(
+                {
+                    "study_uid": study_uid,
+                    "ai_status": outcome.ai_status.value,
+                    "reason": outcome.reason,
+                    "routing": [
+                        {"series_uid": d.series_uid, "model": d.model, "reason": d.reason} for d in outcome.routing
+                    ],
+                    "results": [
+                        {
+                            "series_uid": r.series_uid,
+                            "model": r.model,
+                            "model_version": r.model_version,
+                            "ok": r.ok,
+                            "error": r.error,
+                            "timings_s": {k: round(v, 3) for k, v in r.timings.seconds.items()},
+                            "findings": [
+                                {**f.model_dump(mode="json"), **({"notice": SYNTHETIC_NOTICE} if f.synthetic else {})}
+                                for f in r.findings
+                            ],
+                        }
+                        for r in outcome.results
+                        if r.model
+                    ],
+                }
+            )
+    finally:
+        worklist.close()
     return report
 
 
@@ -328,8 +347,12 @@ def infer(
 
 
 # ----------------------------------------------------------------------------------------------- worklist
-def fetch_worklist(url: str, token: str | None) -> list[dict[str, Any]]:
+def fetch_worklist(url: str, token: str | None) -> list[WorklistItem]:
+    """The worklist of a running server, read into the records the server lists (`GET /api/v1/worklist`)."""
     import httpx
+    from pydantic import TypeAdapter
+
+    from triage.worklist.repository import WorklistItem
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     response = httpx.get(
@@ -343,41 +366,38 @@ def fetch_worklist(url: str, token: str | None) -> list[dict[str, Any]]:
             _fail(f"the server refused the API token (401): it is wrong or its account is disabled; {TOKEN_HINT}")
         _fail(f"the server wants an API token: pass --token or set TRIAGE_API_TOKEN; {TOKEN_HINT}")
     response.raise_for_status()
-    items: list[dict[str, Any]] = response.json()
-    return items
+    return TypeAdapter(list[WorklistItem]).validate_python(response.json())
 
 
-def _finding_text(f: dict[str, Any]) -> str:
-    flag = "[bold red]FLAG[/bold red] " if f.get("flagged") else ""
-    details = f.get("details") or {}
+def _finding_text(f: Finding) -> str:
+    flag = "[bold red]FLAG[/bold red] " if f.flagged else ""
     extra = []
-    if "subtype" in details and f.get("flagged"):
-        extra.append(str(details["subtype"]))
-    if details.get("volume_ml") is not None:
-        extra.append(f"{details['volume_ml']:.1f} mL")
-    text = f"{flag}{f['label']} p={f['probability']:.2f} ({f['model']} {f['model_version']}"
+    if "subtype" in f.details and f.flagged:
+        extra.append(str(f.details["subtype"]))
+    if f.details.get("volume_ml") is not None:
+        extra.append(f"{f.details['volume_ml']:.1f} mL")
+    text = f"{flag}{f.label} p={f.probability:.2f} ({f.model} {f.model_version}"
     text += (", " + ", ".join(extra) if extra else "") + ")"
-    if f.get("synthetic"):
+    if f.synthetic:
         text += f" [yellow]{escape('[' + SYNTHETIC_NOTICE + ']')}[/yellow]"
     return text
 
 
-def render_worklist(items: list[dict[str, Any]], title: str) -> Table:
+def render_worklist(items: list[WorklistItem], title: str) -> Table:
     table = Table(title=title, show_lines=True, expand=True)
     for column in ("#", "priority", "why", "study", "AI", "findings", "waiting"):
         table.add_column(column, overflow="fold")
     for rank, item in enumerate(items, 1):
-        priority = item["priority"]
-        level = priority["level"]
+        level = item.priority.level.value
         style = {"stat": "bold red", "urgent": "yellow"}.get(level, "")
         table.add_row(
             str(rank),
             f"[{style}]{level}[/{style}]" if style else level,
-            "\n".join(r["text"] for r in priority["reasons"]),
-            f"{item['modality']} {item.get('study_description') or ''}\n{item['study_uid'][-16:]}",
-            item["ai_status"] + (f"\n{item['ai_reason']}" if item.get("ai_reason") else ""),
-            "\n".join(_finding_text(f) for f in item["findings"]) or "-",
-            f"{item.get('waiting_min', 0):.0f} min",
+            "\n".join(r.text for r in item.priority.reasons),
+            f"{item.modality} {item.study_description}\n{item.study_uid[-16:]}",
+            item.ai_status + (f"\n{item.ai_reason}" if item.ai_reason else ""),
+            "\n".join(_finding_text(f) for f in item.findings) or "-",
+            f"{item.waiting_min:.0f} min",
         )
     return table
 
@@ -509,7 +529,7 @@ def demo(
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 items = fetch_worklist(url, token)
-                done = sum(1 for i in items if i["ai_status"] not in ("pending", "analysing"))
+                done = sum(1 for i in items if i.ai_status not in ("pending", "analysing"))
                 progress.update(task, completed=done)
                 if len(items) >= expected and done >= expected:
                     break

@@ -5,12 +5,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_serializer, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 
 def utcnow() -> datetime:
     """Now, timezone-aware in UTC: every time triage stores or compares is UTC."""
     return datetime.now(UTC)
+
+
+# A time in JSON: ISO 8601 with its UTC offset ("2026-01-02T03:04:05+00:00"), as the API has always written it.
+UtcTime = Annotated[datetime, PlainSerializer(lambda value: value.isoformat(), return_type=str, when_used="json")]
+# A score in JSON, to 4 decimals (the rest is noise to a reader and churn to a diff).
+Score = Annotated[float, PlainSerializer(lambda value: round(float(value), 4), return_type=float, when_used="json")]
+
+
+class Record(BaseModel):
+    """Base of the records stored as JSON and read back: unknown keys (from a newer or older release) are
+    ignored, missing optional ones take their defaults, so old rows still load. `model` is a field name here,
+    not pydantic's namespace."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
 
 class AIStatus(StrEnum):
@@ -114,14 +131,23 @@ class SeriesInfo:
     attributes: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class RoutingDecision:
-    """For one series: which model will analyse it, or why none will."""
+class RoutingDecision(Record):
+    """For one series: which model will analyse it, or why none will.
+
+    Routing fills the decision (`series_uid`, `model`, `rule`, `reason`); the study's record adds what the
+    study page shows next to it: the series' modality, description and size, and, once its model ran, the
+    outcome (`analysis`: "done" or "failed: ...") and the model version.
+    """
 
     series_uid: str
-    model: str | None
-    rule: str | None
-    reason: str
+    model: str | None = None
+    rule: str | None = None
+    reason: str = ""
+    modality: str = ""
+    description: str = ""
+    n_instances: int = 0
+    analysis: str | None = None
+    model_version: str | None = None
 
 
 @dataclass
@@ -138,9 +164,12 @@ class Overlay:
     kind: str = "mask"  # "mask" or "heatmap"
 
 
-@dataclass
-class Finding:
-    """One study-level AI result. `synthetic` is true when the model was trained on synthetic data."""
+class Finding(Record):
+    """One study-level AI result. `synthetic` is true when the model was trained on synthetic data.
+
+    The runner fills `overlay` (a mask in memory); it is never serialised: the analysis stores it and records
+    its name in `overlay_file`. `overlay_sop_instance_uid` names the image the overlay is drawn on.
+    """
 
     label: str
     probability: float
@@ -149,22 +178,38 @@ class Finding:
     model_version: str
     synthetic: bool
     series_uid: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
-    overlay: Overlay | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+    overlay_sop_instance_uid: str | None = None
+    overlay_file: str | None = None
+    overlay: SkipJsonSchema[Overlay | None] = Field(default=None, exclude=True, repr=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready form stored with the study (the overlay is stored separately as a file)."""
-        return {
-            "label": self.label,
-            "probability": round(float(self.probability), 4),
-            "flagged": bool(self.flagged),
-            "model": self.model,
-            "model_version": self.model_version,
-            "synthetic": bool(self.synthetic),
-            "series_uid": self.series_uid,
-            "details": self.details,
-            "overlay_sop_instance_uid": self.overlay.sop_instance_uid if self.overlay is not None else None,
-        }
+    @model_validator(mode="after")
+    def _overlay_names_its_image(self) -> Finding:
+        if self.overlay is not None and not self.overlay_sop_instance_uid:
+            self.overlay_sop_instance_uid = self.overlay.sop_instance_uid
+        return self
+
+    @field_serializer("probability")
+    def _rounded(self, value: float) -> float:
+        return round(float(value), 4)
+
+    def carried_over(self) -> Finding:
+        """This finding, marked as kept from an earlier analysis (the latest one of its model failed)."""
+        return self.model_copy(update={"details": {**self.details, CARRIED_OVER: CARRIED_OVER_TEXT}})
+
+
+# The detail that marks a finding kept from an earlier analysis.
+CARRIED_OVER = "carried_over"
+CARRIED_OVER_TEXT = "from an earlier analysis; the latest failed"
+
+
+class StageTime(Record):
+    """Seconds one pipeline stage took for one model on one series (stored with the analysis run)."""
+
+    stage: str
+    seconds: float
+    model: str = ""
+    series_uid: str = ""
 
 
 @dataclass
@@ -226,5 +271,5 @@ class Priority:
     """A study's priority level, a sortable score and every reason behind it."""
 
     level: PriorityLevel
-    score: float
+    score: Score
     reasons: tuple[PriorityReason, ...]

@@ -20,6 +20,7 @@ import pytest
 from pydicom.uid import BasicTextSRStorage, SecondaryCaptureImageStorage
 
 from triage.dicom.results import SERIES_DESCRIPTION, export_study_results
+from triage.domain import Finding
 
 HEAD_CT_SLICE = Path(__file__).resolve().parents[1] / "data" / "ct-head-ge" / "01.dcm"
 ORTHANC_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc")
@@ -121,17 +122,19 @@ def test_results_arrive_in_the_same_study_in_orthanc(tmp_path: Path, orthanc: Or
         kind="mask",
     )
     findings = [
-        {
-            "label": "intracranial haemorrhage",
-            "probability": 0.91,
-            "flagged": True,
-            "model": "ct-head-ich",
-            "model_version": "0.1.0",
-            "synthetic": True,
-            "series_uid": str(source.SeriesInstanceUID),
-            "details": {"subtype": "intraparenchymal", "volume_ml": 4.2, "slice_range": [1, 1]},
-            "overlay_file": "ct-head-ich-ich.npz",
-        }
+        Finding(
+            **{
+                "label": "intracranial haemorrhage",
+                "probability": 0.91,
+                "flagged": True,
+                "model": "ct-head-ich",
+                "model_version": "0.1.0",
+                "synthetic": True,
+                "series_uid": str(source.SeriesInstanceUID),
+                "details": {"subtype": "intraparenchymal", "volume_ml": 4.2, "slice_range": [1, 1]},
+                "overlay_file": "ct-head-ich-ich.npz",
+            }
+        )
     ]
 
     stored = export_study_results(

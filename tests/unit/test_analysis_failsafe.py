@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.dicom_factory import make_ct_series, make_radiograph
+from triage.analysis import analyse_study
 from triage.config import Settings
 from triage.domain import AIStatus
-from triage.serve.analysis import analyse_study
 from triage.serve.service import TriageService
 
 
@@ -206,7 +206,7 @@ class ScriptedRunner:
 
 
 def _analyse_with(service: TriageService, study_uid: str, runner: ScriptedRunner, attempts: int = 3):  # type: ignore[no-untyped-def]
-    from triage.serve.analysis import RetryPolicy
+    from triage.analysis import RetryPolicy
 
     return analyse_study(
         study_uid,

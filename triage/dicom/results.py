@@ -16,17 +16,17 @@ from pydicom.uid import (
     UID,
     BasicTextSRStorage,
     ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
-from pynetdicom import AE
 
-from triage.dicom.radiograph import radiograph_from_dataset
+from triage.dicom.overlay import display_image, render_overlay
+from triage.dicom.sender import send_datasets
 from triage.dicom.sopclasses import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from triage.dicom.status import describe_status, status_category
-from triage.dicom.store import check_decode_limits, validate_uid
-from triage.errors import InvalidStudyError, TriageError, UnsupportedInputError
+from triage.dicom.status import status_category
+from triage.dicom.store import validate_uid
+from triage.domain import Finding, Overlay
+from triage.errors import InvalidStudyError, TriageError
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +35,9 @@ CAPTURE_SERIES_DESCRIPTION = "AI triage overlays (not for diagnostic use)"
 MANUFACTURER = "triage"
 DISCLAIMER = "AI triage aid, not a diagnosis."
 SYNTHETIC_NOTICE = "synthetic demonstration model, not validated"
-BURNED_IN_WARNING = "NOT FOR DIAGNOSTIC USE"
 # Series numbers high enough not to collide with the modality's own series.
 SR_SERIES_NUMBER = 9901
 CAPTURE_SERIES_NUMBER = 9902
-# CT brain window (level 40 HU, width 80 HU): the window a radiologist reads a head CT for haemorrhage in.
-BRAIN_WINDOW_HU = (0.0, 80.0)
-# Pixels whose mask value is at least this are drawn in red; heatmaps are blended in proportion instead.
-MASK_THRESHOLD = 0.5
-OVERLAY_ALPHA = 0.6
-_RED = np.array([255.0, 0.0, 0.0])
 
 # PS3.3 C.7.1.1 Patient module and C.7.2.1 General Study module: what a result must repeat to be filed in the
 # same patient and study by PACS (Type 2 attributes are written empty when the source lacks them).
@@ -145,25 +138,30 @@ def _format_details(details: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def describe_finding(finding: dict[str, Any]) -> str:
+def describe_finding(finding: Finding) -> str:
     """One finding as the sentence written into the SR, e.g.
     "intracranial haemorrhage: probability 0.91, FLAGGED (model ct-head-ich 1.0.0; ...)"."""
-    label = str(finding.get("label", "")) or "(unlabelled)"
-    try:
-        probability = f"{float(finding.get('probability', float('nan'))):.2f}"
-    except (TypeError, ValueError):
-        probability = str(finding.get("probability"))
-    flagged = "FLAGGED" if finding.get("flagged") else "not flagged"
-    model = f"model {finding.get('model', '?')} {finding.get('model_version', '?')}"
-    if finding.get("synthetic"):
+    label = finding.label or "(unlabelled)"
+    flagged = "FLAGGED" if finding.flagged else "not flagged"
+    model = f"model {finding.model} {finding.model_version}"
+    if finding.synthetic:
         model += f"; {SYNTHETIC_NOTICE}"
-    text = f"{label}: probability {probability}, {flagged} ({model})"
-    details = _format_details(dict(finding.get("details") or {}))
+    text = f"{label}: probability {finding.probability:.2f}, {flagged} ({model})"
+    details = _format_details(finding.details)
     if details:
         text += f". Details: {details}"
-    if finding.get("series_uid"):
-        text += f". Series {finding['series_uid']}"
+    if finding.series_uid:
+        text += f". Series {finding.series_uid}"
     return text + "."
+
+
+def finding_caption(finding: Finding) -> str:
+    """What an overlay picture of `finding` says under "NOT FOR DIAGNOSTIC USE": model, version, finding and
+    probability, and a warning for a synthetic-data model."""
+    text = f"{finding.model} {finding.model_version}: {finding.label} p={finding.probability:.2f}"
+    if finding.synthetic:
+        text += " (synthetic model)"
+    return text
 
 
 def _text_item(concept: tuple[str, str, str], text: str) -> Dataset:
@@ -177,7 +175,7 @@ def _text_item(concept: tuple[str, str, str], text: str) -> Dataset:
 
 def build_result_sr(
     source_ds: Dataset,
-    findings: Sequence[dict[str, Any]],
+    findings: Sequence[Finding],
     study_ai_status: str,
     reason: str,
     now: datetime | None = None,
@@ -186,7 +184,7 @@ def build_result_sr(
 
     Args:
         source_ds: any instance of the analysed study; its Patient and General Study modules are copied.
-        findings: the finding records stored with the study (`Finding.to_dict()` plus `overlay_file`).
+        findings: the study's findings as recorded.
         study_ai_status: the study's AI status ("done", "failed", ...), written as a comment.
         reason: the one-line reason recorded with that status.
         now: content date and time (local wall clock when omitted).
@@ -217,103 +215,13 @@ def build_result_sr(
     if reason:
         status_text += f" ({reason})"
     items.append(_text_item(_COMMENT, status_text + "."))
-    if any(f.get("synthetic") for f in findings):
+    if any(f.synthetic for f in findings):
         items.append(
             _text_item(_COMMENT, f"Results marked synthetic come from a {SYNTHETIC_NOTICE}; do not act on them.")
         )
     items.append(_text_item(_COMMENT, DISCLAIMER))
     ds.ContentSequence = DicomSequence(items)
     return ds
-
-
-def _display_values(source_ds: Dataset) -> np.ndarray:
-    """The key image as a viewer would show it, float (rows, cols) in [0, 1].
-
-    CT: Hounsfield units through Rescale Slope/Intercept, shown in the brain window 0-80 HU. Anything else
-    (radiographs): the instance's own Modality and VOI LUTs (see `radiograph_from_dataset`).
-
-    Raises:
-        InvalidStudyError: when there is no decodable pixel data.
-        UnsupportedInputError: for multi-frame or colour images.
-    """
-    if str(source_ds.get("Modality", "")).upper() != "CT":
-        return np.asarray(radiograph_from_dataset(source_ds, source=str(source_ds.get("SOPInstanceUID", ""))).pixels)
-    if "PixelData" not in source_ds:
-        raise InvalidStudyError(f"CT instance {source_ds.get('SOPInstanceUID', '?')} has no pixel data")
-    frames = int(source_ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1 or int(source_ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise UnsupportedInputError(
-            f"CT instance {source_ds.get('SOPInstanceUID', '?')} has NumberOfFrames={frames} and "
-            f"SamplesPerPixel={source_ds.get('SamplesPerPixel')}; a capture is drawn from a single greyscale slice"
-        )
-    check_decode_limits(source_ds)
-    try:
-        stored = np.asarray(source_ds.pixel_array, dtype=np.float64)
-    except Exception as exc:  # decoders raise a variety of errors on corrupt data
-        raise InvalidStudyError(
-            f"CT instance {source_ds.get('SOPInstanceUID', '?')}: cannot decode pixels: {exc}"
-        ) from exc
-    hu = stored * float(source_ds.get("RescaleSlope", 1) or 1) + float(source_ds.get("RescaleIntercept", 0) or 0)
-    low, high = BRAIN_WINDOW_HU
-    return np.clip((hu - low) / (high - low), 0.0, 1.0)
-
-
-def _upsample(mask: np.ndarray, stride: int, shape: tuple[int, int]) -> np.ndarray:
-    """The mask on the image's pixel grid: each mask pixel covers stride x stride image pixels."""
-    if mask.ndim != 2:
-        raise InvalidStudyError(f"overlay mask has shape {mask.shape}; expected (rows, cols)")
-    if stride < 1:
-        raise InvalidStudyError(f"overlay stride {stride!r} is not a positive integer")
-    full = np.repeat(np.repeat(mask.astype(np.float32), stride, axis=0), stride, axis=1)
-    rows, cols = shape
-    if full.shape[0] + stride <= rows or full.shape[1] + stride <= cols or full.shape[0] > rows + stride:
-        raise InvalidStudyError(
-            f"overlay mask {mask.shape} with stride {stride} does not fit the image ({rows}, {cols})"
-        )
-    out = np.zeros(shape, dtype=np.float32)
-    out[: min(rows, full.shape[0]), : min(cols, full.shape[1])] = full[:rows, :cols]
-    return np.nan_to_num(np.clip(out, 0.0, 1.0))
-
-
-def _caption_band(lines: Sequence[str], width: int) -> np.ndarray:
-    """A black band with the lines in white, uint8 (band_rows, width, 3)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    size = max(10, width // 36)
-    try:
-        font: Any = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType: the fixed bitmap font
-        font = ImageFont.load_default()
-    line_height = size + size // 2
-    band = Image.new("RGB", (width, line_height * len(lines) + size // 2), (0, 0, 0))
-    draw = ImageDraw.Draw(band)
-    for index, line in enumerate(lines):
-        draw.text((size // 2, size // 4 + index * line_height), line, fill=(255, 255, 255), font=font)
-    return np.asarray(band, dtype=np.uint8)
-
-
-def render_overlay(
-    display: np.ndarray, mask: np.ndarray, stride: int, caption: str, kind: str = "mask"
-) -> tuple[np.ndarray, int]:
-    """Draw `mask` in red over a greyscale image and put a caption band on top.
-
-    Args:
-        display: float (rows, cols) in [0, 1], the image as a viewer shows it.
-        mask: float (rows / stride, cols / stride) in [0, 1] on the image's pixel grid, downsampled by `stride`.
-        stride: the mask's integer downsampling factor.
-        caption: the second caption line (the first is "NOT FOR DIAGNOSTIC USE").
-        kind: "mask" draws pixels at or above 0.5 in red; "heatmap" blends red in proportion to the value.
-
-    Returns:
-        (rgb, band_rows): uint8 (band_rows + rows, cols, 3), and how many rows the caption band takes.
-    """
-    grey = np.clip(np.asarray(display, dtype=np.float64), 0.0, 1.0) * 255.0
-    weight = _upsample(np.asarray(mask), int(stride), grey.shape)
-    alpha = weight * OVERLAY_ALPHA if kind == "heatmap" else np.where(weight >= MASK_THRESHOLD, OVERLAY_ALPHA, 0.0)
-    rgb = grey[..., None] * (1.0 - alpha[..., None]) + _RED * alpha[..., None]
-    image = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-    band = _caption_band([BURNED_IN_WARNING, caption], grey.shape[1])
-    return np.concatenate([band, image], axis=0), band.shape[0]
 
 
 def build_overlay_capture(
@@ -331,7 +239,7 @@ def build_overlay_capture(
         mask: float32 (rows / stride, cols / stride) in [0, 1], on that instance's pixel grid.
         stride: the mask's integer downsampling factor.
         caption: what the overlay shows (model, label, probability); printed under "NOT FOR DIAGNOSTIC USE".
-        kind: "mask" or "heatmap" (see `render_overlay`).
+        kind: "mask" or "heatmap" (see `triage.dicom.overlay.draw_overlay`).
         now: content date and time (local wall clock when omitted).
 
     Returns:
@@ -340,10 +248,11 @@ def build_overlay_capture(
 
     Raises:
         InvalidStudyError: no decodable pixels, or a mask that does not fit the image.
-        UnsupportedInputError: multi-frame or colour source.
+        UnsupportedInputError: a colour CT or a multi-frame radiograph (an Enhanced CT shows its middle frame).
     """
     now = now or datetime.now()
-    rgb, _ = render_overlay(_display_values(source_ds), mask, stride, caption, kind)
+    image = display_image(source_ds)
+    rgb, _ = render_overlay(image, Overlay(image.sop_instance_uid, mask, stride, kind), [caption])
     ds = _new_instance(source_ds, SecondaryCaptureImageStorage, CAPTURE_SERIES_NUMBER, now)
     ds.Modality = "OT"
     ds.ConversionType = "WSD"  # workstation (PS3.3 C.8.6.1)
@@ -369,18 +278,14 @@ def build_overlay_capture(
     return ds
 
 
-def _requested_contexts(datasets: Sequence[Dataset]) -> list[str]:
-    classes = dict.fromkeys(str(ds.SOPClassUID) for ds in datasets)
-    return list(classes)
-
-
 def send_results(
     datasets: Sequence[Dataset],
     destination: Destination,
     calling_ae: str = "TRIAGE",
     timeout_s: float = 30.0,
 ) -> list[int]:
-    """Send result instances to a storage SCP (PACS) with C-STORE over one association.
+    """Send result instances to a storage SCP (PACS) with C-STORE, through the one C-STORE client
+    (`triage.dicom.sender.send_datasets`).
 
     Args:
         datasets: instances from `build_result_sr` / `build_overlay_capture` (Explicit VR Little Endian).
@@ -399,42 +304,20 @@ def send_results(
     target = f"{called_ae}@{host}:{port}"
     if not datasets:
         return []
-    ae = AE(ae_title=calling_ae)
-    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    for sop_class in _requested_contexts(datasets):
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    statuses: list[int] = []
-    try:
-        assoc = ae.associate(host, int(port), ae_title=called_ae)
-        if not assoc.is_established:
-            why = "rejected (check the calling and called AE titles)" if assoc.is_rejected else "refused or timed out"
+    report = send_datasets(datasets, host, int(port), called_ae, calling_ae, timeout_s=timeout_s)
+    unanswered = [r for r in report.results if r.status is None]
+    if unanswered:
+        stored = len(report.results) - len(unanswered)
+        error = unanswered[0].error
+        if report.associations and not stored and ("associate" in error or "rejected" in error):
+            why = "rejected (check the calling and called AE titles)" if "rejected" in error else "refused or timed out"
             raise ResultsExportError(f"cannot send AI results to {target}: association {why}")
-        try:
-            for ds in datasets:
-                try:
-                    response = assoc.send_c_store(ds)
-                except (ValueError, RuntimeError, AttributeError) as exc:
-                    raise ResultsExportError(
-                        f"cannot send {UID(str(ds.SOPClassUID)).name} {ds.SOPInstanceUID} to {target}: {exc}; "
-                        f"{len(statuses)} of {len(datasets)} stored before"
-                    ) from exc
-                if response is None or "Status" not in response:
-                    raise ResultsExportError(
-                        f"{target} stopped answering (association aborted or timed out) after "
-                        f"{len(statuses)} of {len(datasets)} result instances"
-                    )
-                status = int(response.Status)
-                statuses.append(status)
-                if status_category(status) not in ("success", "warning"):
-                    log.warning("%s refused result instance %s: %s", target, ds.SOPInstanceUID, describe_status(status))
-        finally:
-            if assoc.is_established:
-                assoc.release()
-    finally:
-        ae.shutdown()
-    return statuses
+        raise ResultsExportError(
+            f"cannot send AI results to {target}: {error}; {stored} of {len(datasets)} result instances stored"
+        )
+    for result in report.failures:
+        log.warning("%s refused result instance %s: %s", target, result.sop_instance_uid, result.error)
+    return [int(r.status) for r in report.results if r.status is not None]
 
 
 def _study_files(store_dir: Path, study_uid: str) -> list[Path]:
@@ -443,10 +326,10 @@ def _study_files(store_dir: Path, study_uid: str) -> list[Path]:
 
 
 def _capture_for(
-    store_dir: Path, overlay_dir: Path, study_uid: str, finding: dict[str, Any], now: datetime
+    store_dir: Path, overlay_dir: Path, study_uid: str, finding: Finding, now: datetime
 ) -> Dataset | None:
     """The overlay capture of one finding, or None when it has no overlay file."""
-    name = finding.get("overlay_file")
+    name = finding.overlay_file
     if not name:
         return None
     path = Path(overlay_dir) / study_uid / Path(str(name)).name
@@ -462,22 +345,14 @@ def _capture_for(
     if not matches:
         raise InvalidStudyError(f"study {study_uid} has no stored instance {sop_uid} for overlay {path.name}")
     source = dcmread(matches[0])
-    probability = finding.get("probability")
-    try:
-        shown = f"p={float(probability):.2f}"  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        shown = f"p={probability}"
-    caption = f"{finding.get('model', '?')} {finding.get('model_version', '?')}: {finding.get('label', '?')} {shown}"
-    if finding.get("synthetic"):
-        caption += " (synthetic model)"
-    return build_overlay_capture(source, mask, stride, caption, kind=kind, now=now)
+    return build_overlay_capture(source, mask, stride, finding_caption(finding), kind=kind, now=now)
 
 
 def export_study_results(
     store_dir: Path,
     overlay_dir: Path,
     study_uid: str,
-    findings: Sequence[dict[str, Any]],
+    findings: Sequence[Finding],
     ai_status: str,
     reason: str,
     destination: Destination,
@@ -492,7 +367,7 @@ def export_study_results(
         store_dir: the instance store (`Settings.store_dir`), <study>/<series>/<sop>.dcm.
         overlay_dir: the overlay folder (`Settings.overlay_dir`), <study>/<overlay_file>.npz.
         study_uid: the analysed study.
-        findings: the finding records as recorded (with `overlay_file`).
+        findings: the study's findings as recorded (with `overlay_file`).
         ai_status, reason: the study's AI status and its reason.
         destination: (called AE title, host, port) of the PACS.
         calling_ae: our AE title.
@@ -516,7 +391,7 @@ def export_study_results(
             capture = _capture_for(Path(store_dir), Path(overlay_dir), study_uid, finding, now)
         except TriageError as exc:
             # A missing or unusable overlay costs only its picture: the SR still goes out with every finding.
-            log.warning("study %s: no overlay capture for %s: %s", study_uid, finding.get("label", "?"), exc)
+            log.warning("study %s: no overlay capture for %s: %s", study_uid, finding.label, exc)
             continue
         if capture is not None:
             capture.InstanceNumber = len(datasets)

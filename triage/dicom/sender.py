@@ -1,4 +1,5 @@
-"""The ingest client: find DICOM files (folders, DICOMDIR) and send them to a storage SCP with C-STORE."""
+"""The C-STORE client: find DICOM files (folders, DICOMDIR) and send them, or data sets built in memory (the AI
+results), to a storage SCP. The one place triage opens a storage association as SCU."""
 
 from __future__ import annotations
 
@@ -46,9 +47,10 @@ class FileScan:
 
 @dataclass(frozen=True)
 class SendResult:
-    """The outcome for one file. `status` is the peer's C-STORE status, None when none was received."""
+    """The outcome for one file or data set. `status` is the peer's C-STORE status, None when none was received.
+    `path` is None for a data set sent from memory."""
 
-    path: Path
+    path: Path | None
     sop_instance_uid: str
     status: int | None
     error: str = ""
@@ -219,10 +221,11 @@ def collect_files(paths: Sequence[Path]) -> list[Path]:
 
 @dataclass(frozen=True)
 class _Item:
-    path: Path
+    path: Path | None
     sop_class: str
     sop_instance: str
     transfer_syntax: str
+    dataset: Dataset | None = None
 
 
 def _describe(path: Path) -> _Item:
@@ -271,11 +274,22 @@ def _batches(items: list[_Item]) -> list[list[_Item]]:
     return batches
 
 
-def _read_for_sending(path: Path, transfer_syntax: str) -> Dataset:
-    ds = dcmread(path, force=True)
+def _read_for_sending(item: _Item) -> Dataset:
+    if item.dataset is not None:
+        return item.dataset
+    assert item.path is not None
+    ds = dcmread(item.path, force=True)
     if "TransferSyntaxUID" not in ds.file_meta:
-        ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+        ds.file_meta.TransferSyntaxUID = UID(item.transfer_syntax)
     return ds
+
+
+def _describe_dataset(ds: Dataset) -> _Item:
+    """SOP class, instance and transfer syntax of a data set in memory (Explicit VR Little Endian unless its
+    File Meta says otherwise)."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+    return _Item(None, str(ds.SOPClassUID), str(ds.SOPInstanceUID), syntax or ExplicitVRLittleEndian, ds)
 
 
 def send_files(
@@ -304,8 +318,6 @@ def send_files(
     Returns:
         A report with one SendResult per file; never raises for a single file's failure.
     """
-    total = len(files)
-    report = SendReport()
     results: dict[int, SendResult] = {}
     items: list[tuple[int, _Item]] = []
     for index, path in enumerate(files):
@@ -313,6 +325,36 @@ def send_files(
             items.append((index, _describe(Path(path))))
         except Exception as exc:
             results[index] = SendResult(Path(path), "", None, f"cannot read: {exc}")
+    return _send_items(len(files), items, results, host, port, called_ae, calling_ae, progress, timeout_s)
+
+
+def send_datasets(
+    datasets: Sequence[Dataset],
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str = "TRIAGE",
+    *,
+    timeout_s: float = 30.0,
+) -> SendReport:
+    """Send data sets built in memory (with File Meta) to a storage SCP, as `send_files` sends files: same
+    associations, same retry of an unanswered instance on a new association, one SendResult per data set."""
+    items = list(enumerate(_describe_dataset(ds) for ds in datasets))
+    return _send_items(len(datasets), items, {}, host, port, called_ae, calling_ae, None, timeout_s)
+
+
+def _send_items(
+    total: int,
+    items: list[tuple[int, _Item]],
+    results: dict[int, SendResult],
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str,
+    progress: Progress | None,
+    timeout_s: float,
+) -> SendReport:
+    report = SendReport()
     done = len(results)
     if progress is not None and done:
         progress(done, total)
@@ -337,7 +379,9 @@ def send_files(
         ae.shutdown()
 
     report.results = [results[i] for i in range(total)]
-    logger.info("sent %d of %d files to %s@%s:%d (%d failed)", report.sent, total, called_ae, host, port, report.failed)
+    logger.info(
+        "sent %d of %d instances to %s@%s:%d (%d failed)", report.sent, total, called_ae, host, port, report.failed
+    )
     return report
 
 
@@ -404,7 +448,7 @@ def _association_failure(assoc: Association, host: str, port: int, called_ae: st
 def _send_one(assoc: Association, item: _Item) -> tuple[SendResult, bool]:
     """Send one file; returns its result and whether the association was lost without an answer."""
     try:
-        ds = _read_for_sending(item.path, item.transfer_syntax)
+        ds = _read_for_sending(item)
     except Exception as exc:
         return SendResult(item.path, item.sop_instance, None, f"cannot read: {exc}"), False
     try:

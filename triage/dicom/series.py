@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
 from triage.dicom.store import check_decode_limits
-from triage.domain import InstanceMeta, SeriesInfo
+from triage.domain import SeriesInfo
 from triage.errors import InvalidStudyError
 
 log = logging.getLogger(__name__)
@@ -149,39 +149,17 @@ def _to_float(value: Any) -> float | None:
         return None
 
 
-def group_series(metas: Iterable[InstanceMeta]) -> list[SeriesInfo]:
-    """Group received instances into series, in the order each series was first seen.
-
-    An instance received twice (same SOP Instance UID) counts once: senders retry. Modality and SOP class come
-    from the first instance; `attributes` from the first of its files that can be read.
+def with_routing_attributes(series: SeriesInfo) -> SeriesInfo:
+    """The series with the attributes routing rules look at, read from the first of its files that can be read,
+    over what was indexed when its instances arrived. This is how every analysed series gets its attributes.
 
     Raises:
-        InvalidStudyError: when no file of a series can be read as DICOM.
+        InvalidStudyError: when no file of the series can be read as DICOM.
     """
-    by_series: dict[str, list[InstanceMeta]] = {}
-    seen: set[tuple[str, str]] = set()
-    for meta in metas:
-        key = (meta.series_uid, meta.sop_instance_uid)
-        if key in seen:
-            continue
-        seen.add(key)
-        by_series.setdefault(meta.series_uid, []).append(meta)
-
-    series: list[SeriesInfo] = []
-    for series_uid, members in by_series.items():
-        files = tuple(m.path for m in members)
-        attributes = _first_readable_attributes(series_uid, files)
-        series.append(
-            SeriesInfo(
-                series_uid=series_uid,
-                modality=members[0].modality,
-                sop_class_uid=members[0].sop_class_uid,
-                n_instances=len(members),
-                files=files,
-                attributes=attributes,
-            )
-        )
-    return series
+    if not series.files:
+        return series
+    attributes = {**series.attributes, **_first_readable_attributes(series.series_uid, series.files)}
+    return replace(series, attributes=attributes)
 
 
 def _first_readable_attributes(series_uid: str, files: Sequence[str]) -> dict[str, Any]:

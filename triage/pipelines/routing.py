@@ -176,7 +176,7 @@ def route_study(
     for series in series_list:
         excluded = next((e for e in rules.exclusions if not e.match.failures(series)), None)
         if excluded is not None:
-            decisions[series.series_uid] = RoutingDecision(series.series_uid, None, None, excluded.reason)
+            decisions[series.series_uid] = RoutingDecision(series_uid=series.series_uid, reason=excluded.reason)
             continue
         near_misses: list[str] = []
         for rule in rules.rules:
@@ -187,7 +187,7 @@ def route_study(
             near_misses.append(f"{rule.name}: {failed[0]}")
         else:
             decisions[series.series_uid] = RoutingDecision(
-                series.series_uid, None, None, _unrouted_reason(series, rules, near_misses)
+                series_uid=series.series_uid, reason=_unrouted_reason(series, rules, near_misses)
             )
     for model, pairs in candidates.items():
         ranked = sorted(pairs, key=lambda pair: _rank_key(pair[0], pair[1]))
@@ -195,14 +195,18 @@ def route_study(
         if model not in installed_models:
             for rule, series in ranked:
                 decisions[series.series_uid] = RoutingDecision(
-                    series.series_uid, None, rule.name, f"{SkipReason.MODEL_UNAVAILABLE}: {model} is not installed"
+                    series_uid=series.series_uid,
+                    rule=rule.name,
+                    reason=f"{SkipReason.MODEL_UNAVAILABLE}: {model} is not installed",
                 )
             continue
         decisions[chosen.series_uid] = RoutingDecision(
-            chosen.series_uid, model, chosen_rule.name, f"matched rule {chosen_rule.name}"
+            series_uid=chosen.series_uid, model=model, rule=chosen_rule.name, reason=f"matched rule {chosen_rule.name}"
         )
         for rule, series in ranked[1:]:
             decisions[series.series_uid] = RoutingDecision(
-                series.series_uid, None, rule.name, f"{model} analyses series {chosen.series_uid} instead"
+                series_uid=series.series_uid,
+                rule=rule.name,
+                reason=f"{model} analyses series {chosen.series_uid} instead",
             )
     return [decisions[s.series_uid] for s in series_list]

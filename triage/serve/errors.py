@@ -15,11 +15,14 @@ from triage.errors import (
     UnsupportedInputError,
 )
 from triage.worklist.accounts import InvalidAccountError
+from triage.worklist.preview import PreviewError
 
 STATUS_BY_ERROR: list[tuple[type[TriageError], int]] = [
     (InvalidAccountError, 400),
     (NotFoundError, 404),
     (ConflictError, 409),
+    # The study and finding exist but the stored image or overlay cannot be drawn.
+    (PreviewError, 422),
     (InvalidStudyError, 400),
     (UnsupportedInputError, 415),
     (ModelLoadError, 503),

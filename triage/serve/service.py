@@ -17,6 +17,7 @@ from typing import Any
 
 from pydicom import Dataset
 
+from triage.analysis import AnalysisOutcome, RetryPolicy, analyse_study
 from triage.config import ALL_ROLES, ServiceRole, Settings
 from triage.dicom.results import export_study_results
 from triage.dicom.scp import StorageSCP
@@ -26,7 +27,6 @@ from triage.errors import TriageError
 from triage.models.registry import ModelRegistry
 from triage.pipelines.routing import RoutingRules
 from triage.pipelines.runner import Runner, make_runner
-from triage.serve.analysis import AnalysisOutcome, RetryPolicy, analyse_study
 from triage.worklist.db import create_engine_for, migrate
 from triage.worklist.events import Broadcaster, relay_for
 from triage.worklist.repository import Worklist

@@ -13,19 +13,17 @@ import io
 import logging
 import re
 import secrets
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Form, Query, Request, Response, status
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
 from triage.domain import AIStatus, PriorityLevel, utcnow
-from triage.errors import ConflictError, NotFoundError, TriageError
-from triage.serve import preview as previews
+from triage.errors import ConflictError, NotFoundError
 from triage.serve.auth import (
     CSRF_FIELD,
     HUMAN_ROLES,
@@ -36,17 +34,18 @@ from triage.serve.auth import (
     require_roles,
     safe_next,
 )
+from triage.serve.deps import get_service
+from triage.serve.service import TriageService
 from triage.worklist.accounts import (
     Accounts,
-    FeedbackEntry,
     InvalidAccountError,
     Role,
     SharedSignInThrottle,
     User,
-    Verdict,
     constant_time_equal,
-    feedback_label_rows,
 )
+from triage.worklist.feedback import record_feedback
+from triage.worklist.repository import Worklist, WorklistItem
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +62,6 @@ ReportPage = Annotated[User, Depends(require_roles(*HUMAN_ROLES, page=True, acti
 
 AI_STATUSES = [s.value for s in AIStatus]
 LEVELS = [level.value for level in sorted(PriorityLevel, key=lambda lv: -lv.rank)]
-LABEL_CSV_COLUMNS = [
-    "image",
-    "label",
-    "finding",
-    "verdict",
-    "model",
-    "model_version",
-    "study_uid",
-    "series_uid",
-    "user",
-    "at",
-]
 AUDIT_CSV_COLUMNS = ["at", "user", "action", "study_uid", "detail"]
 
 
@@ -150,42 +137,17 @@ def _csrf(request: Request) -> str:
     return found.csrf_token if found is not None and found.csrf_token else ""
 
 
-def _service(request: Request) -> Any:
-    return request.app.state.service
+def _service(request: Request) -> TriageService:
+    return get_service(request)
 
 
-def _worklist(request: Request) -> Any:
-    return request.app.state.service.worklist
+def _worklist(request: Request) -> Worklist:
+    return get_service(request).worklist
 
 
 async def _audit(request: Request, user: User | str, action: str, study_uid: str | None = None, **detail: Any) -> None:
     name = user.name if isinstance(user, User) else user
     await asyncio.to_thread(accounts_of(request).audit, name, action, utcnow(), study_uid, detail)
-
-
-def series_image_path(engine: Any, study_uid: str, series_uid: str) -> str | None:
-    """What the label CSV's `image` column names: the stored file of a one-image series, else the series folder."""
-    files = previews.series_files(engine, study_uid, series_uid) if series_uid else []
-    if not files:
-        return None
-    if len(files) == 1:
-        return str(files[0][1])
-    parents = {path.parent for _, path in files}
-    return str(parents.pop()) if len(parents) == 1 else str(Path(*Path(files[0][1]).parts[:-2]))
-
-
-def label_csv(rows: Iterable[dict[str, Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LABEL_CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def export_labels(accounts: Accounts, engine: Any, model: str | None = None, label: str | None = None) -> str:
-    """The feedback as a label CSV for the training tools: image (stored DICOM file or series folder), label 0/1."""
-    entries = accounts.feedback_entries(model=model or None, label=label or None)
-    return label_csv(feedback_label_rows(entries, lambda st, se: series_image_path(engine, st, se), model or None))
 
 
 def audit_csv(accounts: Accounts, **filters: Any) -> str:
@@ -320,7 +282,7 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
         site: str | None,
         accession: str | None,
         include_reported: bool,
-    ) -> tuple[list[Any], str | None]:
+    ) -> tuple[list[WorklistItem], str | None]:
         try:
             items = _worklist(request).list_worklist(
                 utcnow(),
@@ -393,20 +355,20 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
         feedback = await asyncio.to_thread(accounts_of(request).feedback_entries, study_uid)
         service = _service(request)
         models = sorted(
-            {str((s.routing or {}).get("model")) for s in detail.series if (s.routing or {}).get("model")}
-            | {str(f.get("model")) for f in detail.item.findings if f.get("model")}
+            {s.routing.model for s in detail.series if s.routing is not None and s.routing.model}
+            | {f.model for f in detail.findings if f.model}
         )
         labels = sorted(
-            {f.get("label") for f in detail.item.findings if f.get("label")}
-            | {label for m in service.registry.all() for label in _card_labels(m.card)}
+            {f.label for f in detail.findings if f.label}
+            | {spec.label for m in service.registry.all() for spec in m.card.findings}
         )
-        previews_to_show = [i for i, f in enumerate(detail.item.findings) if f.get("overlay_file")]
+        previews_to_show = [i for i, f in enumerate(detail.findings) if f.overlay_file]
         return render(
             request,
             "study.html",
             user,
             study=detail,
-            item=detail.item,
+            item=detail,
             feedback=feedback,
             models=models,
             labels=labels,
@@ -493,7 +455,18 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
         try:
             index = int(finding) if finding.strip() else None
             await asyncio.to_thread(
-                record_feedback, request, study_uid, user, verdict, index, label, model, comment, model_version
+                record_feedback,
+                _worklist(request),
+                accounts_of(request),
+                study_uid,
+                user.name,
+                verdict,
+                index,
+                label,
+                model,
+                comment,
+                model_version,
+                now=utcnow(),
             )
         except (InvalidAccountError, NotFoundError, ConflictError, ValueError) as exc:
             return _redirect(_with_message(url, error=f"Feedback not saved: {exc}"))
@@ -591,112 +564,3 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
         return _redirect(_with_message("/admin/users", notice=f"{name} {'disabled' if disabled else 'enabled'}."))
 
     return router
-
-
-def _card_labels(card: Any) -> list[str]:
-    """Finding labels a model card declares, for the "missed finding" choices."""
-    return [spec.label for spec in getattr(card, "findings", [])]
-
-
-def record_feedback(
-    request: Request,
-    study_uid: str,
-    user: User,
-    verdict: str,
-    finding_index: int | None,
-    label: str,
-    model: str,
-    comment: str,
-    model_version: str = "",
-) -> FeedbackEntry:
-    """Store one piece of feedback with the model name and version it is about, and audit it.
-
-    For agree/disagree, the finding is named by its index on the page plus, when given, its label, model and
-    version: if a re-analysis replaced the findings since the page was shown, the feedback is refused rather than
-    attached to a different finding (it becomes a training label).
-
-    Raises:
-        NotFoundError: unknown study or finding index.
-        InvalidAccountError: a bad verdict, label or comment.
-    """
-    accounts = accounts_of(request)
-    detail = _worklist(request).get_study(study_uid, utcnow())
-    parsed = Verdict.parse(verdict)
-    findings = detail.item.findings
-    if parsed == Verdict.MISSED:
-        series_uid, version = "", ""
-        for series in detail.series:
-            routed = series.routing or {}
-            if routed.get("model") and (not model or routed.get("model") == model):
-                series_uid = series.series_uid
-                model = model or str(routed.get("model"))
-                version = str(routed.get("model_version") or "")
-                break
-        if not series_uid and detail.series:
-            series_uid = detail.series[0].series_uid
-        version = version or next((str(f.get("model_version", "")) for f in findings if f.get("model") == model), "")
-        entry = accounts.add_feedback(
-            user.name,
-            study_uid,
-            label,
-            parsed,
-            utcnow(),
-            series_uid=series_uid,
-            model=model,
-            model_version=version,
-            comment=comment.strip(),
-        )
-    else:
-        if finding_index is None or not 0 <= finding_index < len(findings):
-            raise NotFoundError(f"study {study_uid!r} has no finding number {finding_index}")
-        found = findings[finding_index]
-        expected = {"label": label, "model": model, "model_version": model_version}
-        changed = [k for k, v in expected.items() if v and str(found.get(k, "")) != v]
-        if changed:
-            raise ConflictError(
-                f"finding {finding_index} of study {study_uid!r} changed since it was shown ({', '.join(changed)});"
-                " reload the study and give the feedback again"
-            )
-        entry = accounts.add_feedback(
-            user.name,
-            study_uid,
-            str(found.get("label", "")),
-            parsed,
-            utcnow(),
-            series_uid=str(found.get("series_uid", "")),
-            ai_flagged=bool(found.get("flagged")),
-            ai_probability=float(found.get("probability", 0.0)),
-            model=str(found.get("model", "")),
-            model_version=str(found.get("model_version", "")),
-            comment=comment.strip(),
-        )
-    accounts.audit(
-        user.name,
-        "feedback",
-        utcnow(),
-        study_uid,
-        {
-            "label": entry.label,
-            "verdict": entry.verdict.value,
-            "model": entry.model,
-            "model_version": entry.model_version,
-        },
-    )
-    return entry
-
-
-def preview_response(request: Request, study_uid: str, finding: int | None) -> Response:
-    """The preview PNG (not cached anywhere: it is an image of a patient)."""
-    service = _service(request)
-    detail = service.worklist.get_study(study_uid, utcnow())
-    routing = [{"series_uid": s.series_uid, "model": (s.routing or {}).get("model")} for s in detail.series]
-    try:
-        png = previews.study_preview(
-            service.worklist.engine, service.settings.overlay_dir, study_uid, detail.item.findings, routing, finding
-        )
-    except TriageError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a preview failure must not look like a server crash
-        log.exception("study %s: preview failed", study_uid)
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"preview cannot be rendered: {exc}") from exc
-    return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})

@@ -169,7 +169,7 @@ def bench_model(
             "stages_s": {k: round(v, 5) for k, v in stages.items()},
             "per_study_s": round(per_study, 5),
             "studies_per_hour_one_worker": round(3600.0 / per_study, 1),
-            "findings": [f.to_dict() for f in findings],
+            "findings": [f.model_dump(mode="json") for f in findings],
         }
     )
     report["session_intra_op_threads"] = _session_threads(loaded[0])

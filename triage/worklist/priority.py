@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from pydantic import TypeAdapter
 
 from triage.config import PrioritySettings
 from triage.domain import AIStatus, Finding, Priority, PriorityLevel, PriorityReason
@@ -114,29 +116,6 @@ def turnaround(level: PriorityLevel, received_at: datetime, now: datetime, setti
     return Turnaround(level=level, waiting_min=waiting_min, target_min=targets.get(level))
 
 
-def _finding_fields(finding: Mapping[str, Any] | Finding) -> tuple[str, float, bool, str, str, bool]:
-    if isinstance(finding, Finding):
-        return (
-            finding.label,
-            float(finding.probability),
-            bool(finding.flagged),
-            finding.model,
-            finding.model_version,
-            bool(finding.synthetic),
-        )
-    try:
-        return (
-            str(finding["label"]),
-            float(finding["probability"]),
-            bool(finding["flagged"]),
-            str(finding.get("model", "")),
-            str(finding.get("model_version", "")),
-            bool(finding.get("synthetic", False)),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"finding {finding!r} needs label, probability and flagged ({exc})") from None
-
-
 def _finding_text(label: str, probability: float, model: str, version: str, synthetic: bool) -> str:
     source = f"{model} {version}".strip() or "unknown model"
     if synthetic:
@@ -164,7 +143,7 @@ def _unvalidated_text(label: str, probability: float, model: str, version: str) 
 
 def compute_priority(
     clinical: PriorityLevel,
-    findings: Sequence[Mapping[str, Any] | Finding],
+    findings: Sequence[Finding],
     ai_status: AIStatus | str,
     received_at: datetime,
     now: datetime,
@@ -184,8 +163,7 @@ def compute_priority(
 
     Args:
         clinical: The clinical priority (from the request, the sending AE or the default).
-        findings: Study findings as stored (dicts with label, probability, flagged, model, model_version,
-            synthetic) or `Finding` records.
+        findings: The study's findings (as read from the worklist, or straight from the runner).
         ai_status: Where the AI analysis stands.
         received_at: When the study's first instance arrived (timezone-aware).
         now: The time the priority is computed for (timezone-aware).
@@ -198,7 +176,7 @@ def compute_priority(
         and every reason in the order it applied.
 
     Raises:
-        ValueError: when a time is naive, the AI status is unknown or a finding lacks its fields.
+        ValueError: when a time is naive or the AI status is unknown.
     """
     status = AIStatus(ai_status)
     level = PriorityLevel(clinical)
@@ -221,9 +199,11 @@ def compute_priority(
     site_levels = {label: level_of(value) for label, value in settings.finding_levels.items()}
     flagged = 0
     for finding in findings:
-        label, probability, is_flagged, model, version, synthetic = _finding_fields(finding)
-        if not is_flagged:
+        if not finding.flagged:
             continue
+        label, probability, model, version, synthetic = (
+            finding.label, finding.probability, finding.model, finding.model_version, finding.synthetic
+        )
         flagged += 1
         text = _finding_text(label, probability, model, version, synthetic)
         site_level = site_levels.get(label)
@@ -347,10 +327,10 @@ def sort_key(priority: Priority, received_at: datetime) -> tuple[float, float]:
     return (-priority.score, require_utc(received_at, "received_at").timestamp())
 
 
+_PRIORITY_JSON = TypeAdapter(Priority)
+
+
 def priority_to_dict(priority: Priority) -> dict[str, Any]:
-    """The JSON-ready form: {level, score, reasons: [{code, text, level}]}."""
-    return {
-        "level": priority.level.value,
-        "score": round(priority.score, 4),
-        "reasons": [{"code": r.code, "text": r.text, "level": r.level.value} for r in priority.reasons],
-    }
+    """The JSON-ready form: {level, score (4 decimals), reasons: [{code, text, level}]}."""
+    data: dict[str, Any] = _PRIORITY_JSON.dump_python(priority, mode="json")
+    return data

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_serializer
 from sqlalchemy import BigInteger, Engine, Float, and_, case, cast, func, literal, or_, select, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -25,6 +25,8 @@ from triage.domain import (
     PriorityReason,
     RoutingDecision,
     SeriesInfo,
+    StageTime,
+    UtcTime,
 )
 from triage.errors import ConflictError, NotFoundError
 from triage.worklist.db import WRITE_OPTION, create_engine_for
@@ -51,16 +53,16 @@ log = logging.getLogger(__name__)
 
 # Modalities in a study are joined like ModalitiesInStudy (0008,0061), a multi-valued CS.
 MODALITY_SEPARATOR = "\\"
-_FINDING_KEYS = ("label", "probability", "flagged", "model", "model_version", "synthetic")
 _FINISHED = (AIStatus.DONE, AIStatus.FAILED, AIStatus.NOT_APPLICABLE)
 PRIORITY_ERROR = "priority-error"  # reason code of a study whose priority could not be computed
 _TOP_LEVEL = max(PriorityLevel, key=lambda lvl: lvl.rank)
 _RESCORE_BATCH = 500
 
 
-@dataclass
-class WorklistItem:
+class WorklistItem(BaseModel):
     """One study as the worklist shows it, with its priority computed for the time of the read."""
+
+    model_config = ConfigDict(protected_namespaces=())
 
     study_uid: str
     accession_number: str
@@ -68,8 +70,8 @@ class WorklistItem:
     study_description: str
     site: str
     sending_ae: str
-    received_at: datetime
-    last_instance_at: datetime
+    received_at: UtcTime
+    last_instance_at: UtcTime
     instance_count: int
     waiting_min: float
     turnaround_left_min: float | None
@@ -77,42 +79,23 @@ class WorklistItem:
     ai_status: str
     ai_reason: str
     priority: Priority
-    findings: list[dict[str, Any]]
+    findings: list[Finding]
     claimed_by: str | None
-    claimed_at: datetime | None
+    claimed_at: UtcTime | None
     reported: bool
     reported_by: str | None = None
-    reported_at: datetime | None = None
+    reported_at: UtcTime | None = None
+
+    @field_serializer("waiting_min", "turnaround_left_min")
+    def _minutes(self, value: float | None) -> float | None:
+        return None if value is None else round(value, 1)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: times as ISO 8601 UTC strings, the priority as {level, score, reasons}."""
-        return {
-            "study_uid": self.study_uid,
-            "accession_number": self.accession_number,
-            "modality": self.modality,
-            "study_description": self.study_description,
-            "site": self.site,
-            "sending_ae": self.sending_ae,
-            "received_at": _iso(self.received_at),
-            "last_instance_at": _iso(self.last_instance_at),
-            "instance_count": self.instance_count,
-            "waiting_min": round(self.waiting_min, 1),
-            "turnaround_left_min": None if self.turnaround_left_min is None else round(self.turnaround_left_min, 1),
-            "clinical_priority": self.clinical_priority,
-            "ai_status": self.ai_status,
-            "ai_reason": self.ai_reason,
-            "priority": priority_to_dict(self.priority),
-            "findings": [dict(f) for f in self.findings],
-            "claimed_by": self.claimed_by,
-            "claimed_at": _iso(self.claimed_at),
-            "reported": self.reported,
-            "reported_by": self.reported_by,
-            "reported_at": _iso(self.reported_at),
-        }
+        return self.model_dump(mode="json")
 
 
-@dataclass
-class SeriesDetail:
+class SeriesDetail(BaseModel):
     """One series of a study with the routing decision made for it (None before any analysis)."""
 
     series_uid: str
@@ -120,80 +103,134 @@ class SeriesDetail:
     description: str
     n_instances: int
     attributes: dict[str, Any]
-    routing: dict[str, Any] | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    routing: RoutingDecision | None
 
 
-@dataclass
-class StudyDetail:
-    """A study's worklist entry plus its series, the analysis times and its history."""
+class HistoryEntry(BaseModel):
+    """One event in a study's history (received, analysis started or finished, claimed, reported, ...)."""
 
-    item: WorklistItem
+    at: UtcTime
+    kind: str
+    user: str | None
+    detail: dict[str, Any]
+
+
+class AnalysisRunRecord(BaseModel):
+    """One analysis run of a study: which generation and attempt, which process ran it, when, and how it ended
+    ("running", "done", "failed", "not-applicable", "superseded", "deferred", "interrupted")."""
+
+    id: int
+    generation: int
+    attempt: int
+    status: str
+    worker: str
+    started_at: UtcTime | None
+    finished_at: UtcTime | None
+    reason: str
+    stages: list[StageTime]
+
+
+class StudyDetail(WorklistItem):
+    """A study's worklist entry plus its series, the analysis times, every analysis run and its history."""
+
     series: list[SeriesDetail]
-    instance_count: int
     analysis_generation: int
     analysed_generation: int
-    analysis_started_at: datetime | None
-    analysis_finished_at: datetime | None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    # Every analysis run: generation, attempt, status, the process that ran it, start and end, stage times.
-    analyses: list[dict[str, Any]] = field(default_factory=list)
+    analysis_started_at: UtcTime | None
+    analysis_finished_at: UtcTime | None
     analysis_attempts: int = 0
-    retry_at: datetime | None = None
+    retry_at: UtcTime | None = None
     failure_kind: str = ""
+    analyses: list[AnalysisRunRecord] = Field(default_factory=list)
+    history: list[HistoryEntry] = Field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **self.item.to_dict(),
-            "series": [s.to_dict() for s in self.series],
-            "instance_count": self.instance_count,
-            "analysis_generation": self.analysis_generation,
-            "analysed_generation": self.analysed_generation,
-            "analysis_started_at": _iso(self.analysis_started_at),
-            "analysis_finished_at": _iso(self.analysis_finished_at),
-            "analysis_attempts": self.analysis_attempts,
-            "retry_at": _iso(self.retry_at),
-            "failure_kind": self.failure_kind,
-            "analyses": self.analyses,
-            "history": self.history,
-        }
+    @property
+    def item(self) -> WorklistItem:
+        """The study as a worklist entry (a study detail is one, with more)."""
+        return self
 
 
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
+# The stored JSON columns are read and written here, once: typed records everywhere else.
+_FINDINGS = TypeAdapter(list[Finding])
+_Record = TypeVar("_Record", bound=BaseModel)
 
 
-def _as_dict(record: Mapping[str, Any] | Any) -> dict[str, Any]:
-    if isinstance(record, Finding):
-        return record.to_dict()
-    if is_dataclass(record) and not isinstance(record, type):
-        return asdict(record)
-    return dict(record)  # type: ignore[arg-type]
+def _as_record(kind: type[_Record], value: Any, what: str) -> _Record:
+    """`value` as a `kind` record (a record passes through; a mapping is validated).
+
+    Raises:
+        ValueError: quoting the value and the fields it lacks, or what is wrong with it.
+    """
+    try:
+        return kind.model_validate(value)
+    except ValidationError as exc:
+        missing = [".".join(map(str, e["loc"])) for e in exc.errors() if e["type"] == "missing"]
+        problem = f"lacks {missing}" if missing else f"is invalid ({exc.errors()[0]['msg']})"
+        raise ValueError(f"{what} {value!r} {problem}") from None
 
 
-def _normalise_findings(findings: Iterable[Mapping[str, Any] | Finding]) -> list[dict[str, Any]]:
-    out = []
-    for finding in findings:
-        item = _as_dict(finding)
-        missing = [key for key in _FINDING_KEYS if key not in item]
-        if missing:
-            raise ValueError(f"finding {item!r} lacks {missing}; a finding needs {list(_FINDING_KEYS)}")
-        item.pop("overlay", None)
-        item.setdefault("details", {})
-        out.append(item)
-    return out
+def dump_findings(findings: Iterable[Finding | Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The findings as the study's JSON column stores them (the in-memory overlay is not stored).
+
+    Raises:
+        ValueError: quoting the field, when a finding given as a mapping lacks one or has the wrong type.
+    """
+    return [_as_record(Finding, f, "finding").model_dump(mode="json") for f in findings]
 
 
-def _normalise_routing(routing: Iterable[Mapping[str, Any] | RoutingDecision]) -> list[dict[str, Any]]:
-    out = []
-    for decision in routing:
-        item = _as_dict(decision)
-        if "series_uid" not in item:
-            raise ValueError(f"routing decision {item!r} lacks series_uid")
-        out.append(item)
-    return out
+def load_findings(stored: Sequence[Any] | None, study_uid: str = "") -> list[Finding]:
+    """The findings stored with a study, as records. Rows written by earlier releases load: missing optional
+    keys take their defaults and unknown ones are ignored.
+
+    Raises:
+        ValueError: naming the study when a stored finding cannot be read (the caller decides what that costs).
+    """
+    try:
+        return _FINDINGS.validate_python(list(stored or []))
+    except ValidationError as exc:
+        raise ValueError(f"study {study_uid}: stored findings cannot be read: {exc.errors()[0]['msg']}") from None
+
+
+def _readable_findings(stored: Sequence[Any] | None, study_uid: str) -> list[Finding]:
+    """The stored findings that can be read; an unreadable one is left out of the list and logged (the
+    priority still counts it: see `Worklist._priority`)."""
+    readable = []
+    for entry in stored or []:
+        try:
+            readable.append(Finding.model_validate(entry))
+        except ValidationError:
+            log.error("study %s: a stored finding cannot be read; not shown", study_uid)
+    return readable
+
+
+def dump_routing(routing: Iterable[RoutingDecision | Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The routing decisions as stored with the study.
+
+    Raises:
+        ValueError: when a decision given as a mapping lacks series_uid.
+    """
+    return [_as_record(RoutingDecision, d, "routing decision").model_dump(mode="json") for d in routing]
+
+
+def load_routing(stored: Sequence[Any] | None) -> list[RoutingDecision]:
+    """The stored routing decisions that can be read (an unreadable one routes nothing)."""
+    decisions = []
+    for entry in stored or []:
+        try:
+            decisions.append(RoutingDecision.model_validate(entry))
+        except ValidationError:
+            continue
+    return decisions
+
+
+def _stage_times(stored: Sequence[Any] | None) -> list[StageTime]:
+    times = []
+    for entry in stored or []:
+        try:
+            times.append(StageTime.model_validate(entry))
+        except ValidationError:
+            continue
+    return times
 
 
 def _status(value: AIStatus | str) -> AIStatus:
@@ -303,7 +340,7 @@ class Worklist:
         try:
             return compute_priority(
                 PriorityLevel(study.clinical_priority),
-                study.findings or [],
+                load_findings(study.findings, study.study_uid),
                 study.ai_status,
                 study.received_at,
                 now,
@@ -372,7 +409,7 @@ class Worklist:
             ai_status=study.ai_status,
             ai_reason=study.ai_reason,
             priority=priority,
-            findings=list(study.findings or []),
+            findings=_readable_findings(study.findings, study.study_uid),
             claimed_by=study.claimed_by,
             claimed_at=study.claimed_at,
             reported=study.reported_at is not None,
@@ -707,7 +744,7 @@ class Worklist:
         status: str,
         now: datetime,
         reason: str = "",
-        stages: Sequence[Mapping[str, Any]] | None = None,
+        stages: Sequence[StageTime | Mapping[str, Any]] | None = None,
     ) -> None:
         """End the running analysis run(s) of `generation` with `status`."""
         runs = session.execute(
@@ -723,7 +760,7 @@ class Worklist:
             run.lease_until = None
             run.reason = reason
             if stages is not None:
-                run.stages = [dict(stage) for stage in stages]
+                run.stages = [_as_record(StageTime, t, "stage time").model_dump(mode="json") for t in stages]
 
     def renew_leases(self, worker: str, study_uids: Iterable[str], now: datetime, lease_s: float) -> int:
         """Extend the leases of `worker`'s running analyses of `study_uids` (the ones it is still working on)
@@ -748,13 +785,13 @@ class Worklist:
         self,
         study_uid: str,
         generation: int,
-        findings: Sequence[Mapping[str, Any] | Finding],
-        routing: Sequence[Mapping[str, Any] | RoutingDecision],
+        findings: Sequence[Finding | Mapping[str, Any]],
+        routing: Sequence[RoutingDecision | Mapping[str, Any]],
         ai_status: AIStatus | str,
         reason: str,
         now: datetime,
         failure_kind: str = "",
-        stages: Sequence[Mapping[str, Any]] | None = None,
+        stages: Sequence[StageTime | Mapping[str, Any]] | None = None,
     ) -> bool:
         """Store the results of the analysis that `begin_analysis` returned `generation` for.
 
@@ -780,8 +817,9 @@ class Worklist:
         status = _status(ai_status)
         if status not in _FINISHED:
             raise ValueError(f"finish_analysis needs a finished status {[s.value for s in _FINISHED]}, got {status!r}")
-        stored_findings = _normalise_findings(findings) if status is not AIStatus.NOT_APPLICABLE else []
-        stored_routing = _normalise_routing(routing)
+        records = [_as_record(Finding, f, "finding") for f in findings] if status is not AIStatus.NOT_APPLICABLE else []
+        stored_findings = dump_findings(records)
+        stored_routing = dump_routing(routing)
         with self._write() as session, session.begin():
             study = self._locked(session, study_uid)
             if not 1 <= generation <= study.analysis_generation:
@@ -836,7 +874,7 @@ class Worklist:
                     generation=generation,
                     status=status.value,
                     reason=reason,
-                    flagged=[f["label"] for f in stored_findings if f["flagged"]],
+                    flagged=[f.label for f in records if f.flagged],
                 )
                 self._close_run(session, study_uid, generation, status.value, now, reason, stages)
                 stored = True
@@ -953,7 +991,7 @@ class Worklist:
             )
             taken = []
             for study in studies:
-                routed = {r.get("model") for r in (study.routing or []) if isinstance(r, dict)}
+                routed = {d.model for d in load_routing(study.routing)}
                 if wanted and routed and not routed & wanted:
                     continue
                 study.auto_requeues = int(study.auto_requeues or 0) + 1
@@ -1171,7 +1209,7 @@ class Worklist:
             events = session.execute(
                 select(StudyEvent).where(StudyEvent.study_uid == study_uid).order_by(StudyEvent.id)
             ).scalars()
-            routing = {d.get("series_uid"): d for d in study.routing or []}
+            routing = {d.series_uid: d for d in load_routing(study.routing)}
             series = [
                 SeriesDetail(
                     series_uid=s.series_uid,
@@ -1183,30 +1221,27 @@ class Worklist:
                 )
                 for s in series_rows
             ]
-            history = [
-                {"at": _iso(e.at), "kind": e.kind, "user": e.user, "detail": dict(e.detail or {})} for e in events
-            ]
+            history = [HistoryEntry(at=e.at, kind=e.kind, user=e.user, detail=dict(e.detail or {})) for e in events]
             runs = session.execute(
                 select(AnalysisRun).where(AnalysisRun.study_uid == study_uid).order_by(AnalysisRun.id)
             ).scalars()
             analyses = [
-                {
-                    "id": r.id,
-                    "generation": r.generation,
-                    "attempt": r.attempt,
-                    "status": r.status,
-                    "worker": r.worker,
-                    "started_at": _iso(r.started_at),
-                    "finished_at": _iso(r.finished_at),
-                    "reason": r.reason,
-                    "stages": list(r.stages or []),
-                }
+                AnalysisRunRecord(
+                    id=r.id,
+                    generation=r.generation,
+                    attempt=r.attempt,
+                    status=r.status,
+                    worker=r.worker,
+                    started_at=r.started_at,
+                    finished_at=r.finished_at,
+                    reason=r.reason,
+                    stages=_stage_times(r.stages),
+                )
                 for r in runs
             ]
             return StudyDetail(
-                item=self._item(study, now),
+                **dict(self._item(study, now)),
                 series=series,
-                instance_count=study.instance_count,
                 analysis_generation=study.analysis_generation,
                 analysed_generation=study.analysed_generation,
                 analysis_started_at=study.analysis_started_at,

@@ -26,6 +26,7 @@ from triage.dicom.results import (
     export_study_results,
     send_results,
 )
+from triage.domain import Finding
 from triage.errors import InvalidStudyError, TriageError
 
 PATIENT_NAME = "Testperson^Unique^Xyzzy"
@@ -34,8 +35,9 @@ PATIENT_ID = "PID-UNIQUE-4711"
 HEAD_CT_SLICE = Path(__file__).resolve().parents[2] / "data" / "ct-head-ge" / "01.dcm"
 
 
-def _findings(series_uid: str = "1.2.3") -> list[dict[str, Any]]:
-    return [
+def _findings(series_uid: str = "1.2.3") -> list[Finding]:
+    # As a study's findings column stores them; read back as records, as the worklist does.
+    stored: list[dict[str, Any]] = [
         {
             "label": "intracranial haemorrhage",
             "probability": 0.9132,
@@ -59,6 +61,7 @@ def _findings(series_uid: str = "1.2.3") -> list[dict[str, Any]]:
             "overlay_file": None,
         },
     ]
+    return [Finding.model_validate(f) for f in stored]
 
 
 def _ct_slice() -> Dataset:
@@ -206,7 +209,7 @@ def pacs(tmp_path: Path) -> Iterator[Receiver]:
     server.scp.stop()
 
 
-def _stored_study(store_dir: Path, overlay_dir: Path) -> tuple[str, list[dict[str, Any]], Dataset]:
+def _stored_study(store_dir: Path, overlay_dir: Path) -> tuple[str, list[Finding], Dataset]:
     series = make_ct_series(3, rows=64, columns=64)
     for ds in series:
         ds.PatientName = PATIENT_NAME
@@ -224,7 +227,7 @@ def _stored_study(store_dir: Path, overlay_dir: Path) -> tuple[str, list[dict[st
         sop_instance_uid=str(key.SOPInstanceUID),
         kind="mask",
     )
-    findings[0]["overlay_file"] = "ct-head-ich-ich.npz"
+    findings[0] = findings[0].model_copy(update={"overlay_file": "ct-head-ich-ich.npz"})
     return study_uid, findings, key
 
 

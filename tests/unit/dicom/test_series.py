@@ -14,8 +14,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from triage.dicom.series import AIR_HU, group_series, read_ct_stack, read_series_attributes
-from triage.domain import InstanceMeta
+from triage.dicom.series import AIR_HU, read_ct_stack, read_series_attributes, with_routing_attributes
+from triage.domain import SeriesInfo
 from triage.errors import InvalidStudyError
 
 REAL_HEAD_CT = [
@@ -420,63 +420,38 @@ def test_series_attributes_of_a_non_dicom_file_name_it(tmp_path: Path) -> None:
         read_series_attributes(path)
 
 
-# ---------------------------------------------------------------------------------------------- group_series
+# ------------------------------------------------------------------------------------ with_routing_attributes
 
 
-def _meta(ds: Dataset, path: Path) -> InstanceMeta:
-    return InstanceMeta(
-        study_uid="1.2.3",
-        series_uid=str(ds.SeriesInstanceUID),
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        sop_class_uid=str(ds.SOPClassUID),
-        modality=str(ds.Modality),
-        path=str(path),
-    )
+def _series(*paths: Path, **attributes: object) -> SeriesInfo:
+    # As the worklist lists a stored series: its files in arrival order, what was indexed on arrival.
+    return SeriesInfo("1.2.3.4", "CT", CTImageStorage, len(paths), tuple(str(p) for p in paths), dict(attributes))
 
 
-def test_group_series_groups_in_first_seen_order_and_counts_resent_instances_once(tmp_path: Path) -> None:
-    a = [make_slice(5.0 * k, series_uid="1.2.3.10", instance_number=k + 1) for k in range(3)]
-    b = [make_slice(5.0 * k, series_uid="1.2.3.20", instance_number=k + 1) for k in range(2)]
-    for ds in b:
-        ds.SeriesDescription = "bone"
-    a_paths = write(a, tmp_path / "a")
-    b_paths = write(b, tmp_path / "b")
-    metas = [
-        _meta(b[0], b_paths[0]),
-        _meta(a[0], a_paths[0]),
-        _meta(a[1], a_paths[1]),
-        _meta(b[1], b_paths[1]),
-        _meta(a[1], a_paths[1]),  # re-sent
-        _meta(a[2], a_paths[2]),
-    ]
-    series = group_series(metas)
-    assert [s.series_uid for s in series] == ["1.2.3.20", "1.2.3.10"]
-    assert [s.n_instances for s in series] == [2, 3]
-    assert series[1].files == tuple(str(p) for p in a_paths)
-    assert series[0].modality == "CT" and series[0].sop_class_uid == CTImageStorage
-    assert series[0].attributes["SeriesDescription"] == "bone"
-    assert series[1].attributes["SeriesDescription"] is None
+def test_routing_attributes_are_read_from_the_stored_file_over_what_was_indexed(tmp_path: Path) -> None:
+    ds = make_slice(0.0)
+    ds.SeriesDescription = "bone"
+    (path,) = write([ds], tmp_path)
+    series = with_routing_attributes(_series(path, SeriesDescription="", indexed_only="kept"))
+    assert series.attributes["SeriesDescription"] == "bone" and series.attributes["indexed_only"] == "kept"
+    assert series.attributes["Modality"] == "CT" and series.n_instances == 1
 
 
-def test_group_series_reads_attributes_from_the_first_readable_file(tmp_path: Path) -> None:
+def test_routing_attributes_come_from_the_first_readable_file(tmp_path: Path) -> None:
     ds = make_slice(0.0)
     good = write([ds], tmp_path)[0]
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(b"junk")
-    metas = [
-        InstanceMeta("1.2.3", "1.2.3.4", "9.9", CTImageStorage, "CT", str(broken)),
-        _meta(ds, good),
-    ]
-    (series,) = group_series(metas)
+    series = with_routing_attributes(_series(broken, good))
     assert series.attributes["Modality"] == "CT"
     assert series.n_instances == 2
 
 
-def test_group_series_with_no_readable_file_says_so(tmp_path: Path) -> None:
+def test_a_series_with_no_readable_file_says_so(tmp_path: Path) -> None:
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(b"junk")
     with pytest.raises(InvalidStudyError, match=r"none of its 1 files"):
-        group_series([InstanceMeta("1.2.3", "1.2.3.4", "9.9", CTImageStorage, "CT", str(broken))])
+        with_routing_attributes(_series(broken))
 
 
 # ------------------------------------------------------------------------------------------- real head CT

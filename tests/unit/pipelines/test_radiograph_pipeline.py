@@ -108,7 +108,7 @@ def test_findings_from_a_dicom_series_are_marked_synthetic(installed, members, t
     assert "first PA image" in finding.details["image_selection"]
     assert finding.overlay is not None and finding.overlay.sop_instance_uid == frontal.SOPInstanceUID
     assert finding.overlay.mask.shape == (-(-300 // finding.overlay.stride), -(-240 // finding.overlay.stride))
-    assert finding.to_dict()["synthetic"] is True
+    assert finding.model_dump(mode="json")["synthetic"] is True
 
 
 def test_the_model_separates_clear_cases(installed, members, tmp_path) -> None:

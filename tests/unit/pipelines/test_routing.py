@@ -75,7 +75,7 @@ def test_modality_no_model_handles_is_recorded(rules: RoutingRules) -> None:
     (decision,) = route_study([series("mr", modality="MR", sop="1.2.840.10008.5.1.4.1.1.4")], rules, MODELS)
     assert decision.model is None
     assert decision.reason.startswith("no model for MR:")
-    # What the worklist shows of it: the text before the first colon (triage.serve.analysis.summarise).
+    # What the worklist shows of it: the text before the first colon (triage.analysis.summarise).
     assert decision.reason.split(":")[0] == "no model for MR"
 
 

@@ -50,3 +50,37 @@ def test_openapi_is_served_to_signed_in_users_and_lists_the_routes(site: Site) -
     site.sign_in()
     spec = site.client.get("/openapi.json").json()
     assert "/api/v1/studies/{study_uid}/report" in spec["paths"]
+
+
+def _schema(spec: dict, response: dict) -> dict:
+    """The component a response's JSON schema refers to (directly or as the items of an array)."""
+    schema = response["content"]["application/json"]["schema"]
+    ref = schema.get("items", schema)["$ref"]
+    return spec["components"]["schemas"][ref.rsplit("/", 1)[-1]]
+
+
+def test_openapi_documents_the_worklist_item_the_study_and_the_finding(site: Site) -> None:
+    site.sign_in()
+    spec = site.client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    worklist = spec["paths"]["/api/v1/worklist"]["get"]["responses"]["200"]
+    assert worklist["content"]["application/json"]["schema"]["type"] == "array"
+    item = _schema(spec, worklist)
+    assert {"study_uid", "accession_number", "priority", "findings", "ai_status", "claimed_by"} <= set(
+        item["properties"]
+    )
+    study = _schema(spec, spec["paths"]["/api/v1/studies/{study_uid}"]["get"]["responses"]["200"])
+    assert {"series", "analyses", "history", "findings", "priority"} <= set(study["properties"])
+    # Each analysis run says how it went, when, and which process ran it ("analysed exactly once" from outside).
+    run = schemas[study["properties"]["analyses"]["items"]["$ref"].rsplit("/", 1)[-1]]
+    assert {"status", "started_at", "finished_at", "worker", "attempt", "generation", "reason", "stages"} <= set(
+        run["properties"]
+    )
+    finding = schemas[item["properties"]["findings"]["items"]["$ref"].rsplit("/", 1)[-1]]
+    assert set(finding["properties"]) == {
+        "label", "probability", "flagged", "model", "model_version", "synthetic", "details", "series_uid",
+        "overlay_sop_instance_uid", "overlay_file",
+    }  # fmt: skip
+    assert set(finding["required"]) == {"label", "probability", "flagged", "model", "model_version", "synthetic"}
+    models = _schema(spec, spec["paths"]["/api/v1/models"]["get"]["responses"]["200"])
+    assert "raises_priority" in models["properties"]

@@ -333,9 +333,11 @@ def test_preview_png_draws_the_ai_region_on_the_key_slice(site: Site) -> None:
     assert response.headers["cache-control"] == "no-store"
     image = Image.open(io.BytesIO(response.content))
     assert image.width == 512  # a 32-pixel slice is enlarged to fit the caption
+    # The warning band is on top (as on the capture sent to PACS); the 512 x 512 picture below it.
+    band = image.height - 512
     # The test overlay marks rows/cols 8..16 of 32 (a quarter-size box); the rest of the image stays grey.
-    assert red_fraction(response.content, (slice(150, 230), slice(150, 230))) > 0.9
-    assert red_fraction(response.content, (slice(300, 500), slice(300, 500))) == 0.0
+    assert red_fraction(response.content, (slice(band + 150, band + 230), slice(150, 230))) > 0.9
+    assert red_fraction(response.content, (slice(band + 300, band + 500), slice(300, 500))) == 0.0
     assert site.client.get(f"/api/v1/studies/{study_uid}/preview.png?finding=5").status_code == 404
 
 

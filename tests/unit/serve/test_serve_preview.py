@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from tests.dicom_factory import make_ct_series, write_dataset
+from triage.dicom.overlay import draw_overlay, mask_on_image
 from triage.domain import Overlay
 from triage.errors import NotFoundError
-from triage.serve.preview import compose, load_overlay, mask_on_image, read_preview_image
+from triage.worklist.preview import load_overlay, read_preview_image
 
 
 def test_ct_is_shown_in_the_brain_window(tmp_path: Path) -> None:
@@ -44,7 +45,7 @@ def test_overlay_is_red_with_a_contour_and_leaves_the_rest_grey() -> None:
     grey = np.full((600, 600), 100, dtype=np.uint8)
     mask = np.zeros((600, 600), dtype=np.float32)
     mask[200:400, 200:400] = 1.0
-    rgb = np.asarray(compose(grey, mask))
+    rgb = draw_overlay(grey, mask)
     assert tuple(rgb[300, 300]) != (100, 100, 100) and rgb[300, 300, 0] > rgb[300, 300, 1] + 60
     assert tuple(rgb[50, 50]) == (100, 100, 100)
     edge = rgb[200, 300]

@@ -19,7 +19,7 @@ from triage.config import PrioritySettings
 from triage.domain import AIStatus, InstanceMeta, PriorityLevel
 from triage.worklist.db import create_engine_for, migrate
 from triage.worklist.priority import compute_priority, queue_order, sort_key
-from triage.worklist.repository import Worklist
+from triage.worklist.repository import Worklist, load_findings
 from triage.worklist.tables import Study
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
@@ -123,7 +123,7 @@ def python_order(wl: Worklist, now: datetime, include_reported: bool = False, le
         if s.reported_at is not None and not include_reported:
             continue
         priority = compute_priority(
-            PriorityLevel(s.clinical_priority), s.findings, s.ai_status, s.received_at, now, wl.settings
+            PriorityLevel(s.clinical_priority), load_findings(s.findings), s.ai_status, s.received_at, now, wl.settings
         )
         if level and priority.level != level:
             continue

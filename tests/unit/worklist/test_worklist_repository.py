@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from triage.config import PrioritySettings
-from triage.domain import AIStatus, InstanceMeta, RoutingDecision
+from triage.domain import AIStatus, InstanceMeta, RoutingDecision, StageTime
 from triage.errors import ConflictError, NotFoundError
 from triage.worklist.events import Broadcaster
 from triage.worklist.repository import Worklist
@@ -211,7 +211,7 @@ def test_study_is_ready_once_stable_and_not_while_analysed(wl):
     [item] = wl.list_worklist(T0 + timedelta(minutes=1))
     assert item.ai_status == "done"
     assert item.priority.level == "stat"
-    assert item.findings[0]["details"] == {"volume_ml": 4.2}
+    assert item.findings[0].details == {"volume_ml": 4.2}
     with pytest.raises(ConflictError, match="already stored"):
         wl.finish_analysis(uid("1"), generation, [], [], AIStatus.DONE, "", T0 + timedelta(seconds=41))
 
@@ -243,7 +243,7 @@ def test_failed_reanalysis_keeps_the_earlier_flag_and_priority(wl):
     [item] = wl.list_worklist(T0 + timedelta(seconds=71))
     assert item.ai_status == "failed" and "worker died" in item.ai_reason
     assert item.priority.level == "stat"  # an AI failure never lowers a priority
-    assert item.findings[0]["flagged"] is True
+    assert item.findings[0].flagged is True
 
 
 def test_ready_studies_are_oldest_first(wl):
@@ -270,7 +270,7 @@ def test_instance_during_analysis_supersedes_it(wl):
     [item] = wl.list_worklist(T0 + timedelta(seconds=42))
     assert item.ai_status == "pending"
     # The stale results are kept provisionally (a growing study must still show a bleed) until superseded.
-    assert item.findings[0]["flagged"] is True and item.priority.level == "stat"
+    assert item.findings[0].flagged is True and item.priority.level == "stat"
     assert "re-analysis queued" in item.ai_reason
     second = wl.begin_analysis(uid("1"), T0 + timedelta(seconds=45))
     assert second == first + 1
@@ -279,7 +279,7 @@ def test_instance_during_analysis_supersedes_it(wl):
     items = wl.list_worklist(T0 + timedelta(minutes=2))
     assert len(items) == 1  # one row per study, whatever the number of analyses
     assert items[0].ai_status == "done"
-    assert items[0].findings[0]["flagged"] is False
+    assert items[0].findings[0].flagged is False
 
 
 def test_older_analysis_finishing_after_the_newer_one_is_discarded(wl):
@@ -359,16 +359,16 @@ def test_get_study_has_series_with_routing_and_history(wl):
     wl.record_instance(meta("1", series="2", modality="SR"), T0)
     gen = wl.begin_analysis(uid("1"), T0 + timedelta(seconds=20))
     routing = [
-        RoutingDecision(uid("1") + ".1", "ct-head-ich", "ct-head", "matched rule ct-head"),
+        RoutingDecision(series_uid=uid("1") + ".1", model="ct-head-ich", rule="ct-head", reason="matched rule ct-head"),
         {"series_uid": uid("1") + ".2", "model": None, "rule": None, "reason": "non-image"},
     ]
     wl.finish_analysis(uid("1"), gen, [ich()], routing, AIStatus.DONE, "", T0 + timedelta(seconds=30))
     detail = wl.get_study(uid("1"), T0 + timedelta(minutes=1))
     by_uid = {s.series_uid: s for s in detail.series}
-    assert by_uid[uid("1") + ".1"].routing["model"] == "ct-head-ich"
-    assert by_uid[uid("1") + ".2"].routing["reason"] == "non-image"
+    assert by_uid[uid("1") + ".1"].routing.model == "ct-head-ich"
+    assert by_uid[uid("1") + ".2"].routing.reason == "non-image"
     assert detail.instance_count == 2
-    assert [h["kind"] for h in detail.history] == ["received", "analysis-started", "analysis-finished"]
+    assert [h.kind for h in detail.history] == ["received", "analysis-started", "analysis-finished"]
     data = detail.to_dict()
     assert data["priority"]["level"] == "stat"
     assert data["series"][0]["routing"] is not None
@@ -468,7 +468,7 @@ def test_claim_conflicts_release_and_report(wl):
         wl.claim(study, "dr_a", T0)
     with pytest.raises(ConflictError, match="already reported by 'dr_b'"):
         wl.mark_reported(study, "dr_a", T0)
-    kinds = [h["kind"] for h in wl.get_study(study, T0).history]
+    kinds = [h.kind for h in wl.get_study(study, T0).history]
     assert kinds == ["received", "claimed", "released", "claimed", "reported"]
 
 
@@ -556,7 +556,7 @@ def test_transient_failure_is_deferred_then_retried_after_its_backoff(wl):
     wl.finish_analysis(uid("r"), again, [ich()], [], AIStatus.DONE, "analysed", T0 + timedelta(seconds=60))
     detail = wl.get_study(uid("r"), T0 + timedelta(seconds=61))
     assert detail.analysis_attempts == 0 and detail.failure_kind == ""
-    kinds = [e["kind"] for e in detail.history]
+    kinds = [e.kind for e in detail.history]
     assert kinds.count("analysis-retry") == 1 and kinds[-1] == "analysis-finished"
 
 
@@ -568,7 +568,7 @@ def test_deferred_retry_keeps_earlier_findings_and_priority(wl):
     second = wl.begin_analysis(uid("k"), T0 + timedelta(seconds=50))
     wl.defer_analysis(uid("k"), second, "retrying (2 of 3)", T0 + timedelta(seconds=70), T0 + timedelta(seconds=55))
     [item] = wl.list_worklist(T0 + timedelta(seconds=56))
-    assert item.priority.level == "stat" and item.findings[0]["flagged"] is True  # never demoted
+    assert item.priority.level == "stat" and item.findings[0].flagged is True  # never demoted
 
 
 def test_transient_failures_are_requeued_once_the_model_runs_and_only_a_bounded_number_of_times(wl):
@@ -598,7 +598,7 @@ def test_transient_failures_are_requeued_once_the_model_runs_and_only_a_bounded_
     wl.requeue(uid("t"), T0 + timedelta(minutes=10), user="admin")
     detail = wl.get_study(uid("t"), T0 + timedelta(minutes=10))
     assert detail.item.ai_status == "pending"
-    assert detail.history[-1]["kind"] == "requeued" and detail.history[-1]["user"] == "admin"
+    assert detail.history[-1].kind == "requeued" and detail.history[-1].user == "admin"
 
 
 def test_requeue_refuses_a_study_being_analysed_and_unknown_studies(wl):
@@ -624,8 +624,8 @@ def test_claims_take_each_ready_study_once_and_record_the_run(wl):
     assert wl.claim_ready("host-c:3", now, 10, limit=5, lease_s=60) == []
     wl.finish_analysis(uid("3"), 1, [], [], AIStatus.DONE, "analysed", now, stages=[{"stage": "load", "seconds": 1}])
     [run] = wl.get_study(uid("3"), now).analyses
-    assert (run["status"], run["worker"], run["attempt"], run["generation"]) == ("done", "host-b:2", 1, 1)
-    assert run["started_at"] and run["finished_at"] and run["stages"] == [{"stage": "load", "seconds": 1}]
+    assert (run.status, run.worker, run.attempt, run.generation) == ("done", "host-b:2", 1, 1)
+    assert run.started_at and run.finished_at and run.stages == [StageTime(stage="load", seconds=1)]
 
 
 def test_concurrent_claims_never_take_a_study_twice(wl, engine):
@@ -658,7 +658,7 @@ def test_a_study_analysed_at_an_older_generation_is_not_claimed_again_until_that
     assert wl.claim_ready("host:2", T0 + timedelta(seconds=40), 10, 5, 60) == []
     wl.finish_analysis(study_uid, gen, [], [], AIStatus.DONE, "", T0 + timedelta(seconds=41))
     assert wl.claim_ready("host:2", T0 + timedelta(seconds=42), 10, 5, 60) == [(study_uid, 2)]
-    statuses = [r["status"] for r in wl.get_study(study_uid, T0).analyses]
+    statuses = [r.status for r in wl.get_study(study_uid, T0).analyses]
     assert statuses == ["superseded", "running"]
 
 
@@ -672,10 +672,43 @@ def test_a_claim_whose_lease_runs_out_is_taken_back_and_a_live_one_is_not(wl):
     assert wl.recover_interrupted(T0 + timedelta(seconds=90)) == [uid("l")]
     assert wl.get_study(uid("m"), T0).item.ai_status == "analysing"
     runs = wl.get_study(uid("l"), T0).analyses
-    assert [r["status"] for r in runs] == ["interrupted"]
+    assert [r.status for r in runs] == ["interrupted"]
     # The next claim is a fresh attempt at the same generation.
     assert wl.claim_ready("host:2", T0 + timedelta(seconds=91), 10, 5, 60) == [(uid("l"), claimed[uid("l")])]
     # A process known to be dead loses its claims at once, lease or not.
     assert wl.recover_interrupted(T0 + timedelta(seconds=92), is_dead=lambda worker, _: worker == "host:2") == [
         uid("l")
     ]
+
+
+# ------------------------------------------------------------------------------------ stored JSON, read back
+def _store_findings(wl, study_uid: str, findings: list) -> None:
+    """Write a study's findings column as an earlier release left it (bypassing today's validation)."""
+    from sqlalchemy import update
+
+    from triage.worklist.tables import Study
+
+    with wl.engine.begin() as conn:
+        conn.execute(update(Study).where(Study.study_uid == study_uid).values(findings=findings, ai_status="done"))
+
+
+def test_findings_stored_by_the_previous_release_load_as_records(wl):
+    wl.record_instance(meta("old"), T0)
+    # As 0.x wrote them: no overlay_file or series_uid, and a key this release does not know.
+    _store_findings(wl, uid("old"), [{**ich(), "legacy_score": 3}])
+    [item] = wl.list_worklist(T0 + timedelta(minutes=1))
+    (finding,) = item.findings
+    assert (finding.label, finding.flagged, finding.details) == ("intracranial_haemorrhage", True, {"volume_ml": 4.2})
+    assert (finding.series_uid, finding.overlay_file, finding.overlay_sop_instance_uid) == ("", None, None)
+    assert item.priority.level == "stat"
+    assert "legacy_score" not in wl.get_study(uid("old"), T0).to_dict()["findings"][0]
+
+
+def test_an_unreadable_stored_finding_lists_the_study_at_stat_with_the_reason(wl, caplog):
+    wl.record_instance(meta("bad"), T0)
+    _store_findings(wl, uid("bad"), [{"label": "intracranial_haemorrhage", "flagged": "perhaps"}])
+    [item] = wl.list_worklist(T0)
+    # Never demoted by an error: the highest level, saying why, and the study is still listed.
+    assert item.priority.level == "stat" and item.priority.reasons[-1].code == "priority-error"
+    assert item.findings == []
+    assert uid("bad") in caplog.text

@@ -1,5 +1,10 @@
 """One study from "ready" to "worklist updated": route its series, run the models, record the outcome.
 
+This is the one orchestration of a study's analysis: the scheduler of `triage serve` and `triage infer` (on an
+in-memory worklist) both call `analyse_study`. It lives in its own layer, below `serve` and `cli` and above
+`pipelines` and `worklist`, because it joins the two: routing and the runner on one side, the worklist on the
+other, and neither of those may import the other.
+
 Clinical fail-safe: whatever happens here, the study stays on the worklist. An AI failure is recorded as
 ai_status failed with its reason, and the priority policy keeps the clinical priority (AI never lowers it).
 """
@@ -9,15 +14,24 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from triage.dicom.series import read_series_attributes
-from triage.domain import AIStatus, Finding, RoutingDecision, SeriesInfo, SeriesResult, StageTimings, utcnow
+from triage.dicom.series import with_routing_attributes
+from triage.domain import (
+    AIStatus,
+    Finding,
+    RoutingDecision,
+    SeriesInfo,
+    SeriesResult,
+    StageTime,
+    StageTimings,
+    utcnow,
+)
 from triage.errors import ConflictError, NotFoundError
 from triage.models.registry import ModelRegistry
 from triage.pipelines.routing import RoutingRules, route_study
@@ -34,7 +48,9 @@ class AnalysisOutcome:
     study_uid: str
     ai_status: AIStatus
     reason: str
-    findings: list[dict[str, Any]] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    routing: list[RoutingDecision] = field(default_factory=list)
+    results: list[SeriesResult] = field(default_factory=list)
     timings: StageTimings = field(default_factory=StageTimings)
     superseded: bool = False
     # A transient failure was recorded and the study queued for another attempt.
@@ -53,48 +69,38 @@ class RetryPolicy:
         return float(self.backoff_s) * 3 ** max(0, failed_attempts - 1)
 
 
-def _with_attributes(series: SeriesInfo) -> SeriesInfo:
-    """The series with the attributes routing rules look at, read from its first stored instance."""
-    if not series.files:
-        return series
-    attributes = {**series.attributes, **read_series_attributes(series.files[0])}
-    return replace(series, attributes=attributes)
-
-
-def _earlier_findings(worklist: Worklist, study_uid: str, models: set[str], now: datetime) -> list[dict[str, Any]]:
+def _earlier_findings(worklist: Worklist, study_uid: str, models: set[str], now: datetime) -> list[Finding]:
     """The study's stored findings from `models`, marked as carried over from an earlier analysis."""
-    earlier = worklist.get_study(study_uid, now).item.findings
-    return [
-        {**f, "details": {**(f.get("details") or {}), "carried_over": "from an earlier analysis; the latest failed"}}
-        for f in earlier
-        if f.get("model") in models
-    ]
+    return [f.carried_over() for f in worklist.get_study(study_uid, now).findings if f.model in models]
 
 
-def _routing_record(series: SeriesInfo, decision: RoutingDecision) -> dict[str, Any]:
-    return {
-        "series_uid": series.series_uid,
+def _routing_record(
+    series: SeriesInfo, decision: RoutingDecision, result: SeriesResult | None = None
+) -> RoutingDecision:
+    """The decision as the study page shows it: with the series it is about and, once run, how it went."""
+    update: dict[str, Any] = {
         "modality": series.modality,
         "description": str(series.attributes.get("SeriesDescription") or ""),
         "n_instances": series.n_instances,
-        "model": decision.model,
-        "rule": decision.rule,
-        "reason": decision.reason,
     }
+    if result is not None:
+        update["analysis"] = "done" if result.ok else f"failed: {result.error}"
+        update["model_version"] = result.model_version
+    return decision.model_copy(update=update)
 
 
 def _record(
     worklist: Worklist,
     study_uid: str,
     generation: int,
-    findings: list[dict[str, Any]],
-    routing: list[dict[str, Any]],
+    findings: list[Finding],
+    routing: list[RoutingDecision],
     status: AIStatus,
     reason: str,
     now: Callable[[], datetime],
     attempts: int = 3,
     failure_kind: str = "",
-    stages: list[dict[str, Any]] | None = None,
+    stages: list[StageTime] | None = None,
 ) -> None:
     """Store the outcome, retrying a busy or briefly unreachable database; a study must not stay "analysing".
 
@@ -125,9 +131,10 @@ def _record(
             time.sleep(0.5 * attempt)
 
 
-def save_overlay(overlay_dir: Path, study_uid: str, finding: Finding) -> str | None:
-    """Write a finding's overlay as .npz next to the study's other overlays; returns the file name."""
-    if finding.overlay is None:
+def save_overlay(overlay_dir: Path | None, study_uid: str, finding: Finding) -> str | None:
+    """Write a finding's overlay as .npz next to the study's other overlays; returns the file name (None
+    without an overlay, or without a folder to keep it in)."""
+    if finding.overlay is None or overlay_dir is None:
         return None
     folder = overlay_dir / study_uid
     folder.mkdir(parents=True, exist_ok=True)
@@ -161,7 +168,7 @@ def analyse_study(
     registry: ModelRegistry,
     rules: RoutingRules,
     runner: Runner,
-    overlay_dir: Path,
+    overlay_dir: Path | None,
     now: Callable[[], datetime] = utcnow,
     unavailable_models: set[str] | None = None,
     retry: RetryPolicy | None = None,
@@ -178,11 +185,12 @@ def analyse_study(
     timings = StageTimings()
     if generation is None:  # not claimed by a scheduler (tests, a one-off analysis)
         generation = worklist.begin_analysis(study_uid, now())
-    findings: list[dict[str, Any]] = []
+    findings: list[Finding] = []
+    routing: list[RoutingDecision] = []
     results: list[SeriesResult] = []
     try:
         started = time.perf_counter()
-        series_list = [_with_attributes(s) for s in worklist.series_of(study_uid)]
+        series_list = [with_routing_attributes(s) for s in worklist.series_of(study_uid)]
         timings.add("database", time.perf_counter() - started)
         installed = set(registry.names()) - (unavailable_models or set())
         decisions = route_study(series_list, rules, installed)
@@ -193,22 +201,17 @@ def analyse_study(
         for result in results:
             timings.merge(result.timings)
         status, reason = summarise(results, decisions)
-        findings = []
-        for result in results:
-            for finding in result.findings:
-                record = finding.to_dict()
-                record["overlay_file"] = save_overlay(overlay_dir, study_uid, finding)
-                findings.append(record)
+        findings = [
+            finding.model_copy(update={"overlay_file": save_overlay(overlay_dir, study_uid, finding)})
+            for result in results
+            for finding in result.findings
+        ]
         failed_models = {r.model for r in results if not r.ok}
         if failed_models and status is not AIStatus.FAILED:
             # A model that failed this time keeps its earlier findings: an AI failure never lowers a priority.
             findings += _earlier_findings(worklist, study_uid, failed_models, now())
-        routing = [_routing_record(by_uid[d.series_uid], d) for d in decisions]
-        for record in routing:
-            match = next((r for r in results if r.series_uid == record["series_uid"]), None)
-            if match is not None:
-                record["analysis"] = "done" if match.ok else f"failed: {match.error}"
-                record["model_version"] = match.model_version
+        ran = {r.series_uid: r for r in results}
+        routing = [_routing_record(by_uid[d.series_uid], d, ran.get(d.series_uid)) for d in decisions]
     except Exception as exc:  # noqa: BLE001 - fail safe: the study stays listed at its clinical priority
         log.exception("study %s: analysis failed outside the models", study_uid)
         transient, sentence = classify_failure(exc)
@@ -224,14 +227,14 @@ def analyse_study(
             retry_at = now() + timedelta(seconds=retry.delay_s(attempt))
             worklist.defer_analysis(study_uid, generation, reason, retry_at, now())
             log.warning("study %s: attempt %d failed transiently (%s); retry at %s", study_uid, attempt, what, retry_at)
-            return AnalysisOutcome(study_uid, AIStatus.PENDING, reason, [], timings, retrying=True)
+            return AnalysisOutcome(study_uid, AIStatus.PENDING, reason, [], routing, results, timings, retrying=True)
         if status is AIStatus.FAILED:
             failure_kind = "transient"
             tries = f" after {attempt} attempts" if attempt > 1 else ""
             reason = f"{what}{tries}; re-queued when the model can run again"
     started = time.perf_counter()
     stages = [
-        {"stage": stage, "seconds": round(seconds, 3), "model": r.model, "series_uid": r.series_uid}
+        StageTime(stage=stage, seconds=round(seconds, 3), model=r.model, series_uid=r.series_uid)
         for r in results
         for stage, seconds in r.timings.seconds.items()
     ]
@@ -249,4 +252,4 @@ def analyse_study(
     )
     timings.add("database", time.perf_counter() - started)
     log.info("study %s: ai_status=%s (%s)", study_uid, status, reason)
-    return AnalysisOutcome(study_uid, status, reason, findings, timings)
+    return AnalysisOutcome(study_uid, status, reason, findings, routing, results, timings)

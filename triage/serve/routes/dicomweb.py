@@ -1,0 +1,97 @@
+"""POST /dicomweb/studies: STOW-RS (PS3.18 10.5), spooled to disk and stored one instance at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from typing import IO
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+
+from triage.dicom.stow import refusal_for_content_type, stow_instances
+from triage.serve.auth import current_user
+from triage.serve.deps import Service
+
+logger = logging.getLogger(__name__)
+
+# Spooled request bytes are written to the temporary file in pieces of this size, off the event loop.
+_STOW_SPOOL_WRITE_BYTES = 1 << 20
+
+
+def _stow_too_large(limit: int) -> JSONResponse:
+    """413 for a STOW-RS body over the limit; the connection is closed since the rest of the body is not read."""
+    return JSONResponse(
+        {
+            "error": f"the request body is larger than the STOW-RS limit of {limit} bytes "
+            "(setting dicomweb.stow_max_body_bytes, TRIAGE_DICOMWEB__STOW_MAX_BODY_BYTES); "
+            "send the instances in several requests"
+        },
+        status_code=413,
+        headers={"Connection": "close"},
+    )
+
+
+async def _spool_request_body(request: Request, sink: IO[bytes], limit: int) -> bool:
+    """Copy the request body into `sink` as it arrives; False as soon as it grows past `limit` bytes.
+
+    Chunked uploads carry no Content-Length, so the limit is enforced while reading, not only up front.
+    """
+    received = 0
+    pending = bytearray()
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            return False
+        pending += chunk
+        if len(pending) >= _STOW_SPOOL_WRITE_BYTES:
+            await asyncio.to_thread(sink.write, pending)
+            pending = bytearray()
+    if pending:
+        await asyncio.to_thread(sink.write, pending)
+    return True
+
+
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(current_user)])
+
+
+@router.post(
+    "/studies",
+    summary='STOW-RS: store instances (multipart/related; type="application/dicom")',
+    response_class=JSONResponse,
+)
+async def stow(request: Request, service: Service) -> Response:
+    settings = service.settings
+    limit = settings.dicomweb.stow_max_body_bytes
+    content_type = request.headers.get("content-type", "")
+    # Refused before the body is read (a client sending Expect: 100-continue has not sent it yet).
+    refused = refusal_for_content_type(content_type)
+    if refused is not None:
+        return JSONResponse(refused[1], status_code=refused[0], headers={"Connection": "close"})
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return _stow_too_large(limit)
+    spool_dir = settings.data_dir / "tmp"
+    base_url = str(request.base_url).rstrip("/") + "/dicomweb"
+    # The body goes to a file (unlinked on creation, so a crash leaves nothing behind) and the parts are read
+    # from it one at a time: memory stays about one instance, whatever the size of the request.
+    try:
+        await asyncio.to_thread(spool_dir.mkdir, parents=True, exist_ok=True)
+        with tempfile.SpooledTemporaryFile(
+            max_size=settings.dicomweb.stow_spool_memory_bytes, dir=str(spool_dir)
+        ) as body:
+            if not await _spool_request_body(request, body, limit):
+                return _stow_too_large(limit)
+            status, payload = await asyncio.to_thread(stow_instances, body, content_type, service.store, base_url)
+    except ClientDisconnect:
+        return JSONResponse({"error": "the client closed the connection before the body was complete"}, 400)
+    except OSError as exc:  # the disk under data_dir is full or unwritable: nothing was stored, try later
+        logger.error("STOW-RS request not spooled to %s: %s: %s", spool_dir, type(exc).__name__, exc)
+        return JSONResponse(
+            {"error": f"the request could not be received ({type(exc).__name__}: out of disk space?); try again"},
+            status_code=503,
+            headers={"Retry-After": "60", "Connection": "close"},
+        )
+    return JSONResponse(payload, status_code=status, media_type="application/dicom+json")

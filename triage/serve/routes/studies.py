@@ -1,0 +1,95 @@
+"""One study: its detail (series, routing, findings, analysis runs, history), its preview, and the actions
+people take on it (claim, release, report) or an admin does (requeue). Every view and action is audited."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+
+from triage.domain import utcnow
+from triage.serve.auth import RIS_BRIDGE
+from triage.serve.deps import Admin, Audit, Claimant, CurrentUser, Reporter, Service, SettingsDep, WorklistDep
+from triage.serve.schemas import ActionResult
+from triage.worklist.accounts import Role
+from triage.worklist.preview import preview_png
+from triage.worklist.repository import StudyDetail
+
+router = APIRouter(prefix="/studies", tags=["worklist"])
+
+
+@router.get("/{study_uid}", response_model=StudyDetail, summary="One study with its series, routing and findings")
+def study(study_uid: str, worklist: WorklistDep, user: CurrentUser, audit: Audit) -> StudyDetail:
+    detail = worklist.get_study(study_uid, utcnow())
+    audit(user, "view", study_uid, via="api")
+    return detail
+
+
+@router.get(
+    "/{study_uid}/preview.png",
+    summary="Key slice or radiograph with the AI region drawn over it (not for diagnostic use)",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def preview(
+    study_uid: str,
+    worklist: WorklistDep,
+    settings: SettingsDep,
+    user: CurrentUser,
+    audit: Audit,
+    finding: Annotated[int | None, Query(description="Index into the study's findings")] = None,
+) -> Response:
+    png = preview_png(worklist, settings.overlay_dir, study_uid, finding, utcnow())
+    audit(user, "view-image", study_uid, finding=finding)
+    # An image of a patient: not cached anywhere.
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+@router.post("/{study_uid}/claim", response_model=ActionResult, summary="Claim a study to report it (people)")
+def claim(study_uid: str, worklist: WorklistDep, user: Claimant, audit: Audit) -> ActionResult:
+    worklist.claim(study_uid, user.name, utcnow())
+    audit(user, "claim", study_uid, via="api")
+    return ActionResult(study_uid=study_uid, action="claim", user=user.name)
+
+
+@router.post("/{study_uid}/release", response_model=ActionResult, summary="Give a claim back (people)")
+def release(study_uid: str, worklist: WorklistDep, user: Claimant, audit: Audit) -> ActionResult:
+    # Only the claimant or an admin may release a claim; the worklist raises ConflictError (409) otherwise.
+    worklist.release(study_uid, user.name, is_admin=user.is_admin, now=utcnow())
+    audit(user, "release", study_uid, via="api")
+    return ActionResult(study_uid=study_uid, action="release", user=user.name)
+
+
+@router.post(
+    "/{study_uid}/report",
+    response_model=ActionResult,
+    summary="Mark a study reported (people; a RIS bridge's service account where TRIAGE_RIS_BRIDGE_MAY_REPORT)",
+)
+def report(study_uid: str, worklist: WorklistDep, user: Reporter, audit: Audit) -> ActionResult:
+    now = utcnow()
+    if user.role == Role.SERVICE:
+        # A RIS bridge relays a report signed in the RIS: a claim still held here is moot, so it is given
+        # back first (recorded), else the reported study would stay claimed and listed.
+        claimed_by = worklist.get_study(study_uid, now).claimed_by
+        if claimed_by is not None and claimed_by != user.name:
+            worklist.release(study_uid, user.name, is_admin=True, now=now)
+        worklist.mark_reported(study_uid, user.name, now)
+        audit(
+            user, "report", study_uid, via="api", account="service", acting_as=RIS_BRIDGE,
+            released_claim_of=claimed_by,
+        )  # fmt: skip
+    else:
+        worklist.mark_reported(study_uid, user.name, now)
+        audit(user, "report", study_uid, via="api")
+    return ActionResult(study_uid=study_uid, action="report", user=user.name)
+
+
+@router.post(
+    "/{study_uid}/requeue",
+    response_model=ActionResult,
+    summary="Queue a study for a fresh AI analysis now (admins; audited)",
+)
+def requeue(study_uid: str, service: Service, user: Admin, audit: Audit) -> ActionResult:
+    service.requeue(study_uid, user=user.name)
+    audit(user, "requeue", study_uid, via="api")
+    return ActionResult(study_uid=study_uid, action="requeue", user=user.name)

@@ -1,0 +1,43 @@
+"""GET /api/v1/worklist: the open studies, highest priority first."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query
+
+from triage.domain import utcnow
+from triage.serve.deps import WorklistDep
+from triage.worklist.repository import WorklistItem
+
+router = APIRouter(tags=["worklist"])
+
+
+@router.get("/worklist", response_model=list[WorklistItem], summary="The worklist, highest priority first")
+def list_worklist(
+    worklist: WorklistDep,
+    status: Annotated[
+        str | None, Query(description="AI status: pending, analysing, done, failed, not-applicable")
+    ] = None,
+    modality: Annotated[str | None, Query(description="Modality, e.g. CT, CR, DX")] = None,
+    level: Annotated[str | None, Query(description="Priority level: stat, urgent, routine")] = None,
+    site: str | None = None,
+    accession: str | None = None,
+    include_reported: bool = False,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many studies (a page)")] = 100,
+    offset: Annotated[int, Query(ge=0, description="Skip this many studies of the order first")] = 0,
+) -> list[WorklistItem]:
+    try:
+        return worklist.list_worklist(
+            utcnow(),
+            status=status,
+            modality=modality,
+            level=level,
+            site=site,
+            accession=accession,
+            include_reported=include_reported,
+            limit=limit,
+            offset=offset,
+        )
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from exc

@@ -1,0 +1,211 @@
+"""Preview PNGs for the study page: which image of a study to show (the key CT slice or the radiograph) and
+with which AI region; drawn by the one overlay renderer, `triage.dicom.overlay`.
+
+A preview is a triage aid rendered from the stored DICOM, never a diagnostic image: every PNG carries the caption
+"NOT FOR DIAGNOSTIC USE" burnt into the pixels, and no patient identifiers.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from triage.dicom.overlay import DisplayImage, display_image, render_overlay
+from triage.dicom.results import finding_caption as overlay_caption
+from triage.domain import Finding, Overlay, RoutingDecision
+from triage.errors import InvalidStudyError, NotFoundError, TriageError
+from triage.worklist.repository import Worklist
+from triage.worklist.tables import Instance
+
+log = logging.getLogger(__name__)
+
+# The preview's longer side: large radiographs are shrunk, small CT slices enlarged so the caption fits.
+MAX_SIDE_PX = 768
+MIN_SIDE_PX = 512
+
+
+def instance_path(engine: Engine, study_uid: str, sop_instance_uid: str) -> Path:
+    """Where the store keeps one instance of the study (from the instances table).
+
+    Raises:
+        NotFoundError: when the study has no such instance.
+    """
+    with Session(engine) as session:
+        path = session.scalar(
+            select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid, Instance.study_uid == study_uid)
+        )
+    if path is None:
+        raise NotFoundError(f"study {study_uid!r} has no instance {sop_instance_uid!r}")
+    return Path(path)
+
+
+def series_files(engine: Engine, study_uid: str, series_uid: str) -> list[tuple[str, Path]]:
+    """(SOP Instance UID, path) of every stored instance of one series, in arrival order."""
+    with Session(engine) as session:
+        rows = session.execute(
+            select(Instance.sop_instance_uid, Instance.path)
+            .where(Instance.study_uid == study_uid, Instance.series_uid == series_uid)
+            .order_by(Instance.id)
+        ).all()
+    return [(uid, Path(path)) for uid, path in rows]
+
+
+def middle_instance(files: list[tuple[str, Path]]) -> tuple[str, Path]:
+    """The middle slice of a series along its slice normal (by ImagePositionPatient), else the middle file.
+
+    Only used to choose a preview when no finding names a key slice; analysis never relies on this order.
+
+    Raises:
+        NotFoundError: when the series has no stored instances.
+    """
+    if not files:
+        raise NotFoundError("the series has no stored instances to preview")
+    import pydicom
+
+    placed = []
+    for uid, path in files:
+        try:
+            ds = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=["ImagePositionPatient", "ImageOrientationPatient"]
+            )
+            ipp = np.asarray([float(v) for v in ds.ImagePositionPatient])
+            iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+            normal = np.cross(iop[:3], iop[3:])
+            placed.append((float(ipp @ normal), uid, path))
+        except Exception:  # noqa: BLE001 - a radiograph or a header without geometry: arrival order then
+            placed = []
+            break
+    if placed:
+        placed.sort(key=lambda t: t[0])
+        _, uid, path = placed[len(placed) // 2]
+        return uid, path
+    return files[len(files) // 2]
+
+
+def load_overlay(overlay_dir: Path, study_uid: str, overlay_file: str) -> Overlay:
+    """Read a finding's overlay (.npz with mask, stride, sop_instance_uid, kind) from the study's folder.
+
+    Raises:
+        NotFoundError: when the file is missing or the name points outside the study's overlay folder.
+    """
+    folder = (overlay_dir / study_uid).resolve()
+    path = (folder / overlay_file).resolve()
+    if folder not in path.parents or not path.is_file():
+        raise NotFoundError(f"overlay {overlay_file!r} of study {study_uid!r} is not stored")
+    with np.load(path, allow_pickle=False) as data:
+        return Overlay(
+            sop_instance_uid=str(data["sop_instance_uid"]),
+            mask=np.asarray(data["mask"], dtype=np.float32),
+            stride=int(data["stride"]) if "stride" in data else 1,
+            kind=str(data["kind"]) if "kind" in data else "mask",
+        )
+
+
+def read_preview_image(path: Path, frame: int | None = None) -> DisplayImage:
+    """Read a stored instance as a display image: CT in the brain window, a radiograph as presented.
+
+    Raises:
+        InvalidStudyError: when the file cannot be read or decoded.
+    """
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - any read failure is the same to the viewer
+        raise InvalidStudyError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+    return display_image(ds, frame, source=path.name)
+
+
+def render_png(image: DisplayImage, overlay: Overlay | None, details: str = "") -> bytes:
+    """The preview as PNG bytes, captioned "NOT FOR DIAGNOSTIC USE" (and `details` on a second line), scaled so
+    its longer side lies between MIN_SIDE_PX and MAX_SIDE_PX."""
+    rgb, _ = render_overlay(image, overlay, [details or "AI triage preview"], fit_px=(MIN_SIDE_PX, MAX_SIDE_PX))
+    buffer = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def finding_caption(finding: Finding, kind: str) -> str:
+    """The second caption line: the window for CT, then model, version, finding and probability, and a synthetic
+    warning (as on the overlay captures sent to PACS)."""
+    window = "brain window 0-80 HU  " if kind == "ct" else ""
+    return window + overlay_caption(finding)
+
+
+def study_preview(
+    engine: Engine,
+    overlay_dir: Path,
+    study_uid: str,
+    findings: Sequence[Finding],
+    routing: Sequence[RoutingDecision],
+    finding_index: int | None = None,
+) -> bytes:
+    """Render the preview the study page shows.
+
+    With `finding_index`, that finding's key slice or radiograph with its overlay. Without, the first finding that
+    has an overlay; failing that, the middle image of the first analysed series (or of the first series) alone.
+
+    Raises:
+        NotFoundError: when the finding index is out of range, or nothing in the study can be previewed.
+        InvalidStudyError: when the stored file cannot be decoded.
+    """
+    if finding_index is not None and not 0 <= finding_index < len(findings):
+        raise NotFoundError(f"study {study_uid!r} has no finding number {finding_index} (it has {len(findings)})")
+    candidates = [finding_index] if finding_index is not None else list(range(len(findings)))
+    for index in candidates:
+        finding = findings[index]
+        if not finding.overlay_file:
+            continue
+        overlay = load_overlay(overlay_dir, study_uid, finding.overlay_file)
+        image = read_preview_image(instance_path(engine, study_uid, overlay.sop_instance_uid))
+        return render_png(image, overlay, finding_caption(finding, image.kind))
+    chosen = findings[finding_index] if finding_index is not None else None
+    series_uids = [r.series_uid for r in routing if r.model] + [r.series_uid for r in routing if not r.model]
+    if chosen is not None and chosen.series_uid:
+        series_uids.insert(0, chosen.series_uid)
+    for series_uid in series_uids:
+        files = series_files(engine, study_uid, series_uid)
+        if not files:
+            continue
+        _, path = middle_instance(files)
+        try:
+            image = read_preview_image(path)
+        except (InvalidStudyError, ValueError, TypeError) as exc:
+            log.info("study %s: series %s cannot be previewed: %s", study_uid, series_uid, exc)
+            continue
+        details = finding_caption(chosen, image.kind) + "  (no region stored)" if chosen else "no AI region"
+        return render_png(image, None, details)
+    raise NotFoundError(f"study {study_uid!r} has no image that can be previewed")
+
+
+def preview_png(
+    worklist: Worklist, overlay_dir: Path, study_uid: str, finding_index: int | None, now: datetime
+) -> bytes:
+    """The study page's preview PNG of one study (see `study_preview`); it is an image of a patient: never cache it.
+
+    Raises:
+        NotFoundError: unknown study or finding, or nothing to preview.
+        InvalidStudyError: when the image cannot be read or drawn (quoting why).
+    """
+    detail = worklist.get_study(study_uid, now)
+    # A series not routed yet counts as one no model analyses.
+    routing = [s.routing or RoutingDecision(series_uid=s.series_uid) for s in detail.series]
+    try:
+        return study_preview(worklist.engine, overlay_dir, study_uid, detail.findings, routing, finding_index)
+    except TriageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a preview failure must not look like a server crash
+        log.exception("study %s: preview failed", study_uid)
+        raise PreviewError(f"preview cannot be rendered: {exc}") from exc
+
+
+class PreviewError(InvalidStudyError):
+    """The stored image or overlay could not be drawn as a preview."""
