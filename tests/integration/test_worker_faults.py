@@ -214,16 +214,19 @@ def test_a_call_past_its_deadline_is_cancelled_and_the_hung_worker_restarted(
 
     item = _wait_status(server, study_uid, {"done", "failed"}, timeout_s=600)
     assert item["ai_status"] == "failed", "the CT finished within 8 s: the deadline was never reached"
-    assert "did not finish within its deadline of 8 s" in item["ai_reason"], item["ai_reason"]
     assert "re-queued when the model can run again" in item["ai_reason"]
     detail = _study(server, study_uid)
     assert detail["failure_kind"] == "transient"
     assert [a["status"] for a in detail["analyses"]] == ["retry", "failed"]
-    if "inference did not finish" in item["ai_reason"]:
+    # The first attempt ran past its deadline. (The second may instead meet the worker still restarting after
+    # that: "the model worker stopped unexpectedly" - transient too.)
+    first = detail["analyses"][0]["reason"]
+    assert "did not finish within its deadline of 8 s" in first, first
+    if "inference did not finish" in first:
         # The hung inference call was ended by restarting its worker: a new process answers the probe.
         assert _worker_pid(server, CT_MODEL) != pid
     else:  # on a slow machine preprocessing already ran past the deadline: that task was cancelled
-        assert "preprocess did not finish" in item["ai_reason"], item["ai_reason"]
+        assert "preprocess did not finish" in first, first
     # The service carries on: a chest X-ray is analysed within the deadline.
     after = _send_xray(server, tmp_path, seed=14)
     assert _wait_status(server, after, {"done", "failed"})["ai_status"] == "done"

@@ -340,10 +340,20 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
         site: str | None = None,
         accession: str | None = None,
         include_reported: bool = False,
+        changed: Annotated[str | None, Query(description="Space- or comma-separated Study UIDs")] = None,
     ) -> HTMLResponse:
-        """The table body alone, for the live refresh (same template as the page)."""
+        """The table body, for the live refresh (same template as the page).
+
+        With `changed` (the studies named by the change events since the last refresh) only those rows are sent,
+        with the page's order in the X-Worklist-Order header: the page keeps its other rows and reorders them.
+        """
         items, problem = worklist_items(request, status_, modality, level, site, accession, include_reported)
-        return render(request, "_rows.html", user, 400 if problem else 200, items=items, problem=problem)
+        if changed is None or problem:
+            return render(request, "_rows.html", user, 400 if problem else 200, items=items, problem=problem)
+        wanted = set(changed.replace(",", " ").split())
+        response = render(request, "_rows.html", user, 200, items=[i for i in items if i.study_uid in wanted])
+        response.headers["X-Worklist-Order"] = " ".join(i.study_uid for i in items)
+        return response
 
     @router.get("/studies/{study_uid}", response_class=HTMLResponse)
     async def study_page(request: Request, study_uid: str, user: PageUser) -> HTMLResponse:

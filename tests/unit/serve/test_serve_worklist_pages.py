@@ -50,3 +50,22 @@ def test_worklist_page_menus_list_every_modality_and_site(site: Site) -> None:
     assert '<option value="CT">CT</option>' in page.text
     assert '<option value="DX" selected>DX</option>' in page.text
     assert '<option value="South">South</option>' in page.text
+
+
+def test_live_refresh_sends_only_the_changed_rows_with_the_page_order(site: Site) -> None:
+    import re
+
+    xrays = [add_xray(site, f"ACC-XR-{n}", n) for n in range(3)]
+    ct, datasets = site.add_ct("ACC-CT-1")
+    site.sign_in()
+    site.finish(ct, [ich_finding(str(datasets[2].SOPInstanceUID), str(datasets[2].SeriesInstanceUID), None)])
+
+    response = site.client.get("/worklist/rows", params={"changed": ct})
+    assert response.status_code == 200
+    assert re.findall(r'<tr data-study="([^"]+)"', response.text) == [ct]  # only the row that changed
+    order = response.headers["X-Worklist-Order"].split()
+    assert order[0] == ct and sorted(order) == sorted([ct, *xrays])  # where every row of the page goes now
+
+    whole = site.client.get("/worklist/rows")
+    assert re.findall(r'<tr data-study="([^"]+)"', whole.text) == order
+    assert "X-Worklist-Order" not in whole.headers
