@@ -248,6 +248,7 @@ def infer_path(path: Path, settings: Settings, model: str | None = None) -> dict
     from triage.models.registry import ModelRegistry
     from triage.pipelines.routing import RoutingRules, route_study
     from triage.pipelines.runner import InProcessRunner
+    from triage.storage import PathSource
 
     files = collect_files([path])
     if not files:
@@ -257,10 +258,12 @@ def infer_path(path: Path, settings: Settings, model: str | None = None) -> dict
     studies: dict[str, list[Any]] = {}
     for meta in metas:
         studies.setdefault(meta.study_uid, []).append(meta)
-    runner = InProcessRunner(registry, settings.inference)
+    # A folder outside the store: its instances are named by their file paths, read through the same interface.
+    source = PathSource()
+    runner = InProcessRunner(registry, settings.inference, source)
     report: dict[str, Any] = {"studies": []}
     for study_uid, study_metas in studies.items():
-        series_list = group_series(study_metas)
+        series_list = group_series(study_metas, source)
         decisions = route_study(series_list, RoutingRules.load(settings.routing_rules), set(registry.names()))
         if model is not None:
             decisions = [d for d in decisions if d.model == model]

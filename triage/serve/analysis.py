@@ -11,10 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from triage.dicom.series import read_series_attributes
 from triage.domain import AIStatus, Finding, RoutingDecision, SeriesInfo, SeriesResult, StageTimings, utcnow
@@ -22,6 +19,7 @@ from triage.errors import ConflictError, NotFoundError
 from triage.models.registry import ModelRegistry
 from triage.pipelines.routing import RoutingRules, route_study
 from triage.pipelines.runner import Runner, classify_failure
+from triage.storage import InstanceSource, Store, overlay_bytes
 from triage.worklist.repository import Worklist
 
 log = logging.getLogger(__name__)
@@ -53,11 +51,11 @@ class RetryPolicy:
         return float(self.backoff_s) * 3 ** max(0, failed_attempts - 1)
 
 
-def _with_attributes(series: SeriesInfo) -> SeriesInfo:
+def _with_attributes(series: SeriesInfo, store: InstanceSource) -> SeriesInfo:
     """The series with the attributes routing rules look at, read from its first stored instance."""
     if not series.files:
         return series
-    attributes = {**series.attributes, **read_series_attributes(series.files[0])}
+    attributes = {**series.attributes, **read_series_attributes(series.files[0], store)}
     return replace(series, attributes=attributes)
 
 
@@ -125,20 +123,12 @@ def _record(
             time.sleep(0.5 * attempt)
 
 
-def save_overlay(overlay_dir: Path, study_uid: str, finding: Finding) -> str | None:
-    """Write a finding's overlay as .npz next to the study's other overlays; returns the file name."""
+def save_overlay(store: Store, study_uid: str, finding: Finding) -> str | None:
+    """Store a finding's overlay with the study's other overlays; returns its name (what the finding records)."""
     if finding.overlay is None:
         return None
-    folder = overlay_dir / study_uid
-    folder.mkdir(parents=True, exist_ok=True)
     name = f"{finding.model}-{finding.label}.npz"
-    np.savez_compressed(
-        folder / name,
-        mask=np.asarray(finding.overlay.mask, dtype=np.float32),
-        stride=finding.overlay.stride,
-        sop_instance_uid=finding.overlay.sop_instance_uid,
-        kind=finding.overlay.kind,
-    )
+    store.put_overlay(study_uid, name, overlay_bytes(finding.overlay))
     return name
 
 
@@ -161,7 +151,7 @@ def analyse_study(
     registry: ModelRegistry,
     rules: RoutingRules,
     runner: Runner,
-    overlay_dir: Path,
+    store: Store,
     now: Callable[[], datetime] = utcnow,
     unavailable_models: set[str] | None = None,
     retry: RetryPolicy | None = None,
@@ -172,7 +162,8 @@ def analyse_study(
     A transient failure (a worker died, memory ran out, a deadline passed) queues the study for another
     attempt after a backoff, up to `retry.max_attempts`; when the last attempt fails too, the study is
     failed with failure kind "transient", so that it is re-queued once its model can run again. Permanent
-    failures are not retried. Either way the study keeps its place and its earlier findings.
+    failures are not retried. Either way the study keeps its place and its earlier findings. Instances are read
+    and overlays written through `store`.
     """
     retry = retry or RetryPolicy()
     timings = StageTimings()
@@ -182,7 +173,7 @@ def analyse_study(
     results: list[SeriesResult] = []
     try:
         started = time.perf_counter()
-        series_list = [_with_attributes(s) for s in worklist.series_of(study_uid)]
+        series_list = [_with_attributes(s, store) for s in worklist.series_of(study_uid)]
         timings.add("database", time.perf_counter() - started)
         installed = set(registry.names()) - (unavailable_models or set())
         decisions = route_study(series_list, rules, installed)
@@ -197,7 +188,7 @@ def analyse_study(
         for result in results:
             for finding in result.findings:
                 record = finding.to_dict()
-                record["overlay_file"] = save_overlay(overlay_dir, study_uid, finding)
+                record["overlay_file"] = save_overlay(store, study_uid, finding)
                 findings.append(record)
         failed_models = {r.model for r in results if not r.ok}
         if failed_models and status is not AIStatus.FAILED:

@@ -10,8 +10,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import UTC, datetime
 from typing import Any
 
 from pydicom import Dataset
@@ -26,6 +26,7 @@ from triage.models.registry import ModelRegistry
 from triage.pipelines.routing import RoutingRules
 from triage.pipelines.runner import Runner, make_runner
 from triage.serve.analysis import AnalysisOutcome, RetryPolicy, analyse_study
+from triage.storage import LocalStore
 from triage.worklist.db import create_engine_for, migrate
 from triage.worklist.events import Broadcaster
 from triage.worklist.repository import Worklist
@@ -39,8 +40,8 @@ class TriageService:
     def __init__(self, settings: Settings, runner_kind: str = "ray", start_scp: bool = True) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        settings.store_dir.mkdir(parents=True, exist_ok=True)
-        settings.overlay_dir.mkdir(parents=True, exist_ok=True)
+        # The one place that knows where things live: everything else names instances and overlays by key.
+        self.files = LocalStore(settings.store_dir, settings.overlay_dir)
         url = settings.resolved_database_url
         migrate(url)
         self.events = Broadcaster()
@@ -51,10 +52,11 @@ class TriageService:
             sender_priority=settings.dicom.sender_priority,
         )
         self.store = DicomStore(
-            settings.store_dir,
+            self.files,
             settings.ensure_phi_salt(),
             index=self._index,
             policy=StorePolicy.from_settings(settings.dicom),
+            index_many=self._index_many,
         )
         self.registry = ModelRegistry(settings.weights_dir)
         self.rules = RoutingRules.load(settings.routing_rules)
@@ -83,8 +85,13 @@ class TriageService:
         received_at = utcnow()
         if self._reindexing:
             # Files found on disk at start-up arrived before the restart: their waiting time counts from then.
-            received_at = datetime.fromtimestamp(os.stat(meta.path).st_mtime, UTC)
+            received_at = self.files.modified_at(meta.key)
         return self.worklist.record_instance(meta, received_at)
+
+    def _index_many(self, metas: Sequence[InstanceMeta]) -> list[bool]:
+        """Index a batch of received instances in one transaction (the store's group commit)."""
+        received_at = utcnow()
+        return self.worklist.record_instances([(meta, received_at) for meta in metas])
 
     def accept(self, ds: Dataset, calling_ae: str = "") -> StoredInstance:
         """Store and index one instance; returns only once it is durable (the sender may then hear success)."""
@@ -115,7 +122,9 @@ class TriageService:
         if self.scp is not None:
             self.scp.start()
             log.info("DICOM SCP %s listening on port %s", self.settings.dicom.ae_title, self.scp.port)
-        self.runner = make_runner(self.runner_kind, self.registry, self.settings.inference, self.settings.ray)
+        self.runner = make_runner(
+            self.runner_kind, self.registry, self.settings.inference, self.settings.ray, source=self.files
+        )
         self.runner.warm_up()
         self.model_errors.update(getattr(self.runner, "load_errors", {}))
         self.check_models()
@@ -130,6 +139,7 @@ class TriageService:
         self._stop.set()
         if self.scp is not None:
             self.scp.stop()
+        self.store.close()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
         if self._health_thread is not None:
@@ -255,7 +265,7 @@ class TriageService:
             self.registry,
             self.rules,
             self.runner,
-            self.settings.overlay_dir,
+            self.files,
             unavailable_models=set(self.model_errors),
             retry=RetryPolicy(self.settings.inference.max_attempts, self.settings.inference.retry_backoff_s),
             generation=generation,
@@ -274,8 +284,7 @@ class TriageService:
             return
         try:
             sent = export_study_results(
-                self.settings.store_dir,
-                self.settings.overlay_dir,
+                self.files,
                 outcome.study_uid,
                 outcome.findings,
                 str(outcome.ai_status),

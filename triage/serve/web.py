@@ -165,14 +165,15 @@ async def _audit(request: Request, user: User | str, action: str, study_uid: str
 
 
 def series_image_path(engine: Any, study_uid: str, series_uid: str) -> str | None:
-    """What the label CSV's `image` column names: the stored file of a one-image series, else the series folder."""
+    """What the label CSV's `image` column names, relative to the store's folder (store keys are): the stored
+    instance of a one-image series, else the series folder "<study>/<series>"."""
     files = previews.series_files(engine, study_uid, series_uid) if series_uid else []
     if not files:
         return None
     if len(files) == 1:
-        return str(files[0][1])
-    parents = {path.parent for _, path in files}
-    return str(parents.pop()) if len(parents) == 1 else str(Path(*Path(files[0][1]).parts[:-2]))
+        return files[0][1]
+    parents = {key.rsplit("/", 1)[0] for _, key in files}
+    return parents.pop() if len(parents) == 1 else files[0][1].split("/", 1)[0]
 
 
 def label_csv(rows: Iterable[dict[str, Any]]) -> str:
@@ -724,7 +725,7 @@ def preview_response(request: Request, study_uid: str, finding: int | None) -> R
     routing = [{"series_uid": s.series_uid, "model": (s.routing or {}).get("model")} for s in detail.series]
     try:
         png = previews.study_preview(
-            service.worklist.engine, service.settings.overlay_dir, study_uid, detail.item.findings, routing, finding
+            service.worklist.engine, service.files, study_uid, detail.item.findings, routing, finding
         )
     except TriageError:
         raise

@@ -9,10 +9,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, and_, case, or_, select, update
-from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from triage.config import PrioritySettings
@@ -362,7 +360,8 @@ class Worklist:
         so the study is analysed again; a new study starts with AI status pending.
 
         Args:
-            meta: What the store indexed about the instance (no patient names or birth dates).
+            meta: What the store indexed about the instance (no patient names or birth dates); `meta.key` is
+                its store key.
             received_at: When it arrived (timezone-aware).
 
         Returns:
@@ -371,115 +370,154 @@ class Worklist:
         Raises:
             ValueError: when `received_at` is naive or a UID is empty.
         """
-        now = require_utc(received_at, "received_at")
-        for name in ("study_uid", "series_uid", "sop_instance_uid"):
-            if not getattr(meta, name).strip():
-                raise ValueError(f"instance {meta.sop_instance_uid!r} has an empty {name}")
+        (is_new,) = self.record_instances([(meta, received_at)])
+        return is_new
+
+    def record_instances(self, batch: Sequence[tuple[InstanceMeta, datetime]]) -> list[bool]:
+        """Index several received instances in one transaction (the store's group commit), as `record_instance`
+        does for each; all or none are recorded.
+
+        Instances are recorded in study and series order, so that concurrent batches (several ingest
+        processes) take the study and series rows in the same order and do not deadlock.
+
+        Returns:
+            For each instance, in the order given: False when its SOP Instance UID was already indexed.
+
+        Raises:
+            ValueError: when a `received_at` is naive or a UID is empty (nothing is recorded then).
+        """
+        prepared = []
+        for position, (meta, received_at) in enumerate(batch):
+            now = require_utc(received_at, "received_at")
+            for name in ("study_uid", "series_uid", "sop_instance_uid"):
+                if not getattr(meta, name).strip():
+                    raise ValueError(f"instance {meta.sop_instance_uid!r} has an empty {name}")
+            prepared.append((meta.study_uid, meta.series_uid, position, meta, now))
+        prepared.sort(key=lambda item: item[:3])
+        results = [False] * len(prepared)
+        published: list[tuple[str, bool]] = []
+        with self._write() as session, session.begin():
+            for _, _, position, meta, now in prepared:
+                outcome = self._record_one(session, meta, now)
+                if outcome is None:
+                    log.debug("duplicate instance %s of study %s ignored", meta.sop_instance_uid, meta.study_uid)
+                    continue
+                results[position] = True
+                published.append((meta.study_uid, outcome))
+        for study_uid, created in published:
+            self._publish(study_uid, "created" if created else "instance")
+        return results
+
+    def _record_one(self, session: Session, meta: InstanceMeta, now: datetime) -> bool | None:
+        """Record one instance inside the caller's transaction.
+
+        Returns:
+            None for a duplicate (nothing changed), else whether its study was created.
+        """
         clinical, source = self._clinical_priority(meta)
         modality = meta.modality.strip().upper()
         study_uid = meta.study_uid
-        try:
-            with self._write() as session, session.begin():
-                created = (
-                    session.execute(
-                        self._upsert(Study)
-                        .values(
-                            study_uid=study_uid,
-                            accession_number=meta.accession_number,
-                            patient_hash=meta.patient_hash,
-                            modality=modality,
-                            study_description=meta.study_description,
-                            site=meta.institution,
-                            sending_ae=meta.calling_ae,
-                            received_at=now,
-                            last_instance_at=now,
-                            instance_count=0,
-                            clinical_priority=clinical.value,
-                            clinical_priority_source=source,
-                            ai_status=AIStatus.PENDING.value,
-                            ai_reason="",
-                            analysis_generation=1,
-                            analysing_generation=0,
-                            analysed_generation=0,
-                            findings=[],
-                            routing=[],
-                            priority_level=clinical.value,
-                            priority_reasons=[],
-                        )
-                        .on_conflict_do_nothing(index_elements=["study_uid"])
-                        .returning(Study.study_uid)
-                    ).first()
-                    is not None
+        created = (
+            session.execute(
+                self._upsert(Study)
+                .values(
+                    study_uid=study_uid,
+                    accession_number=meta.accession_number,
+                    patient_hash=meta.patient_hash,
+                    modality=modality,
+                    study_description=meta.study_description,
+                    site=meta.institution,
+                    sending_ae=meta.calling_ae,
+                    received_at=now,
+                    last_instance_at=now,
+                    instance_count=0,
+                    clinical_priority=clinical.value,
+                    clinical_priority_source=source,
+                    ai_status=AIStatus.PENDING.value,
+                    ai_reason="",
+                    analysis_generation=1,
+                    analysing_generation=0,
+                    analysed_generation=0,
+                    findings=[],
+                    routing=[],
+                    priority_level=clinical.value,
+                    priority_reasons=[],
                 )
-                session.execute(
-                    self._upsert(Series)
-                    .values(
-                        series_uid=meta.series_uid,
-                        study_uid=study_uid,
-                        modality=modality,
-                        sop_class_uid=meta.sop_class_uid,
-                        description=meta.series_description,
-                        n_instances=0,
-                        attributes={
-                            "Modality": modality,
-                            "SOPClassUID": meta.sop_class_uid,
-                            "SeriesDescription": meta.series_description,
-                            "BodyPartExamined": meta.body_part,
-                            "StudyDescription": meta.study_description,
-                        },
-                    )
-                    .on_conflict_do_nothing(index_elements=["series_uid"])
-                )
-                # The unique SOP Instance UID is the duplicate check: a resend raises IntegrityError here.
-                session.execute(
-                    sa_insert(Instance).values(
-                        sop_instance_uid=meta.sop_instance_uid,
-                        series_uid=meta.series_uid,
-                        study_uid=study_uid,
-                        sop_class_uid=meta.sop_class_uid,
-                        path=meta.path,
-                        transfer_syntax=meta.transfer_syntax_uid,
-                        received_at=now,
-                    )
-                )
-                taken = (Study.analysing_generation >= Study.analysis_generation) | (
-                    Study.analysed_generation >= Study.analysis_generation
-                )
-                session.execute(
-                    update(Study)
-                    .where(Study.study_uid == study_uid)
-                    .values(
-                        instance_count=Study.instance_count + 1,
-                        last_instance_at=case((Study.last_instance_at < now, now), else_=Study.last_instance_at),
-                        # An analysis that has started or finished did not see this instance: queue a new one.
-                        analysis_generation=case(
-                            (taken, Study.analysis_generation + 1), else_=Study.analysis_generation
-                        ),
-                    )
-                    .execution_options(synchronize_session=False)
-                )
-                session.execute(
-                    update(Series)
-                    .where(Series.series_uid == meta.series_uid)
-                    .values(n_instances=Series.n_instances + 1)
-                    .execution_options(synchronize_session=False)
-                )
-                # This transaction now holds the study row, so the read-modify-write below is not racing.
-                study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
-                self._merge_instance(study, meta, modality, clinical, source)
-                if study.ai_status in _FINISHED and study.analysis_generation > study.analysed_generation:
-                    study.ai_status = AIStatus.PENDING.value
-                    study.ai_reason = "new instances arrived; re-analysis queued"
-                self._refresh_priority(study, now)
-                if created:
-                    self._history(session, study_uid, "received", now, sending_ae=meta.calling_ae)
-        except IntegrityError:
-            if self._instance_exists(meta.sop_instance_uid):
-                log.debug("duplicate instance %s of study %s ignored", meta.sop_instance_uid, study_uid)
-                return False
-            raise
-        self._publish(study_uid, "created" if created else "instance")
-        return True
+                .on_conflict_do_nothing(index_elements=["study_uid"])
+                .returning(Study.study_uid)
+            ).first()
+            is not None
+        )
+        session.execute(
+            self._upsert(Series)
+            .values(
+                series_uid=meta.series_uid,
+                study_uid=study_uid,
+                modality=modality,
+                sop_class_uid=meta.sop_class_uid,
+                description=meta.series_description,
+                n_instances=0,
+                attributes={
+                    "Modality": modality,
+                    "SOPClassUID": meta.sop_class_uid,
+                    "SeriesDescription": meta.series_description,
+                    "BodyPartExamined": meta.body_part,
+                    "StudyDescription": meta.study_description,
+                },
+            )
+            .on_conflict_do_nothing(index_elements=["series_uid"])
+        )
+        # The unique SOP Instance UID is the duplicate check: a resend inserts nothing, and changes nothing (its
+        # study and series rows exist already, so the two inserts above did nothing either).
+        inserted = session.execute(
+            self._upsert(Instance)
+            .values(
+                sop_instance_uid=meta.sop_instance_uid,
+                series_uid=meta.series_uid,
+                study_uid=study_uid,
+                sop_class_uid=meta.sop_class_uid,
+                store_key=meta.key,
+                transfer_syntax=meta.transfer_syntax_uid,
+                received_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+            .returning(Instance.id)
+        ).first()
+        if inserted is None:
+            return None
+        taken = (Study.analysing_generation >= Study.analysis_generation) | (
+            Study.analysed_generation >= Study.analysis_generation
+        )
+        session.execute(
+            update(Study)
+            .where(Study.study_uid == study_uid)
+            .values(
+                instance_count=Study.instance_count + 1,
+                last_instance_at=case((Study.last_instance_at < now, now), else_=Study.last_instance_at),
+                # An analysis that has started or finished did not see this instance: queue a new one.
+                analysis_generation=case((taken, Study.analysis_generation + 1), else_=Study.analysis_generation),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        session.execute(
+            update(Series)
+            .where(Series.series_uid == meta.series_uid)
+            .values(n_instances=Series.n_instances + 1)
+            .execution_options(synchronize_session=False)
+        )
+        # This transaction now holds the study row, so the read-modify-write below is not racing. The row is read
+        # afresh: an earlier instance of the same batch may have loaded it before the counters above changed.
+        study = session.execute(
+            select(Study).where(Study.study_uid == study_uid).execution_options(populate_existing=True)
+        ).scalar_one()
+        self._merge_instance(study, meta, modality, clinical, source)
+        if study.ai_status in _FINISHED and study.analysis_generation > study.analysed_generation:
+            study.ai_status = AIStatus.PENDING.value
+            study.ai_reason = "new instances arrived; re-analysis queued"
+        self._refresh_priority(study, now)
+        if created:
+            self._history(session, study_uid, "received", now, sending_ae=meta.calling_ae)
+        return created
 
     @staticmethod
     def _merge_instance(study: Study, meta: InstanceMeta, modality: str, clinical: PriorityLevel, source: str) -> None:
@@ -498,11 +536,6 @@ class Worklist:
         if clinical.rank > PriorityLevel(study.clinical_priority).rank:
             study.clinical_priority = clinical.value
             study.clinical_priority_source = source
-
-    def _instance_exists(self, sop_instance_uid: str) -> bool:
-        with self._read() as session:
-            found = session.execute(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
-            return found.first() is not None
 
     # --------------------------------------------------------------------------------------- analysis
 
@@ -549,7 +582,7 @@ class Worklist:
         )
 
     def series_of(self, study_uid: str) -> list[SeriesInfo]:
-        """The study's series with their files (paths in arrival order) and routing attributes.
+        """The study's series with their instances (store keys in arrival order) and routing attributes.
 
         Raises:
             NotFoundError: when the study is not on the worklist.
@@ -561,10 +594,12 @@ class Worklist:
                 select(Series).where(Series.study_uid == study_uid).order_by(Series.series_uid)
             ).scalars()
             files: dict[str, list[str]] = {}
-            for series_uid, path in session.execute(
-                select(Instance.series_uid, Instance.path).where(Instance.study_uid == study_uid).order_by(Instance.id)
+            for series_uid, key in session.execute(
+                select(Instance.series_uid, Instance.store_key)
+                .where(Instance.study_uid == study_uid)
+                .order_by(Instance.id)
             ):
-                files.setdefault(series_uid, []).append(path)
+                files.setdefault(series_uid, []).append(key)
             return [
                 SeriesInfo(
                     series_uid=s.series_uid,

@@ -430,7 +430,7 @@ def _meta(ds: Dataset, path: Path) -> InstanceMeta:
         sop_instance_uid=str(ds.SOPInstanceUID),
         sop_class_uid=str(ds.SOPClassUID),
         modality=str(ds.Modality),
-        path=str(path),
+        key=str(path),
     )
 
 
