@@ -215,7 +215,8 @@ def test_a_resent_instance_is_a_duplicate(service: Service, tmp_path: Path):
     assert result.returncode == 0
     assert (result.stdout + result.stderr).count("Received Store Response (Success)") == 2
     assert len(service.index.duplicates) == before + 2
-    assert len(list((service.store.root / service.index.metas[pydicom.dcmread(files[0]).SOPInstanceUID].key).parent.iterdir())) == 2
+    key = service.index.metas[pydicom.dcmread(files[0]).SOPInstanceUID].key
+    assert len(list((service.store.root / key).parent.iterdir())) == 2
 
 
 def test_broken_instances_get_a_failure_status_and_the_scp_keeps_serving(service: Service, tmp_path: Path):

@@ -711,7 +711,7 @@ class DicomStore:
         if self.committer is not None:
             self.committer.close()
 
-    def keys(self) -> Iterator[str]:
+    def instance_keys(self) -> Iterator[str]:
         """Every stored instance key, study by study (the store's listing)."""
         return self.files.instance_keys()
 

@@ -16,7 +16,6 @@ from pydicom.uid import BasicTextSRStorage, SecondaryCaptureImageStorage
 
 from tests.dicom_factory import make_ct_series, make_radiograph, write_dataset
 from tests.dicom_peers import Receiver
-from triage.storage import LocalStore
 from triage.dicom.results import (
     DISCLAIMER,
     SERIES_DESCRIPTION,
@@ -28,6 +27,7 @@ from triage.dicom.results import (
     send_results,
 )
 from triage.errors import InvalidStudyError, TriageError
+from triage.storage import LocalStore
 
 PATIENT_NAME = "Testperson^Unique^Xyzzy"
 PATIENT_ID = "PID-UNIQUE-4711"
@@ -263,7 +263,8 @@ def test_a_missing_overlay_costs_only_its_capture(tmp_path: Path, pacs: Receiver
     stored = export_study_results(LocalStore(store_dir, overlay_dir), study_uid, findings, "done", "", destination)
 
     assert stored == 1
-    assert [pydicom.dcmread(pacs.store.files.open(m.key)).SOPClassUID for m in pacs.metas.values()] == [BasicTextSRStorage]
+    received = [pydicom.dcmread(pacs.store.files.open(m.key)).SOPClassUID for m in pacs.metas.values()]
+    assert received == [BasicTextSRStorage]
     assert "no overlay capture for intracranial haemorrhage" in caplog.text
 
 

@@ -188,7 +188,8 @@ def test_frame_and_size_limits_are_settings(tmp_path: Path):
     refused = {}
     for meta in door.index.metas.values():
         try:
-            check_decode_limits(pydicom.dcmread(door.store.files.open(meta.key), stop_before_pixels=True), door.store.policy)
+            header = pydicom.dcmread(door.store.files.open(meta.key), stop_before_pixels=True)
+            check_decode_limits(header, door.store.policy)
         except CannotUnderstandError as exc:
             refused[meta.sop_instance_uid] = str(exc)
     assert len(refused) == 2

@@ -91,7 +91,7 @@ def test_ct_series_is_stored_as_part10_files_under_study_series_instance(store: 
         assert written.file_meta.SourceApplicationEntityTitle == "CT_SCANNER"
         assert written.PixelData == ds.PixelData
     assert set(index.metas) == {ds.SOPInstanceUID for ds in series}
-    assert sorted(store.root / key for key in store.keys()) == all_files(store.root)
+    assert sorted(store.root / key for key in store.instance_keys()) == all_files(store.root)
 
 
 @pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLSLossless, RLELossless])
@@ -194,7 +194,7 @@ def test_index_failure_is_raised_so_the_sender_gets_a_failure(store: DicomStore)
     with pytest.raises(RuntimeError, match="database is locked"):
         store.write(make_ct_series(1)[0])
     # The file is durable; re-indexing the store on start-up picks it up.
-    assert len(list(store.keys())) == 1
+    assert len(list(store.instance_keys())) == 1
 
 
 def test_meta_carries_routing_hints_and_a_salted_patient_hash_only():
@@ -345,7 +345,7 @@ def test_stale_temporary_files_are_skipped_and_cleaned(store: DicomStore):
     stale.write_bytes(b"partial")
     os.utime(stale, (0, 0))
 
-    assert list(store.keys()) == [stored.meta.key]
+    assert list(store.instance_keys()) == [stored.meta.key]
     assert store.remove_stale_temp_files(older_than_s=60) == 1
     assert not stale.exists()
 
