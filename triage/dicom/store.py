@@ -15,6 +15,8 @@ from typing import BinaryIO
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from triage.config import DicomSettings
@@ -661,8 +663,12 @@ class DicomStore:
             validate_uid(sop_instance_uid, "SOP Instance UID (0008,0018)"),
         )
 
-    def write(self, ds: Dataset, calling_ae: str = "") -> StoredInstance:
+    def write(self, ds: Dataset, calling_ae: str = "", encoded: bytes | None = None) -> StoredInstance:
         """Validate, store and index one instance, in its received transfer syntax.
+
+        With `encoded` (the data set's bytes exactly as received, in the transfer syntax of `ds.file_meta`, as a
+        storage SCP has them; `ds` was decoded from them), the file is those bytes after this writer's File
+        Meta: stored bit for bit as sent, and without encoding the data set again.
 
         A second copy of an instance already stored replaces the file (same SOP Instance UID: same
         instance) and is reported as `duplicate`.
@@ -682,8 +688,8 @@ class DicomStore:
         try:
             key = self.key_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
             syntax = transfer_syntax_of(ds)
-            encoded = copy.copy(ds)  # shallow: the caller's File Meta stays as it was
-            encoded.file_meta = self._file_meta(ds, syntax, calling_ae)
+            copied = copy.copy(ds)  # shallow: the caller's File Meta stays as it was
+            copied.file_meta = self._file_meta(ds, syntax, calling_ae)
             meta = extract_meta(ds, key, calling_ae, self.salt)
         except (TriageError, MemoryError):
             raise
@@ -695,7 +701,11 @@ class DicomStore:
             except TriageError as exc:
                 # Kept, so the study reaches the worklist; it is listed as not analysed with this reason.
                 logger.warning("instance %s stored but will never be decoded: %s", meta.sop_instance_uid, exc)
-        folder = self.files.put_instance(key, functools.partial(_encode, encoded))
+        if encoded is not None:
+            write = functools.partial(_write_received, self._file_meta(ds, syntax, calling_ae), encoded)
+        else:
+            write = functools.partial(_encode, copied)
+        folder = self.files.put_instance(key, write)
         if self.committer is not None:
             is_new = self.committer.commit(folder, meta)
         else:
@@ -776,3 +786,20 @@ def _encode(ds: Dataset, handle: BinaryIO) -> None:
         raise
     except Exception as exc:  # an element pydicom read but cannot write back: bad data
         raise CannotUnderstandError(f"cannot encode the data set: {parse_reason(exc)}") from exc
+
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"  # PS3.10 7.1: 128-byte preamble, then the DICM prefix
+
+
+def _write_received(file_meta: FileMetaDataset, encoded: bytes, handle: BinaryIO) -> None:
+    """Write a Part-10 file from a data set's received bytes: preamble, `file_meta`, the bytes unchanged."""
+    meta = DicomBytesIO()
+    try:
+        write_file_meta_info(meta, file_meta, enforce_standard=True)
+    except (OSError, MemoryError):
+        raise
+    except Exception as exc:
+        raise CannotUnderstandError(f"cannot encode the File Meta: {parse_reason(exc)}") from exc
+    handle.write(_PREAMBLE)
+    handle.write(meta.getvalue())
+    handle.write(encoded)

@@ -93,9 +93,10 @@ class TriageService:
         received_at = utcnow()
         return self.worklist.record_instances([(meta, received_at) for meta in metas])
 
-    def accept(self, ds: Dataset, calling_ae: str = "") -> StoredInstance:
-        """Store and index one instance; returns only once it is durable (the sender may then hear success)."""
-        return self.store.write(ds, calling_ae)
+    def accept(self, ds: Dataset, calling_ae: str = "", encoded: bytes | None = None) -> StoredInstance:
+        """Store and index one instance; returns only once it is durable (the sender may then hear success).
+        `encoded`: the data set's bytes as received, stored as they are (see `DicomStore.write`)."""
+        return self.store.write(ds, calling_ae, encoded)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

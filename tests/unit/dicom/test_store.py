@@ -365,3 +365,25 @@ def test_reindex_offers_every_stored_file_again(tmp_path: Path, store: DicomStor
     assert restarted.reindex() == (2, 0, 1)
     assert restarted.reindex() == (0, 2, 1)
     assert fresh.metas[written[1].sop_instance_uid] == written[1]
+
+
+def test_received_bytes_are_stored_bit_for_bit_after_the_file_meta(store: DicomStore, index: MemoryIndex):
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = make_ct_series(1)[0]
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    received = buffer.getvalue()  # what a storage SCP holds: the data set in the negotiated transfer syntax
+    decoded = pydicom.dcmread(DicomBytesIO(received), force=True)
+    decoded.file_meta = ds.file_meta
+
+    result = store.write(decoded, calling_ae="CT1", encoded=received)
+
+    stored = store.files.read_bytes(result.meta.key)
+    assert stored[128:132] == b"DICM" and stored.endswith(received)
+    written = pydicom.dcmread(store.files.open(result.meta.key))
+    assert written.file_meta.SourceApplicationEntityTitle == "CT1"
+    assert written.PixelData == ds.PixelData
+    assert index.metas[ds.SOPInstanceUID].key == result.meta.key
