@@ -7,7 +7,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
@@ -515,6 +515,9 @@ class GroupCommitter:
     transaction holding its instance has committed, so an acknowledged instance survives kill -9 exactly as
     before (PS3.4 B.2.3: success means the SCP has taken responsibility for the instance).
 
+    There is no committer thread: the first writer that finds no batch in progress commits everything queued
+    (its own instance included) and the others wait for it, so a lone writer pays no thread hand-off.
+
     Args:
         fsync_folders: makes the new entries of the given folders durable (`Store.fsync_folders`).
         index_many: indexes a batch in one transaction; one bool per instance (False: already indexed).
@@ -532,8 +535,8 @@ class GroupCommitter:
         self._max_batch = max(1, int(max_batch))
         self._queue: list[_Pending] = []
         self._cond = threading.Condition()
+        self._committing = False
         self._closed = False
-        self._thread: threading.Thread | None = None
         self.batches = 0  # committed batches, for the benchmark and tests
         self.largest_batch = 0
 
@@ -551,34 +554,28 @@ class GroupCommitter:
             if self._closed:
                 raise TriageError("the store is closed")
             self._queue.append(pending)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="store-commit", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-        pending.done.wait()
+            while not pending.done and self._committing:
+                self._cond.wait()
+            if not pending.done:
+                # No batch in progress: this writer commits what is queued, its own instance among it.
+                self._committing = True
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+        if not pending.done:
+            try:
+                self._commit(batch)
+            finally:
+                with self._cond:
+                    self._committing = False
+                    self._cond.notify_all()
         if pending.error is not None:
             raise pending.error
         return pending.is_new
 
     def close(self) -> None:
-        """Commit what is queued, then stop the thread."""
+        """Refuse new writes (those waiting are committed by their own writers)."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                batch = self._queue[: self._max_batch]
-                del self._queue[: self._max_batch]
-            self._commit(batch)
 
     def _commit(self, batch: list[_Pending]) -> None:
         try:
@@ -607,7 +604,7 @@ class GroupCommitter:
             self.largest_batch = max(self.largest_batch, len(batch))
         finally:
             for p in batch:
-                p.done.set()
+                p.done = True
 
 
 @dataclass
@@ -616,7 +613,7 @@ class _Pending:
     meta: InstanceMeta
     is_new: bool = False
     error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    done: bool = False
 
 
 class DicomStore:
