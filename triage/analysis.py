@@ -16,10 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from triage.dicom.series import with_routing_attributes
 from triage.domain import (
@@ -36,6 +33,7 @@ from triage.errors import ConflictError, NotFoundError
 from triage.models.registry import ModelRegistry
 from triage.pipelines.routing import RoutingRules, route_study
 from triage.pipelines.runner import Runner, classify_failure
+from triage.storage import InstanceSource, Store, overlay_bytes
 from triage.worklist.repository import Worklist
 
 log = logging.getLogger(__name__)
@@ -131,21 +129,13 @@ def _record(
             time.sleep(0.5 * attempt)
 
 
-def save_overlay(overlay_dir: Path | None, study_uid: str, finding: Finding) -> str | None:
-    """Write a finding's overlay as .npz next to the study's other overlays; returns the file name (None
-    without an overlay, or without a folder to keep it in)."""
-    if finding.overlay is None or overlay_dir is None:
+def save_overlay(store: Store | None, study_uid: str, finding: Finding) -> str | None:
+    """Store a finding's overlay with the study's other overlays; returns its name (what the finding records).
+    None without an overlay, or without a store to keep it in (`triage infer`)."""
+    if finding.overlay is None or store is None:
         return None
-    folder = overlay_dir / study_uid
-    folder.mkdir(parents=True, exist_ok=True)
     name = f"{finding.model}-{finding.label}.npz"
-    np.savez_compressed(
-        folder / name,
-        mask=np.asarray(finding.overlay.mask, dtype=np.float32),
-        stride=finding.overlay.stride,
-        sop_instance_uid=finding.overlay.sop_instance_uid,
-        kind=finding.overlay.kind,
-    )
+    store.put_overlay(study_uid, name, overlay_bytes(finding.overlay))
     return name
 
 
@@ -168,18 +158,21 @@ def analyse_study(
     registry: ModelRegistry,
     rules: RoutingRules,
     runner: Runner,
-    overlay_dir: Path | None,
+    store: Store | None,
     now: Callable[[], datetime] = utcnow,
     unavailable_models: set[str] | None = None,
     retry: RetryPolicy | None = None,
     generation: int | None = None,
+    source: InstanceSource | None = None,
 ) -> AnalysisOutcome:
     """Analyse one ready study and record the result on the worklist. Never raises for an AI failure.
 
     A transient failure (a worker died, memory ran out, a deadline passed) queues the study for another
     attempt after a backoff, up to `retry.max_attempts`; when the last attempt fails too, the study is
     failed with failure kind "transient", so that it is re-queued once its model can run again. Permanent
-    failures are not retried. Either way the study keeps its place and its earlier findings.
+    failures are not retried. Either way the study keeps its place and its earlier findings. Instances are read
+    through `source` (by default `store`) and overlays written through `store`; without a store (`triage infer`
+    reads a folder outside it) overlays are not kept.
     """
     retry = retry or RetryPolicy()
     timings = StageTimings()
@@ -190,7 +183,10 @@ def analyse_study(
     results: list[SeriesResult] = []
     try:
         started = time.perf_counter()
-        series_list = [with_routing_attributes(s) for s in worklist.series_of(study_uid)]
+        reader = source if source is not None else store
+        if reader is None:
+            raise ValueError("analyse_study needs a store or a source to read the study's instances from")
+        series_list = [with_routing_attributes(s, reader) for s in worklist.series_of(study_uid)]
         timings.add("database", time.perf_counter() - started)
         installed = set(registry.names()) - (unavailable_models or set())
         decisions = route_study(series_list, rules, installed)
@@ -202,7 +198,7 @@ def analyse_study(
             timings.merge(result.timings)
         status, reason = summarise(results, decisions)
         findings = [
-            finding.model_copy(update={"overlay_file": save_overlay(overlay_dir, study_uid, finding)})
+            finding.model_copy(update={"overlay_file": save_overlay(store, study_uid, finding)})
             for result in results
             for finding in result.findings
         ]

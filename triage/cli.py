@@ -277,6 +277,7 @@ def infer_path(path: Path, settings: Settings, model: str | None = None) -> dict
     from triage.models.registry import ModelRegistry
     from triage.pipelines.routing import RoutingRules
     from triage.pipelines.runner import InProcessRunner
+    from triage.storage import PathSource
     from triage.worklist.repository import Worklist
 
     files = collect_files([path])
@@ -285,7 +286,9 @@ def infer_path(path: Path, settings: Settings, model: str | None = None) -> dict
     registry = ModelRegistry(settings.weights_dir)
     unavailable = set(registry.names()) - {model} if model is not None else set()
     rules = RoutingRules.load(settings.routing_rules)
-    runner = InProcessRunner(registry, settings.inference)
+    # A folder outside the store: its instances are named by their file paths, read through the same interface.
+    source = PathSource()
+    runner = InProcessRunner(registry, settings.inference, source)
     worklist = Worklist.open("sqlite://", settings.priority)
     report: dict[str, Any] = {"studies": []}
     try:
@@ -296,7 +299,7 @@ def infer_path(path: Path, settings: Settings, model: str | None = None) -> dict
             studies.setdefault(meta.study_uid)
         for study_uid in studies:
             outcome = analyse_study(
-                study_uid, worklist, registry, rules, runner, overlay_dir=None, unavailable_models=unavailable
+                study_uid, worklist, registry, rules, runner, None, unavailable_models=unavailable, source=source
             )
             report["studies"].append(
                 {

@@ -99,7 +99,8 @@ class SkipReason(StrEnum):
 class InstanceMeta:
     """What the store indexes about one received instance: no patient names or birth dates.
 
-    `patient_hash` is a salted hash of the Patient ID, never the ID itself.
+    `patient_hash` is a salted hash of the Patient ID, never the ID itself. `key` names the instance in the
+    store ("<study>/<series>/<sop>.dcm", see `triage.storage`); it is not a file path.
     """
 
     study_uid: str
@@ -107,7 +108,7 @@ class InstanceMeta:
     sop_instance_uid: str
     sop_class_uid: str
     modality: str
-    path: str
+    key: str
     accession_number: str = ""
     patient_hash: str = ""
     study_description: str = ""
@@ -121,7 +122,10 @@ class InstanceMeta:
 
 @dataclass(frozen=True)
 class SeriesInfo:
-    """The attributes routing rules look at, gathered from one series' instances (values from the first one)."""
+    """The attributes routing rules look at, gathered from one series' instances (values from the first one).
+
+    `files` are the instances' store keys in arrival order (read them through an `InstanceSource`).
+    """
 
     series_uid: str
     modality: str

@@ -21,6 +21,7 @@ from pydicom.uid import BasicTextSRStorage, SecondaryCaptureImageStorage
 
 from triage.dicom.results import SERIES_DESCRIPTION, export_study_results
 from triage.domain import Finding
+from triage.storage import LocalStore
 
 HEAD_CT_SLICE = Path(__file__).resolve().parents[1] / "data" / "ct-head-ge" / "01.dcm"
 ORTHANC_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc")
@@ -138,8 +139,7 @@ def test_results_arrive_in_the_same_study_in_orthanc(tmp_path: Path, orthanc: Or
     ]
 
     stored = export_study_results(
-        store_dir,
-        overlay_dir,
+        LocalStore(store_dir, overlay_dir),
         study_uid,
         findings,
         "done",

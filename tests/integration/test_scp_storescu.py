@@ -116,8 +116,9 @@ def assert_stored_unchanged(service: Service, sent: Sequence[Path | str]) -> Non
     for path in sent:
         original = pydicom.dcmread(path)
         meta = service.index.metas[original.SOPInstanceUID]
-        stored = pydicom.dcmread(meta.path)
-        assert Path(meta.path).is_relative_to(service.store.root)
+        # The index holds the store's key, not a path; the store alone knows the file.
+        assert meta.key == f"{original.StudyInstanceUID}/{original.SeriesInstanceUID}/{original.SOPInstanceUID}.dcm"
+        stored = pydicom.dcmread(service.store.files.open(meta.key))
         assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
         assert stored.get("PixelData") == original.get("PixelData")
         assert meta.calling_ae == MODALITY_AE
@@ -214,7 +215,8 @@ def test_a_resent_instance_is_a_duplicate(service: Service, tmp_path: Path):
     assert result.returncode == 0
     assert (result.stdout + result.stderr).count("Received Store Response (Success)") == 2
     assert len(service.index.duplicates) == before + 2
-    assert len(list(Path(service.index.metas[pydicom.dcmread(files[0]).SOPInstanceUID].path).parent.iterdir())) == 2
+    key = service.index.metas[pydicom.dcmread(files[0]).SOPInstanceUID].key
+    assert len(list((service.store.root / key).parent.iterdir())) == 2
 
 
 def test_broken_instances_get_a_failure_status_and_the_scp_keeps_serving(service: Service, tmp_path: Path):

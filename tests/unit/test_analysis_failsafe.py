@@ -65,7 +65,7 @@ def test_runner_crash_is_recorded_as_failed_not_raised(service: TriageService) -
         service.registry,
         service.rules,
         CrashingRunner(),  # type: ignore[arg-type]
-        service.settings.overlay_dir,
+        service.files,
     )
     assert outcome.ai_status == AIStatus.FAILED
     item = _item(service, study_uid)
@@ -120,9 +120,10 @@ def test_files_stored_but_not_indexed_before_a_crash_are_listed_at_start_with_th
     settings.data_dir = tmp_path / "data"
     ds = make_radiograph("DX", requested_priority="HIGH")
     # The store wrote the file, then the process died before the index was updated.
-    stored = DicomStore(settings.store_dir, settings.ensure_phi_salt(), index=lambda meta: True).write(ds)
+    store = DicomStore(settings.store_dir, settings.ensure_phi_salt(), index=lambda meta: True)
+    stored = store.write(ds)
     two_hours_ago = time.time() - 7200
-    os.utime(stored.meta.path, (two_hours_ago, two_hours_ago))
+    os.utime(store.root / stored.meta.key, (two_hours_ago, two_hours_ago))
     svc = TriageService(settings, runner_kind="inprocess", start_scp=False)
     svc.start()
     try:
@@ -214,7 +215,7 @@ def _analyse_with(service: TriageService, study_uid: str, runner: ScriptedRunner
         service.registry,
         service.rules,
         runner,  # type: ignore[arg-type]
-        service.settings.overlay_dir,
+        service.files,
         retry=RetryPolicy(max_attempts=attempts, backoff_s=0.0),
     )
 

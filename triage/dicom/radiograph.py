@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from triage.dicom.store import check_decode_limits
-from triage.errors import InvalidStudyError, UnsupportedInputError
+from triage.errors import InvalidStudyError, NotFoundError, UnsupportedInputError
+from triage.storage import InstanceSource, PathSource, key_name
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,12 @@ class Radiograph:
     voi: str = "minmax"
 
 
-def read_radiograph(path: str | Path) -> Radiograph:
-    """Read a single-frame greyscale radiograph from a DICOM file (any transfer syntax pydicom can decode).
+def read_radiograph(path: str | Path, source: InstanceSource | None = None) -> Radiograph:
+    """Read a single-frame greyscale radiograph from a DICOM instance (any transfer syntax pydicom can decode).
+
+    Args:
+        path: the instance's key in `source` (a file path when `source` is None).
+        source: where instances are read from (the store, or bytes fetched from it).
 
     Raises:
         InvalidStudyError: when the file is not DICOM, has no pixel data, or its pixel data cannot be decoded.
@@ -57,15 +62,19 @@ def read_radiograph(path: str | Path) -> Radiograph:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    path = Path(path)
+    name = key_name(str(path))
+    reader = source if source is not None else PathSource()
     try:
-        ds = pydicom.dcmread(path)
+        with reader.open(str(path)) as handle:
+            ds = pydicom.dcmread(handle)
+    except NotFoundError as exc:
+        raise InvalidStudyError(f"{name}: {exc}") from exc
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise InvalidStudyError(f"{path.name}: not a readable DICOM file ({exc})") from exc
-    return radiograph_from_dataset(ds, source=path.name)
+        raise InvalidStudyError(f"{name}: not a readable DICOM file ({exc})") from exc
+    return radiograph_from_dataset(ds, source=name)
 
 
-def read_image_file(path: str | Path) -> Radiograph:
+def read_image_file(path: str | Path, source: InstanceSource | None = None) -> Radiograph:
     """Read a radiograph from a DICOM file or, for offline datasets, an 8- or 16-bit greyscale PNG.
 
     A PNG is taken as already presentation-ready (higher = brighter) and scaled by its bit depth.
@@ -74,36 +83,43 @@ def read_image_file(path: str | Path) -> Radiograph:
         InvalidStudyError: when the file cannot be read.
         UnsupportedInputError: for colour, multi-frame or palette images.
     """
-    path = Path(path)
-    if path.suffix.lower() in PNG_SUFFIXES:
-        return _read_png(path)
-    return read_radiograph(path)
+    if source is None and Path(path).suffix.lower() in PNG_SUFFIXES:
+        return _read_png(Path(path))
+    return read_radiograph(path, source)
 
 
-def select_radiograph(files: Sequence[str | Path]) -> tuple[Path, str]:
+def select_radiograph(
+    files: Sequence[str | Path], source: InstanceSource | None = None
+) -> tuple[str | Path, str]:
     """Pick the image a frontal chest model reads from a series' files, and say why.
 
     The first file (in the given order) whose View Position is PA or AP wins; when no file states a frontal view,
     the first readable file is used. PNG files have no view and the first one is used.
 
+    Args:
+        files: the series' instance keys in `source` (file paths when `source` is None).
+        source: where instances are read from.
+
     Returns:
-        (path, reason) where reason is a short sentence recorded with the finding.
+        (key, reason): the chosen entry of `files` as given, and a short sentence recorded with the finding.
 
     Raises:
         InvalidStudyError: when the series has no files.
     """
     if not files:
         raise InvalidStudyError("the series has no files to read a radiograph from")
-    paths = [Path(f) for f in files]
+    paths = list(files)
     if len(paths) == 1:
         return paths[0], "single image in the series"
     import pydicom
 
+    reader = source if source is not None else PathSource()
     for path in paths:
-        if path.suffix.lower() in PNG_SUFFIXES:
+        if source is None and Path(path).suffix.lower() in PNG_SUFFIXES:
             continue
         try:
-            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ViewPosition"])
+            with reader.open(str(path)) as handle:
+                header = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=["ViewPosition"])
         except Exception:  # an unreadable file is reported when it is actually read
             continue
         view = str(header.get("ViewPosition", "")).strip().upper()

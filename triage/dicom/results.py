@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,8 @@ from triage.dicom.sopclasses import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VER
 from triage.dicom.status import status_category
 from triage.dicom.store import validate_uid
 from triage.domain import Finding, Overlay
-from triage.errors import InvalidStudyError, TriageError
+from triage.errors import InvalidStudyError, NotFoundError, TriageError
+from triage.storage import Store, overlay_from_bytes, parse_instance_key
 
 log = logging.getLogger(__name__)
 
@@ -320,37 +320,31 @@ def send_results(
     return [int(r.status) for r in report.results if r.status is not None]
 
 
-def _study_files(store_dir: Path, study_uid: str) -> list[Path]:
-    folder = Path(store_dir) / validate_uid(study_uid, "Study Instance UID (0020,000D)")
-    return sorted(p for p in folder.glob("*/*.dcm") if not p.name.startswith("."))
+def _study_keys(store: Store, study_uid: str) -> list[str]:
+    return list(store.instance_keys(validate_uid(study_uid, "Study Instance UID (0020,000D)")))
 
 
-def _capture_for(
-    store_dir: Path, overlay_dir: Path, study_uid: str, finding: Finding, now: datetime
-) -> Dataset | None:
-    """The overlay capture of one finding, or None when it has no overlay file."""
+def _capture_for(store: Store, study_uid: str, finding: Finding, now: datetime) -> Dataset | None:
+    """The overlay capture of one finding, or None when it has no overlay."""
     name = finding.overlay_file
     if not name:
         return None
-    path = Path(overlay_dir) / study_uid / Path(str(name)).name
-    if not path.is_file():
-        raise InvalidStudyError(f"overlay file {path} of study {study_uid} does not exist")
-    with np.load(path, allow_pickle=False) as data:
-        mask = np.asarray(data["mask"], dtype=np.float32)
-        stride = int(data["stride"])
-        sop_uid = str(data["sop_instance_uid"])
-        kind = str(data["kind"]) if "kind" in data else "mask"
-    sop_uid = validate_uid(sop_uid, "overlay SOP Instance UID")
-    matches = sorted((Path(store_dir) / study_uid).glob(f"*/{sop_uid}.dcm"))
+    try:
+        overlay = overlay_from_bytes(store.get_overlay(study_uid, str(name)), str(name))
+    except NotFoundError as exc:
+        raise InvalidStudyError(f"overlay {name} of study {study_uid} is not stored") from exc
+    mask, stride, kind = overlay.mask, overlay.stride, overlay.kind
+    sop_uid = validate_uid(overlay.sop_instance_uid, "overlay SOP Instance UID")
+    matches = [key for key in _study_keys(store, study_uid) if parse_instance_key(key)[2] == sop_uid]
     if not matches:
-        raise InvalidStudyError(f"study {study_uid} has no stored instance {sop_uid} for overlay {path.name}")
-    source = dcmread(matches[0])
+        raise InvalidStudyError(f"study {study_uid} has no stored instance {sop_uid} for overlay {name}")
+    with store.open(matches[0]) as handle:
+        source = dcmread(handle)
     return build_overlay_capture(source, mask, stride, finding_caption(finding), kind=kind, now=now)
 
 
 def export_study_results(
-    store_dir: Path,
-    overlay_dir: Path,
+    store: Store,
     study_uid: str,
     findings: Sequence[Finding],
     ai_status: str,
@@ -364,8 +358,7 @@ def export_study_results(
     only the results in PACS, never the study's place on the worklist.
 
     Args:
-        store_dir: the instance store (`Settings.store_dir`), <study>/<series>/<sop>.dcm.
-        overlay_dir: the overlay folder (`Settings.overlay_dir`), <study>/<overlay_file>.npz.
+        store: the store holding the study's instances and overlays.
         study_uid: the analysed study.
         findings: the study's findings as recorded (with `overlay_file`).
         ai_status, reason: the study's AI status and its reason.
@@ -380,15 +373,16 @@ def export_study_results(
             instance is missing (or does not fit) is sent without its capture, with a warning in the log.
         ResultsExportError: when the destination cannot be reached (see `send_results`).
     """
-    files = _study_files(Path(store_dir), study_uid)
-    if not files:
-        raise InvalidStudyError(f"study {study_uid} has no stored instance under {store_dir}")
-    source = dcmread(files[0], stop_before_pixels=True)
+    keys = _study_keys(store, study_uid)
+    if not keys:
+        raise InvalidStudyError(f"study {study_uid} has no stored instance")
+    with store.open(keys[0]) as handle:
+        source = dcmread(handle, stop_before_pixels=True)
     now = datetime.now()
     datasets = [build_result_sr(source, findings, ai_status, reason, now=now)]
     for finding in findings:
         try:
-            capture = _capture_for(Path(store_dir), Path(overlay_dir), study_uid, finding, now)
+            capture = _capture_for(store, study_uid, finding, now)
         except TriageError as exc:
             # A missing or unusable overlay costs only its picture: the SR still goes out with every finding.
             log.warning("study %s: no overlay capture for %s: %s", study_uid, finding.label, exc)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import io
 import logging
 import threading
 from collections.abc import Callable
@@ -31,7 +33,16 @@ _config.LOG_RESPONSE_IDENTIFIERS = False
 
 _ERROR_COMMENT_MAX_CHARS = 64  # (0000,0902) Error Comment is LO (PS3.7 E.1)
 
-Accept = Callable[[Dataset, str], object]
+# accept(dataset, calling_ae) or accept(dataset, calling_ae, encoded=bytes): the second form also gets the data
+# set's bytes as received, so the store can keep them bit for bit instead of encoding the data set again.
+Accept = Callable[..., object]
+
+
+def _takes_encoded(accept: Accept) -> bool:
+    try:
+        return "encoded" in inspect.signature(accept).parameters
+    except (TypeError, ValueError):
+        return False
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4, Table 9-21): (result, source, reason/diagnostic).
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # rejected permanent, service user: calling AE title not recognised
@@ -75,6 +86,7 @@ class StorageSCP:
     def __init__(self, settings: DicomSettings, accept: Accept) -> None:
         self.settings = settings
         self._accept = accept
+        self._pass_encoded = _takes_encoded(accept)
         self._ae = self._build_ae(settings)
         self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
@@ -241,7 +253,13 @@ class StorageSCP:
             logger.warning("C-STORE of %s from %s: no data element could be decoded", sop_instance, calling_ae)
             return self._failure(event, DicomStatus.CANNOT_UNDERSTAND, "no data element could be decoded")
         try:
-            self._accept(ds, calling_ae)
+            if self._pass_encoded:
+                # The bytes the data set was decoded from, in the negotiated transfer syntax (PS3.7 9.3.1.1).
+                received = getattr(event.request, "DataSet", None)
+                encoded = received.getvalue() if isinstance(received, io.BytesIO) else None
+                self._accept(ds, calling_ae, encoded=encoded)
+            else:
+                self._accept(ds, calling_ae)
         except TriageError as exc:
             # Expected bad input: one line, no traceback. The message quotes UIDs and values, never identity.
             status = status_for_exception(exc)

@@ -16,7 +16,8 @@ from pydicom.multival import MultiValue
 
 from triage.dicom.store import check_decode_limits
 from triage.domain import SeriesInfo
-from triage.errors import InvalidStudyError
+from triage.errors import InvalidStudyError, NotFoundError
+from triage.storage import InstanceSource, PathSource, key_name
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,23 @@ def _lookup(ds: Dataset, keyword: str, frame: int | None = None) -> Any:
     return value if value not in (None, "") else None
 
 
-def read_series_attributes(path: str | Path) -> dict[str, Any]:
+def _dcmread(source: InstanceSource | None, key: str | Path, **kwargs: Any) -> Dataset:
+    """Read one instance by key from `source` (by path when None).
+
+    Raises:
+        InvalidStudyError: when it is not stored or not DICOM.
+    """
+    reader = source if source is not None else PathSource()
+    try:
+        with reader.open(str(key)) as handle:
+            return pydicom.dcmread(handle, **kwargs)
+    except NotFoundError as exc:
+        raise InvalidStudyError(f"cannot read {key_name(str(key))!r}: {exc}") from exc
+    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        raise InvalidStudyError(f"cannot read {key_name(str(key))!r} as DICOM: {exc}") from exc
+
+
+def read_series_attributes(path: str | Path, source: InstanceSource | None = None) -> dict[str, Any]:
     """Read, without pixel data, the attributes that routing rules look at.
 
     Values are plain Python: `str` for text (a multi-valued Convolution Kernel is joined with a backslash),
@@ -106,15 +123,13 @@ def read_series_attributes(path: str | Path) -> dict[str, Any]:
     An absent attribute is `None` (an empty list for the list attributes). No patient identifiers are read out.
 
     Args:
-        path: one DICOM Part 10 file of the series.
+        path: the key of one instance of the series in `source` (a file path when `source` is None).
+        source: where instances are read from (the store, or fetched bytes).
 
     Raises:
-        InvalidStudyError: when the file is missing or not DICOM.
+        InvalidStudyError: when the instance is missing or not DICOM.
     """
-    try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
-        raise InvalidStudyError(f"cannot read DICOM attributes from {str(path)!r}: {exc}") from exc
+    ds = _dcmread(source, path, stop_before_pixels=True)
 
     attributes: dict[str, Any] = {}
     for keyword in _STRING_ATTRIBUTES:
@@ -149,24 +164,28 @@ def _to_float(value: Any) -> float | None:
         return None
 
 
-def with_routing_attributes(series: SeriesInfo) -> SeriesInfo:
-    """The series with the attributes routing rules look at, read from the first of its files that can be read,
-    over what was indexed when its instances arrived. This is how every analysed series gets its attributes.
+def with_routing_attributes(series: SeriesInfo, source: InstanceSource | None = None) -> SeriesInfo:
+    """The series with the attributes routing rules look at, read from the first of its instances that can be
+    read, over what was indexed when its instances arrived. This is how every analysed series gets its attributes.
+
+    Args:
+        series: the series, its `files` being instance keys in `source` (file paths when `source` is None).
+        source: where instances are read from (the store, or fetched bytes).
 
     Raises:
         InvalidStudyError: when no file of the series can be read as DICOM.
     """
     if not series.files:
         return series
-    attributes = {**series.attributes, **_first_readable_attributes(series.series_uid, series.files)}
+    attributes = {**series.attributes, **_first_readable_attributes(series.series_uid, series.files, source)}
     return replace(series, attributes=attributes)
 
 
-def _first_readable_attributes(series_uid: str, files: Sequence[str]) -> dict[str, Any]:
+def _first_readable_attributes(series_uid: str, files: Sequence[str], source: InstanceSource | None) -> dict[str, Any]:
     errors: list[str] = []
     for path in files:
         try:
-            return read_series_attributes(path)
+            return read_series_attributes(path, source)
         except InvalidStudyError as exc:
             errors.append(str(exc))
             log.warning("series %s: skipping unreadable file for routing attributes: %s", series_uid, exc)
@@ -230,7 +249,7 @@ class _Slice:
     source: str  # file name, for error messages
 
 
-def read_ct_stack(paths: Iterable[str | Path]) -> SliceStack:
+def read_ct_stack(paths: Iterable[str | Path], source: InstanceSource | None = None) -> SliceStack:
     """Read CT slices (single-frame CT or Enhanced CT frames) and sort them along the slice normal.
 
     Slices are ordered by the projection of Image Position (Patient) on the stack's mean slice normal
@@ -240,7 +259,8 @@ def read_ct_stack(paths: Iterable[str | Path]) -> SliceStack:
     become -1024 HU (air).
 
     Args:
-        paths: the files of one series, in any order.
+        paths: the instance keys of one series in `source`, in any order (file paths when `source` is None).
+        source: where the instances are read from: the store, or their bytes fetched from it.
 
     Returns:
         The sorted stack (see `SliceStack`).
@@ -255,7 +275,7 @@ def read_ct_stack(paths: Iterable[str | Path]) -> SliceStack:
     n_files = 0
     for path in paths:
         n_files += 1
-        slices.extend(_read_slices(Path(path)))
+        slices.extend(_read_slices(source, path))
     if len(slices) < 2:
         raise InvalidStudyError(
             f"a CT volume needs at least 2 slices; got {len(slices)} slice(s) from {n_files} file(s)"
@@ -289,12 +309,10 @@ def read_ct_stack(paths: Iterable[str | Path]) -> SliceStack:
     )
 
 
-def _read_slices(path: Path) -> list[_Slice]:
-    """All frames of one file as slices in HU."""
-    try:
-        ds = pydicom.dcmread(str(path))
-    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
-        raise InvalidStudyError(f"cannot read {path.name!r} as DICOM: {exc}") from exc
+def _read_slices(source: InstanceSource | None, key: str | Path) -> list[_Slice]:
+    """All frames of one instance as slices in HU."""
+    ds = _dcmread(source, key)
+    path = Path(key_name(str(key)))  # for messages: the file name only
     if "PixelData" not in ds:
         raise InvalidStudyError(
             f"{path.name!r} (SOP class {ds.get('SOPClassUID', 'unknown')}) has no Pixel Data (7FE0,0010)"

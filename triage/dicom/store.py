@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import functools
 import logging
-import os
-import re
-import tempfile
-import time
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from triage.config import DicomSettings
@@ -35,14 +35,14 @@ from triage.dicom.sopclasses import (
 from triage.dicom.status import CannotUnderstandError
 from triage.domain import InstanceMeta
 from triage.errors import InvalidStudyError, TriageError, UnsupportedInputError
+from triage.storage import UID_MAX_CHARS, UID_PATTERN, LocalStore, Store, instance_key, key_name
 
 logger = logging.getLogger(__name__)
 
 # PS3.5 9.1: a UID is dot-separated digit components, at most 64 characters. Checking this strictly also
 # makes a UID safe as a path component: no "/", no "..", no empty name.
-_UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_UID_MAX_CHARS = 64
-_TEMP_SUFFIX = ".tmp"
+_UID_PATTERN = UID_PATTERN
+_UID_MAX_CHARS = UID_MAX_CHARS
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _ITEM_TAG_LE = b"\xfe\xff\x00\xe0"  # (FFFE,E000) Item, the first bytes of encapsulated Pixel Data (PS3.5 A.4)
 _ITEM_TAG_BE = b"\xff\xfe\xe0\x00"
@@ -447,14 +447,14 @@ def _requested_priority(ds: Dataset) -> str:
     return ""
 
 
-def extract_meta(ds: Dataset, path: Path | str, calling_ae: str, salt: str) -> InstanceMeta:
+def extract_meta(ds: Dataset, key: str, calling_ae: str, salt: str) -> InstanceMeta:
     """What the store indexes about one instance: UIDs, descriptions, routing hints; no patient identity.
 
     The Patient ID enters only as `hash_identifier(PatientID, salt)`; names and birth dates are never read.
 
     Args:
         ds: the received instance (validated).
-        path: where it is stored.
+        key: where it is stored (its store key, or a file path for a folder outside the store).
         calling_ae: the AE title (or "STOW") it came from.
         salt: the site's `phi_salt`.
     """
@@ -464,7 +464,7 @@ def extract_meta(ds: Dataset, path: Path | str, calling_ae: str, salt: str) -> I
         sop_instance_uid=validate_uid(ds.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)"),
         sop_class_uid=validate_uid(ds.get("SOPClassUID"), "SOP Class UID (0008,0016)"),
         modality=_text(ds, "Modality").upper(),
-        path=str(path),
+        key=str(key),
         accession_number=_text(ds, "AccessionNumber"),
         patient_hash=hash_identifier(_text(ds, "PatientID"), salt),
         study_description=_text(ds, "StudyDescription"),
@@ -505,50 +505,167 @@ def read_dataset_bytes(data: bytes) -> Dataset:
     return ds
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename or a new entry in `directory` durable (POSIX: fsync the directory itself)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class GroupCommitter:
+    """Shares the durable work of concurrent writers: one folder fsync per folder and one index transaction per
+    batch, each writer waiting for its own instance's outcome.
 
+    A C-STORE sender waits for each response before it sends the next instance, so one association gains
+    nothing here; concurrent associations (or STOW requests) do: whatever arrived while the previous batch was
+    being committed is committed together. A writer returns only after its folder is fsynced and the index
+    transaction holding its instance has committed, so an acknowledged instance survives kill -9 exactly as
+    before (PS3.4 B.2.3: success means the SCP has taken responsibility for the instance).
 
-class DicomStore:
-    """Instances on disk as root/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm.
-
-    `write` returns only once the file is durable (fsynced, atomically renamed, directory fsynced) and
-    indexed: a storage SCP's success response tells the sender it may forget the instance (PS3.4 Annex B).
+    There is no committer thread: the first writer that finds no batch in progress commits everything queued
+    (its own instance included) and the others wait for it, so a lone writer pays no thread hand-off.
 
     Args:
-        root: the store's folder (created if missing).
-        salt: the site's `phi_salt` for the patient hash.
-        index: records an instance; returns False when its SOP Instance UID was already indexed.
-        policy: the SOP classes accepted and the decode limits (`StorePolicy.from_settings(settings.dicom)`).
+        fsync_folders: makes the new entries of the given folders durable (`Store.fsync_folders`).
+        index_many: indexes a batch in one transaction; one bool per instance (False: already indexed).
+        max_batch: the most instances in one transaction.
     """
 
     def __init__(
         self,
-        root: Path,
+        fsync_folders: Callable[[Iterable[str]], None],
+        index_many: Callable[[Sequence[InstanceMeta]], list[bool]],
+        max_batch: int = 512,
+    ) -> None:
+        self._fsync_folders = fsync_folders
+        self._index_many = index_many
+        self._max_batch = max(1, int(max_batch))
+        self._queue: list[_Pending] = []
+        self._cond = threading.Condition()
+        self._committing = False
+        self._closed = False
+        self.batches = 0  # committed batches, for the benchmark and tests
+        self.largest_batch = 0
+
+    def commit(self, folder: str, meta: InstanceMeta) -> bool:
+        """Make `meta`'s instance (already written and fsynced in `folder`) durable and indexed; wait for it.
+
+        Returns:
+            False when its SOP Instance UID was already indexed.
+
+        Raises:
+            OSError: the folder fsync failed. Exception: the index's error for this instance.
+        """
+        pending = _Pending(folder, meta)
+        with self._cond:
+            if self._closed:
+                raise TriageError("the store is closed")
+            self._queue.append(pending)
+            while not pending.done and self._committing:
+                self._cond.wait()
+            if not pending.done:
+                # No batch in progress: this writer commits what is queued, its own instance among it.
+                self._committing = True
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+        if not pending.done:
+            try:
+                self._commit(batch)
+            finally:
+                with self._cond:
+                    self._committing = False
+                    self._cond.notify_all()
+        if pending.error is not None:
+            raise pending.error
+        return pending.is_new
+
+    def close(self) -> None:
+        """Refuse new writes (those waiting are committed by their own writers)."""
+        with self._cond:
+            self._closed = True
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            try:
+                self._fsync_folders([p.folder for p in batch])
+            except BaseException as exc:
+                for p in batch:
+                    p.error = exc
+                return
+            try:
+                results = self._index_many([p.meta for p in batch])
+                for p, is_new in zip(batch, results, strict=True):
+                    p.is_new = is_new
+            except BaseException as exc:
+                if len(batch) == 1:
+                    batch[0].error = exc
+                    return
+                # One instance the index refuses must not fail the others: each on its own then.
+                logger.warning("batched index of %d instances failed (%s); indexing them one by one", len(batch), exc)
+                for p in batch:
+                    try:
+                        (p.is_new,) = self._index_many([p.meta])
+                    except BaseException as single:
+                        p.error = single
+            self.batches += 1
+            self.largest_batch = max(self.largest_batch, len(batch))
+        finally:
+            for p in batch:
+                p.done = True
+
+
+@dataclass
+class _Pending:
+    folder: str
+    meta: InstanceMeta
+    is_new: bool = False
+    error: BaseException | None = None
+    done: bool = False
+
+
+class DicomStore:
+    """Receives instances into a `Store` (a `LocalStore` folder by default) and indexes them.
+
+    The layout belongs to the store: an instance is the key <StudyInstanceUID>/<SeriesInstanceUID>/
+    <SOPInstanceUID>.dcm, and only the key reaches the index. `write` returns only once the instance is durable
+    (fsynced, atomically renamed, folder fsynced) and indexed: a storage SCP's success response tells the sender
+    it may forget the instance (PS3.4 Annex B). With `index_many`, concurrent writers share the folder fsyncs
+    and the index transaction (`GroupCommitter`).
+
+    Args:
+        root: the store, or the folder of a `LocalStore` (created if missing).
+        salt: the site's `phi_salt` for the patient hash.
+        index: records an instance; returns False when its SOP Instance UID was already indexed.
+        policy: the SOP classes accepted and the decode limits (`StorePolicy.from_settings(settings.dicom)`).
+        index_many: records a batch of instances in one transaction (one bool each); enables group commit.
+    """
+
+    def __init__(
+        self,
+        root: Path | Store,
         salt: str,
         index: Callable[[InstanceMeta], bool],
         policy: StorePolicy = DEFAULT_POLICY,
+        index_many: Callable[[Sequence[InstanceMeta]], list[bool]] | None = None,
     ) -> None:
-        self.root = Path(root)
+        self.files: Store = LocalStore(root) if isinstance(root, str | Path) else root
         self.salt = salt
         self.index = index
         self.policy = policy
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.committer = GroupCommitter(self.files.fsync_folders, index_many) if index_many is not None else None
 
-    def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
-        """The file an instance is stored in (UIDs validated, so the path stays under `root`)."""
-        study = validate_uid(study_uid, "Study Instance UID (0020,000D)")
-        series = validate_uid(series_uid, "Series Instance UID (0020,000E)")
-        sop = validate_uid(sop_instance_uid, "SOP Instance UID (0008,0018)")
-        return self.root / study / series / f"{sop}.dcm"
+    @property
+    def root(self) -> Path:
+        """The instance folder of a `LocalStore` (tests and tools; triage's readers use keys)."""
+        return Path(self.files.root)  # type: ignore[attr-defined]
 
-    def write(self, ds: Dataset, calling_ae: str = "") -> StoredInstance:
+    def key_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
+        """The key an instance is stored under (UIDs validated)."""
+        return instance_key(
+            validate_uid(study_uid, "Study Instance UID (0020,000D)"),
+            validate_uid(series_uid, "Series Instance UID (0020,000E)"),
+            validate_uid(sop_instance_uid, "SOP Instance UID (0008,0018)"),
+        )
+
+    def write(self, ds: Dataset, calling_ae: str = "", encoded: bytes | None = None) -> StoredInstance:
         """Validate, store and index one instance, in its received transfer syntax.
+
+        With `encoded` (the data set's bytes exactly as received, in the transfer syntax of `ds.file_meta`, as a
+        storage SCP has them; `ds` was decoded from them), the file is those bytes after this writer's File
+        Meta: stored bit for bit as sent, and without encoding the data set again.
 
         A second copy of an instance already stored replaces the file (same SOP Instance UID: same
         instance) and is reported as `duplicate`.
@@ -566,11 +683,11 @@ class DicomStore:
         """
         validate_instance(ds, self.policy)
         try:
-            path = self.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+            key = self.key_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
             syntax = transfer_syntax_of(ds)
-            encoded = copy.copy(ds)  # shallow: the caller's File Meta stays as it was
-            encoded.file_meta = self._file_meta(ds, syntax, calling_ae)
-            meta = extract_meta(ds, path, calling_ae, self.salt)
+            copied = copy.copy(ds)  # shallow: the caller's File Meta stays as it was
+            copied.file_meta = self._file_meta(ds, syntax, calling_ae)
+            meta = extract_meta(ds, key, calling_ae, self.salt)
         except (TriageError, MemoryError):
             raise
         except Exception as exc:
@@ -581,41 +698,51 @@ class DicomStore:
             except TriageError as exc:
                 # Kept, so the study reaches the worklist; it is listed as not analysed with this reason.
                 logger.warning("instance %s stored but will never be decoded: %s", meta.sop_instance_uid, exc)
-        self._ensure_directory(path.parent)
-        self._write_atomic(encoded, path)
-
-        is_new = self.index(meta)
+        if encoded is not None:
+            write = functools.partial(_write_received, self._file_meta(ds, syntax, calling_ae), encoded)
+        else:
+            write = functools.partial(_encode, copied)
+        folder = self.files.put_instance(key, write)
+        if self.committer is not None:
+            is_new = self.committer.commit(folder, meta)
+        else:
+            self.files.fsync_folders([folder])
+            is_new = self.index(meta)
         logger.debug(
             "stored instance %s of study %s%s", meta.sop_instance_uid, meta.study_uid, "" if is_new else " (duplicate)"
         )
         return StoredInstance(meta=meta, duplicate=not is_new)
 
-    def iter_files(self) -> Iterator[Path]:
-        """Every stored instance file (not temporary files), study by study, e.g. to re-index on start-up."""
-        for study in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for series in sorted(p for p in study.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                for path in sorted(series.iterdir()):
-                    if path.suffix == ".dcm" and not path.name.startswith(".") and path.is_file():
-                        yield path
+    def close(self) -> None:
+        """Commit what writers are waiting for and stop the group committer."""
+        if self.committer is not None:
+            self.committer.close()
+
+    def instance_keys(self) -> Iterator[str]:
+        """Every stored instance key, study by study (the store's listing)."""
+        return self.files.instance_keys()
 
     def reindex(self) -> tuple[int, int, int]:
-        """Offer every stored file to `index` again, e.g. on start-up after the database was lost or restored.
+        """Offer every stored instance to `index` again, e.g. on start-up after the database was lost or restored.
 
         Reads headers only (no pixels). The calling AE comes back from the File Meta's Source Application Entity
         Title, which `write` records.
 
         Returns:
-            (newly indexed, already indexed, unreadable) file counts; unreadable files are logged, not raised.
+            (newly indexed, already indexed, unreadable) instance counts; unreadable ones are logged, not raised.
         """
         new = known = unreadable = 0
-        for path in self.iter_files():
+        for key in self.files.instance_keys():
             try:
-                ds = dcmread(path, stop_before_pixels=True)
+                with self.files.open(key) as handle:
+                    ds = dcmread(handle, stop_before_pixels=True)
                 calling_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "")
-                meta = extract_meta(ds, path, calling_ae, self.salt)
+                meta = extract_meta(ds, key, calling_ae, self.salt)
+                if meta.key != key:
+                    raise InvalidStudyError("its UIDs do not match where it is stored")
             except Exception as exc:
                 unreadable += 1
-                logger.warning("cannot re-index stored file %s: %s", path.name, exc)
+                logger.warning("cannot re-index stored instance %s: %s", key_name(key), exc)
                 continue
             if self.index(meta):
                 new += 1
@@ -626,16 +753,7 @@ class DicomStore:
 
     def remove_stale_temp_files(self, older_than_s: float = 3600.0) -> int:
         """Delete temporary files left by a crash during a write; returns how many were removed."""
-        cutoff = time.time() - older_than_s
-        removed = 0
-        for path in self.root.glob(f"*/*/.*{_TEMP_SUFFIX}"):
-            try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                continue
-        return removed
+        return self.files.remove_stale_temp_files(older_than_s)
 
     @staticmethod
     def _file_meta(ds: Dataset, syntax: str, calling_ae: str) -> FileMetaDataset:
@@ -651,39 +769,34 @@ class DicomStore:
             file_meta.SourceApplicationEntityTitle = ae[:16]
         return file_meta
 
-    def _ensure_directory(self, directory: Path) -> None:
-        """Create the study and series folders; fsync each parent that gained an entry."""
-        for folder in (directory.parent, directory):
-            try:
-                folder.mkdir()
-            except FileExistsError:
-                continue
-            _fsync_directory(folder.parent)
 
-    @staticmethod
-    def _write_atomic(ds: Dataset, path: Path) -> None:
-        """Write to a temporary file beside `path`, fsync, rename over `path`, fsync the folder.
+def _encode(ds: Dataset, handle: BinaryIO) -> None:
+    """Write `ds` as a Part-10 file to `handle`.
 
-        A reader (or a crash) sees either no file or the whole file, never a partial one.
+    Raises:
+        OSError: writing failed (resource trouble).
+        CannotUnderstandError: pydicom could not encode the data set (bad data, nothing written).
+    """
+    try:
+        ds.save_as(handle, enforce_file_format=True)
+    except (OSError, MemoryError):
+        raise
+    except Exception as exc:  # an element pydicom read but cannot write back: bad data
+        raise CannotUnderstandError(f"cannot encode the data set: {parse_reason(exc)}") from exc
 
-        Raises:
-            OSError: writing, fsync or rename failed (disk full, read-only file system): resource trouble.
-            CannotUnderstandError: pydicom could not encode the data set (bad data, nothing written).
-        """
-        fd, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=_TEMP_SUFFIX, dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                try:
-                    ds.save_as(handle, enforce_file_format=True)
-                except (OSError, MemoryError):
-                    raise
-                except Exception as exc:  # an element pydicom read but cannot write back: bad data
-                    raise CannotUnderstandError(f"cannot encode the data set: {parse_reason(exc)}") from exc
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp_name, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp_name)
-            raise
-        _fsync_directory(path.parent)
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"  # PS3.10 7.1: 128-byte preamble, then the DICM prefix
+
+
+def _write_received(file_meta: FileMetaDataset, encoded: bytes, handle: BinaryIO) -> None:
+    """Write a Part-10 file from a data set's received bytes: preamble, `file_meta`, the bytes unchanged."""
+    meta = DicomBytesIO()
+    try:
+        write_file_meta_info(meta, file_meta, enforce_standard=True)
+    except (OSError, MemoryError):
+        raise
+    except Exception as exc:
+        raise CannotUnderstandError(f"cannot encode the File Meta: {parse_reason(exc)}") from exc
+    handle.write(_PREAMBLE)
+    handle.write(meta.getvalue())
+    handle.write(encoded)

@@ -15,6 +15,7 @@ from triage.domain import Finding, SeriesInfo
 from triage.errors import ModelLoadError
 from triage.models.card import ModelCard
 from triage.models.runtime import OnnxModel
+from triage.storage import InstanceSource
 
 # card.pipeline -> "module:Class". New model kinds register here; new versions of a kind need no code.
 PIPELINES: dict[str, str] = {
@@ -29,11 +30,12 @@ class ModelPipeline(ABC):
     def __init__(self, card: ModelCard) -> None:
         self.card = card
 
-    def load(self, series: SeriesInfo) -> Any:
-        """Read the series' pixels from disk (timed as the "load" stage). The default defers reading to
-        `preprocess`, which then receives the SeriesInfo itself; pipelines that override this receive what it
-        returns instead."""
-        return series
+    @abstractmethod
+    def load(self, series: SeriesInfo, source: InstanceSource | None = None) -> Any:
+        """Read the series' pixels (timed as the "load" stage) by their keys (`series.files`) from `source`: the
+        store, or the series' bytes fetched from it onto this node (None: the keys are file paths).
+
+        `preprocess` receives what this returns."""
 
     @abstractmethod
     def preprocess(self, series: Any) -> Any:

@@ -15,6 +15,7 @@ from triage.errors import InferenceError, InvalidStudyError, ModelLoadError
 from triage.models.card import ModelCard
 from triage.models.runtime import OnnxModel
 from triage.pipelines.base import ModelPipeline
+from triage.storage import InstanceSource
 
 log = logging.getLogger(__name__)
 
@@ -240,20 +241,20 @@ class IchPipeline(ModelPipeline):
             raise ModelLoadError(f"{card.key}: bleed classes {unknown} are not in outputs.labels {card.outputs.labels}")
 
     # ------------------------------------------------------------------ preprocess
-    def load(self, series: SeriesInfo) -> Any:
-        """Read the CT slices in HU, sorted along the slice normal (a SliceStack).
+    def load(self, series: SeriesInfo, source: InstanceSource | None = None) -> Any:
+        """Read the CT slices in HU from `source`, sorted along the slice normal (a SliceStack).
 
         Raises:
             InvalidStudyError: when the slices cannot form a volume (from read_ct_stack).
         """
         from triage.dicom.series import read_ct_stack
 
-        return read_ct_stack(series.files)
+        return read_ct_stack(series.files, source)
 
     def preprocess(self, series: Any) -> HeadVolume:
         """Resample the slices to the card's grid, crop to the head, window and scale.
 
-        Takes what `load` returned, or a SeriesInfo (then it loads first).
+        Takes what `load` returned, or a SeriesInfo whose keys are file paths (then it loads first).
 
         Raises:
             InvalidStudyError: when the slices cannot form a volume (from read_ct_stack) or the result is empty.

@@ -15,6 +15,7 @@ from triage.errors import InferenceError, InvalidStudyError
 from triage.models.card import ModelCard
 from triage.models.runtime import OnnxModel
 from triage.pipelines.base import ModelPipeline
+from triage.storage import InstanceSource
 
 # What the card's inputs.preprocessing may say, and the values used when it says nothing.
 DEFAULT_PREPROCESSING: dict[str, Any] = {
@@ -143,10 +144,10 @@ class ChestRadiographPipeline(ModelPipeline):
         """Preprocess an already-read radiograph."""
         return prepare_radiograph(self.transform, radiograph, selection)
 
-    def load(self, series: SeriesInfo) -> Any:
-        """Pick the frontal image of the series and read it (Modality and VOI LUTs applied)."""
-        path, selection = select_radiograph(series.files)
-        return read_image_file(path), selection
+    def load(self, series: SeriesInfo, source: InstanceSource | None = None) -> Any:
+        """Pick the frontal image of the series and read it from `source` (Modality and VOI LUTs applied)."""
+        key, selection = select_radiograph(series.files, source)
+        return read_image_file(key, source), selection
 
     def preprocess(self, series: Any) -> PreparedRadiograph:
         """Pad, resize and normalise what `load` returned (or load a SeriesInfo first)."""

@@ -26,6 +26,7 @@ from triage.models.card import ModelCard
 from triage.models.registry import ModelRegistry
 from triage.models.runtime import OnnxModel, load_members
 from triage.pipelines.base import ModelPipeline, pipeline_for
+from triage.storage import InstanceSource, MemorySource, fetch
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,17 @@ def classify_failure(exc: BaseException, timeout_s: float | None = None, stage: 
 
 
 class InProcessRunner:
-    """Runs every stage in the calling process. Sessions are loaded once per model and reused."""
+    """Runs every stage in the calling process. Sessions are loaded once per model and reused.
 
-    def __init__(self, registry: ModelRegistry, inference: InferenceSettings) -> None:
+    Series are read from `source` by key: the service's store, or (None) file paths (`triage infer PATH`).
+    """
+
+    def __init__(
+        self, registry: ModelRegistry, inference: InferenceSettings, source: InstanceSource | None = None
+    ) -> None:
         self.registry = registry
         self.inference = inference
+        self.source = source
         self._loaded: dict[str, tuple[ModelPipeline, list[OnnxModel]]] = {}
         self._lock = threading.Lock()
 
@@ -169,7 +176,7 @@ class InProcessRunner:
                 pipeline, members = self._load(decision.model, timings)
                 card = pipeline.card
                 started = time.perf_counter()
-                loaded = pipeline.load(series)
+                loaded = pipeline.load(series, self.source)
                 timings.add("load", time.perf_counter() - started)
                 started = time.perf_counter()
                 prepared = pipeline.preprocess(loaded)
@@ -229,9 +236,16 @@ def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
     return fn(*args), time.perf_counter() - started
 
 
-def _ray_preprocess(card_json: dict[str, Any], series: SeriesInfo) -> tuple[Any, float, float]:
+def _ray_fetch(source: InstanceSource, keys: tuple[str, ...]) -> tuple[MemorySource, float]:
+    """Read a series' instances from the store on the store's node; the bytes travel in Ray's object store."""
+    return _timed(fetch, source, keys)
+
+
+def _ray_preprocess(
+    card_json: dict[str, Any], series: SeriesInfo, source: InstanceSource | None
+) -> tuple[Any, float, float]:
     pipeline = pipeline_for(ModelCard.model_validate(card_json))
-    loaded, load_s = _timed(pipeline.load, series)
+    loaded, load_s = _timed(pipeline.load, series, source)
     prepared, preprocess_s = _timed(pipeline.preprocess, loaded)
     return prepared, load_s, preprocess_s
 
@@ -299,10 +313,17 @@ class RayRunner:
     with `transient` set when trying again may succeed; the caller decides on retries.
     """
 
-    def __init__(self, registry: ModelRegistry, inference: InferenceSettings, ray_settings: RaySettings) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        inference: InferenceSettings,
+        ray_settings: RaySettings,
+        source: InstanceSource | None = None,
+    ) -> None:
         import ray
 
         self._ray = ray
+        self.source = source
         self.registry = registry
         self.inference = inference
         self.ray_settings = ray_settings
@@ -315,13 +336,18 @@ class RayRunner:
                 # bare ray.init() would join the latest one it finds there).
                 ray.init(address="local", num_cpus=ray_settings.num_cpus, **kwargs)
         self.has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        # Studies live in this node's store, so reading and preprocessing run on this node; inference actors
-        # and post-processing may run anywhere in the cluster. Task retries are left to the caller, which
-        # records each attempt (max_retries=0).
+        # The store's disk is on this node: a small task pinned here reads a series' bytes into Ray's object
+        # store, and every other stage runs anywhere in the cluster, handed object references (preprocess ->
+        # inference actor -> post-processing), so no node needs the store's file system and no volume comes
+        # back to this process between stages. Task retries are left to the caller, which records each
+        # attempt (max_retries=0).
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        self._preprocess = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy=here)(_ray_preprocess)  # type: ignore[call-overload]
+        self._fetch = ray.remote(num_cpus=0.25, max_retries=0, num_returns=2, scheduling_strategy=here)(  # type: ignore[call-overload]
+            _ray_fetch
+        )
+        self._preprocess = ray.remote(num_cpus=1, max_retries=0, num_returns=3)(_ray_preprocess)  # type: ignore[call-overload]
         self._postprocess = ray.remote(num_cpus=1, max_retries=0)(_ray_postprocess)
         self.timeout_s = inference.timeout_s
         gpus = ray_settings.gpus_per_inference_worker if self.has_gpu else 0
@@ -437,7 +463,8 @@ class RayRunner:
         return state
 
     def _get(self, ref: Any) -> Any:
-        """Wait for `ref` until the stage deadline; a task still running then is cancelled.
+        """Wait for `ref` (or a list of the results of one task) until the stage deadline; a task still running
+        then is cancelled.
 
         Raises:
             ray.exceptions.GetTimeoutError: past the deadline (after cancelling the task).
@@ -446,8 +473,22 @@ class RayRunner:
             return self._ray.get(ref, timeout=self.timeout_s)
         except self._ray.exceptions.GetTimeoutError:
             with contextlib.suppress(Exception):
-                self._ray.cancel(ref, force=True)
+                self._ray.cancel(ref[0] if isinstance(ref, list) else ref, force=True)
             raise
+
+    def _submit(self, card_json: dict[str, Any], series: SeriesInfo) -> tuple[Any, Any, Any, Any, Any]:
+        """Start reading and preprocessing one series; returns object references, nothing is fetched here.
+
+        Returns:
+            (fetch seconds, prepared input, load seconds, preprocess seconds, the fetch's bytes) references.
+        """
+        if self.source is None:  # keys are file paths readable where the task runs (tests, a single node)
+            fetched, fetch_s = None, self._ray.put(0.0)
+        else:
+            fetched, fetch_s = self._fetch.remote(self.source, tuple(series.files))
+        refs: Any = self._preprocess.remote(card_json, series, fetched)  # num_returns=3: three references
+        prepared, load_s, preprocess_s = refs
+        return fetch_s, prepared, load_s, preprocess_s, fetched
 
     def analyse(self, study_uid: str, work: Work) -> list[SeriesResult]:
         pending: list[tuple[SeriesInfo, RoutingDecision, ModelCard | None, Any, Any, Exception | None]] = []
@@ -456,12 +497,12 @@ class RayRunner:
             try:
                 model = self.registry.get(decision.model)
                 card_json = model.card.model_dump(mode="json")
-                prepared_ref = self._preprocess.remote(card_json, series)
-                pending.append((series, decision, model.card, card_json, prepared_ref, None))
+                refs = self._submit(card_json, series)
+                pending.append((series, decision, model.card, card_json, refs, None))
             except Exception as exc:  # noqa: BLE001
                 pending.append((series, decision, None, None, None, exc))
         results = []
-        for series, decision, card, card_json, prepared_ref, error in pending:
+        for series, decision, card, card_json, refs, error in pending:
             timings = StageTimings()
             version = card.version if card else ""
             if error is not None:
@@ -472,16 +513,21 @@ class RayRunner:
                     )
                 )
                 continue
-            stage = "preprocess"
+            fetch_ref, prepared_ref, load_ref, preprocess_ref, _ = refs
+            stage = "load"
             try:
-                # A hung worker must not hold an analysis thread for ever: each stage has a deadline.
-                prepared, load_s, preprocess_s = self._get(prepared_ref)
+                # A hung worker must not hold an analysis thread for ever: each stage has a deadline. Only
+                # timings and findings come back here; the volume stays in the object store.
+                timings.add("load", float(self._get(fetch_ref)))
+                stage = "preprocess"
+                load_s, preprocess_s = self._get([load_ref, preprocess_ref])
                 timings.add("load", load_s)
                 timings.add("preprocess", preprocess_s)
                 stage = "inference"
                 slot = self._worker(decision.model)  # type: ignore[arg-type]
+                raw_ref, seconds_ref = slot.actor.infer.options(num_returns=2).remote(prepared_ref)
                 try:
-                    raw, seconds = self._ray.get(slot.actor.infer.remote(prepared), timeout=self.timeout_s)
+                    seconds = self._ray.get(seconds_ref, timeout=self.timeout_s)
                 except self._ray.exceptions.GetTimeoutError:
                     # An actor call cannot be force-cancelled: restart the worker, which ends the call.
                     with contextlib.suppress(Exception):
@@ -489,7 +535,7 @@ class RayRunner:
                     raise
                 timings.add("inference", seconds)
                 stage = "postprocess"
-                post_ref = self._postprocess.remote(card_json, prepared, raw, series)
+                post_ref = self._postprocess.remote(card_json, prepared_ref, raw_ref, series)
                 findings, seconds = self._get(post_ref)
                 timings.add("postprocess", seconds)
                 results.append(SeriesResult(series.series_uid, card.name, version, True, findings, "", timings))  # type: ignore[union-attr]
@@ -523,10 +569,17 @@ class RayRunner:
             self._ray.shutdown()
 
 
-def make_runner(kind: str, registry: ModelRegistry, inference: InferenceSettings, ray_settings: RaySettings) -> Runner:
-    """`kind` is "ray" (the service) or "inprocess" (tests and `triage infer`)."""
+def make_runner(
+    kind: str,
+    registry: ModelRegistry,
+    inference: InferenceSettings,
+    ray_settings: RaySettings,
+    source: InstanceSource | None = None,
+) -> Runner:
+    """`kind` is "ray" (the service) or "inprocess" (tests and `triage infer`); series are read from `source`
+    (the store) by key, or by file path when it is None."""
     if kind == "ray":
-        return RayRunner(registry, inference, ray_settings)
+        return RayRunner(registry, inference, ray_settings, source)
     if kind == "inprocess":
-        return InProcessRunner(registry, inference)
+        return InProcessRunner(registry, inference, source)
     raise TriageError(f"unknown runner {kind!r}; valid: 'ray', 'inprocess'")

@@ -11,8 +11,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import UTC, datetime
 from typing import Any
 
 from pydicom import Dataset
@@ -27,6 +27,7 @@ from triage.errors import TriageError
 from triage.models.registry import ModelRegistry
 from triage.pipelines.routing import RoutingRules
 from triage.pipelines.runner import Runner, make_runner
+from triage.storage import LocalStore
 from triage.worklist.db import create_engine_for, migrate
 from triage.worklist.events import Broadcaster, relay_for
 from triage.worklist.repository import Worklist
@@ -52,8 +53,8 @@ class TriageService:
         self.settings = settings
         self.roles = frozenset(roles)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        settings.store_dir.mkdir(parents=True, exist_ok=True)
-        settings.overlay_dir.mkdir(parents=True, exist_ok=True)
+        # The one place that knows where things live: everything else names instances and overlays by key.
+        self.files = LocalStore(settings.store_dir, settings.overlay_dir)
         url = settings.resolved_database_url
         migrate(url)
         self.events = Broadcaster()
@@ -67,10 +68,11 @@ class TriageService:
         # (one process) the in-memory broadcaster is all there is.
         self.events_relay = relay_for(self.worklist.engine, self.events)
         self.store = DicomStore(
-            settings.store_dir,
+            self.files,
             settings.ensure_phi_salt(),
             index=self._index,
             policy=StorePolicy.from_settings(settings.dicom),
+            index_many=self._index_many,
         )
         self.registry = ModelRegistry(settings.weights_dir)
         self.rules = RoutingRules.load(settings.routing_rules)
@@ -99,12 +101,18 @@ class TriageService:
         received_at = utcnow()
         if self._reindexing:
             # Files found on disk at start-up arrived before the restart: their waiting time counts from then.
-            received_at = datetime.fromtimestamp(os.stat(meta.path).st_mtime, UTC)
+            received_at = self.files.modified_at(meta.key)
         return self.worklist.record_instance(meta, received_at)
 
-    def accept(self, ds: Dataset, calling_ae: str = "") -> StoredInstance:
-        """Store and index one instance; returns only once it is durable (the sender may then hear success)."""
-        return self.store.write(ds, calling_ae)
+    def _index_many(self, metas: Sequence[InstanceMeta]) -> list[bool]:
+        """Index a batch of received instances in one transaction (the store's group commit)."""
+        received_at = utcnow()
+        return self.worklist.record_instances([(meta, received_at) for meta in metas])
+
+    def accept(self, ds: Dataset, calling_ae: str = "", encoded: bytes | None = None) -> StoredInstance:
+        """Store and index one instance; returns only once it is durable (the sender may then hear success).
+        `encoded`: the data set's bytes as received, stored as they are (see `DicomStore.write`)."""
+        return self.store.write(ds, calling_ae, encoded)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -143,7 +151,9 @@ class TriageService:
 
     def _start_analysis(self) -> None:
         self.worklist.recover_interrupted(utcnow(), is_dead=self._not_running_here)
-        self.runner = make_runner(self.runner_kind, self.registry, self.settings.inference, self.settings.ray)
+        self.runner = make_runner(
+            self.runner_kind, self.registry, self.settings.inference, self.settings.ray, source=self.files
+        )
         self.runner.warm_up()
         self.model_errors.update(getattr(self.runner, "load_errors", {}))
         self.check_models()
@@ -157,6 +167,7 @@ class TriageService:
         self._stop.set()
         if self.scp is not None:
             self.scp.stop()
+        self.store.close()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
         if self._health_thread is not None:
@@ -284,7 +295,7 @@ class TriageService:
             self.registry,
             self.rules,
             self.runner,
-            self.settings.overlay_dir,
+            self.files,
             unavailable_models=set(self.model_errors),
             retry=RetryPolicy(self.settings.inference.max_attempts, self.settings.inference.retry_backoff_s),
             generation=generation,
@@ -303,8 +314,7 @@ class TriageService:
             return
         try:
             sent = export_study_results(
-                self.settings.store_dir,
-                self.settings.overlay_dir,
+                self.files,
                 outcome.study_uid,
                 outcome.findings,
                 str(outcome.ai_status),

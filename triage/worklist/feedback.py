@@ -6,7 +6,6 @@ import csv
 import io
 from collections.abc import Iterable
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from triage.errors import ConflictError, NotFoundError
@@ -125,14 +124,15 @@ def record_feedback(
 
 
 def series_image_path(worklist: Worklist, study_uid: str, series_uid: str) -> str | None:
-    """What the label CSV's `image` column names: the stored file of a one-image series, else the series folder."""
+    """What the label CSV's `image` column names, relative to the store's folder (store keys are): the stored
+    instance of a one-image series, else the series folder "<study>/<series>"."""
     files = series_files(worklist.engine, study_uid, series_uid) if series_uid else []
     if not files:
         return None
     if len(files) == 1:
-        return str(files[0][1])
-    parents = {path.parent for _, path in files}
-    return str(parents.pop()) if len(parents) == 1 else str(Path(*Path(files[0][1]).parts[:-2]))
+        return files[0][1]
+    parents = {key.rsplit("/", 1)[0] for _, key in files}
+    return parents.pop() if len(parents) == 1 else files[0][1].split("/", 1)[0]
 
 
 def label_csv(rows: Iterable[dict[str, Any]]) -> str:

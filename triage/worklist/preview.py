@@ -22,6 +22,7 @@ from triage.dicom.overlay import DisplayImage, display_image, render_overlay
 from triage.dicom.results import finding_caption as overlay_caption
 from triage.domain import Finding, Overlay, RoutingDecision
 from triage.errors import InvalidStudyError, NotFoundError, TriageError
+from triage.storage import InstanceSource, PathSource, Store, key_name, overlay_from_bytes
 from triage.worklist.repository import Worklist
 from triage.worklist.tables import Instance
 
@@ -32,36 +33,42 @@ MAX_SIDE_PX = 768
 MIN_SIDE_PX = 512
 
 
-def instance_path(engine: Engine, study_uid: str, sop_instance_uid: str) -> Path:
-    """Where the store keeps one instance of the study (from the instances table).
+def instance_key_of(engine: Engine, study_uid: str, sop_instance_uid: str) -> str:
+    """The store key of one instance of the study (from the instances table).
 
     Raises:
         NotFoundError: when the study has no such instance.
     """
     with Session(engine) as session:
-        path = session.scalar(
-            select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid, Instance.study_uid == study_uid)
+        key = session.scalar(
+            select(Instance.store_key).where(
+                Instance.sop_instance_uid == sop_instance_uid, Instance.study_uid == study_uid
+            )
         )
-    if path is None:
+    if key is None:
         raise NotFoundError(f"study {study_uid!r} has no instance {sop_instance_uid!r}")
-    return Path(path)
+    return str(key)
 
 
-def series_files(engine: Engine, study_uid: str, series_uid: str) -> list[tuple[str, Path]]:
-    """(SOP Instance UID, path) of every stored instance of one series, in arrival order."""
+def series_files(engine: Engine, study_uid: str, series_uid: str) -> list[tuple[str, str]]:
+    """(SOP Instance UID, store key) of every stored instance of one series, in arrival order."""
     with Session(engine) as session:
         rows = session.execute(
-            select(Instance.sop_instance_uid, Instance.path)
+            select(Instance.sop_instance_uid, Instance.store_key)
             .where(Instance.study_uid == study_uid, Instance.series_uid == series_uid)
             .order_by(Instance.id)
         ).all()
-    return [(uid, Path(path)) for uid, path in rows]
+    return [(uid, str(key)) for uid, key in rows]
 
 
-def middle_instance(files: list[tuple[str, Path]]) -> tuple[str, Path]:
+def middle_instance(files: list[tuple[str, str]], source: InstanceSource | None = None) -> tuple[str, str]:
     """The middle slice of a series along its slice normal (by ImagePositionPatient), else the middle file.
 
     Only used to choose a preview when no finding names a key slice; analysis never relies on this order.
+
+    Args:
+        files: (SOP Instance UID, key) pairs, as `series_files` gives them.
+        source: where the instances are read from (None: the keys are file paths).
 
     Raises:
         NotFoundError: when the series has no stored instances.
@@ -70,58 +77,56 @@ def middle_instance(files: list[tuple[str, Path]]) -> tuple[str, Path]:
         raise NotFoundError("the series has no stored instances to preview")
     import pydicom
 
+    reader = source if source is not None else PathSource()
     placed = []
-    for uid, path in files:
+    for uid, key in files:
         try:
-            ds = pydicom.dcmread(
-                path, stop_before_pixels=True, specific_tags=["ImagePositionPatient", "ImageOrientationPatient"]
-            )
+            with reader.open(key) as handle:
+                ds = pydicom.dcmread(
+                    handle, stop_before_pixels=True, specific_tags=["ImagePositionPatient", "ImageOrientationPatient"]
+                )
             ipp = np.asarray([float(v) for v in ds.ImagePositionPatient])
             iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
             normal = np.cross(iop[:3], iop[3:])
-            placed.append((float(ipp @ normal), uid, path))
+            placed.append((float(ipp @ normal), uid, key))
         except Exception:  # noqa: BLE001 - a radiograph or a header without geometry: arrival order then
             placed = []
             break
     if placed:
         placed.sort(key=lambda t: t[0])
-        _, uid, path = placed[len(placed) // 2]
-        return uid, path
+        _, uid, key = placed[len(placed) // 2]
+        return uid, key
     return files[len(files) // 2]
 
 
-def load_overlay(overlay_dir: Path, study_uid: str, overlay_file: str) -> Overlay:
-    """Read a finding's overlay (.npz with mask, stride, sop_instance_uid, kind) from the study's folder.
+def load_overlay(store: Store, study_uid: str, overlay_file: str) -> Overlay:
+    """Read a finding's overlay (mask, stride, sop_instance_uid, kind) from the study's overlays in the store.
 
     Raises:
-        NotFoundError: when the file is missing or the name points outside the study's overlay folder.
+        NotFoundError: when it is not stored or the name is not an overlay name (it cannot point elsewhere).
     """
-    folder = (overlay_dir / study_uid).resolve()
-    path = (folder / overlay_file).resolve()
-    if folder not in path.parents or not path.is_file():
-        raise NotFoundError(f"overlay {overlay_file!r} of study {study_uid!r} is not stored")
-    with np.load(path, allow_pickle=False) as data:
-        return Overlay(
-            sop_instance_uid=str(data["sop_instance_uid"]),
-            mask=np.asarray(data["mask"], dtype=np.float32),
-            stride=int(data["stride"]) if "stride" in data else 1,
-            kind=str(data["kind"]) if "kind" in data else "mask",
-        )
+    return overlay_from_bytes(store.get_overlay(study_uid, overlay_file), overlay_file)
 
 
-def read_preview_image(path: Path, frame: int | None = None) -> DisplayImage:
-    """Read a stored instance as a display image: CT in the brain window, a radiograph as presented.
+def read_preview_image(
+    path: str | Path, frame: int | None = None, source: InstanceSource | None = None
+) -> DisplayImage:
+    """Read a stored instance (by key from `source`; a file path when None) as a display image: CT in the brain
+    window, a radiograph as presented.
 
     Raises:
         InvalidStudyError: when the file cannot be read or decoded.
     """
     import pydicom
 
+    name = key_name(str(path))
+    reader = source if source is not None else PathSource()
     try:
-        ds = pydicom.dcmread(path)
+        with reader.open(str(path)) as handle:
+            ds = pydicom.dcmread(handle)
     except Exception as exc:  # noqa: BLE001 - any read failure is the same to the viewer
-        raise InvalidStudyError(f"{path.name}: not a readable DICOM file ({exc})") from exc
-    return display_image(ds, frame, source=path.name)
+        raise InvalidStudyError(f"{name}: not a readable DICOM file ({exc})") from exc
+    return display_image(ds, frame, source=name)
 
 
 def render_png(image: DisplayImage, overlay: Overlay | None, details: str = "") -> bytes:
@@ -142,7 +147,7 @@ def finding_caption(finding: Finding, kind: str) -> str:
 
 def study_preview(
     engine: Engine,
-    overlay_dir: Path,
+    store: Store,
     study_uid: str,
     findings: Sequence[Finding],
     routing: Sequence[RoutingDecision],
@@ -164,8 +169,8 @@ def study_preview(
         finding = findings[index]
         if not finding.overlay_file:
             continue
-        overlay = load_overlay(overlay_dir, study_uid, finding.overlay_file)
-        image = read_preview_image(instance_path(engine, study_uid, overlay.sop_instance_uid))
+        overlay = load_overlay(store, study_uid, finding.overlay_file)
+        image = read_preview_image(instance_key_of(engine, study_uid, overlay.sop_instance_uid), source=store)
         return render_png(image, overlay, finding_caption(finding, image.kind))
     chosen = findings[finding_index] if finding_index is not None else None
     series_uids = [r.series_uid for r in routing if r.model] + [r.series_uid for r in routing if not r.model]
@@ -175,9 +180,9 @@ def study_preview(
         files = series_files(engine, study_uid, series_uid)
         if not files:
             continue
-        _, path = middle_instance(files)
+        _, key = middle_instance(files, store)
         try:
-            image = read_preview_image(path)
+            image = read_preview_image(key, source=store)
         except (InvalidStudyError, ValueError, TypeError) as exc:
             log.info("study %s: series %s cannot be previewed: %s", study_uid, series_uid, exc)
             continue
@@ -187,7 +192,7 @@ def study_preview(
 
 
 def preview_png(
-    worklist: Worklist, overlay_dir: Path, study_uid: str, finding_index: int | None, now: datetime
+    worklist: Worklist, store: Store, study_uid: str, finding_index: int | None, now: datetime
 ) -> bytes:
     """The study page's preview PNG of one study (see `study_preview`); it is an image of a patient: never cache it.
 
@@ -199,7 +204,7 @@ def preview_png(
     # A series not routed yet counts as one no model analyses.
     routing = [s.routing or RoutingDecision(series_uid=s.series_uid) for s in detail.series]
     try:
-        return study_preview(worklist.engine, overlay_dir, study_uid, detail.findings, routing, finding_index)
+        return study_preview(worklist.engine, store, study_uid, detail.findings, routing, finding_index)
     except TriageError:
         raise
     except Exception as exc:  # noqa: BLE001 - a preview failure must not look like a server crash

@@ -6,13 +6,12 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
+from typing import cast as typing_cast
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_serializer
-from sqlalchemy import BigInteger, Engine, Float, and_, case, cast, func, literal, or_, select, update
-from sqlalchemy import insert as sa_insert
+from sqlalchemy import BigInteger, Engine, Float, Table, and_, case, cast, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from triage.config import PrioritySettings
@@ -428,7 +427,8 @@ class Worklist:
         so the study is analysed again; a new study starts with AI status pending.
 
         Args:
-            meta: What the store indexed about the instance (no patient names or birth dates).
+            meta: What the store indexed about the instance (no patient names or birth dates); `meta.key` is
+                its store key.
             received_at: When it arrived (timezone-aware).
 
         Returns:
@@ -437,115 +437,183 @@ class Worklist:
         Raises:
             ValueError: when `received_at` is naive or a UID is empty.
         """
-        now = require_utc(received_at, "received_at")
-        for name in ("study_uid", "series_uid", "sop_instance_uid"):
-            if not getattr(meta, name).strip():
-                raise ValueError(f"instance {meta.sop_instance_uid!r} has an empty {name}")
-        clinical, source = self._clinical_priority(meta)
-        modality = meta.modality.strip().upper()
-        study_uid = meta.study_uid
-        try:
-            with self._write() as session, session.begin():
-                created = (
-                    session.execute(
-                        self._upsert(Study)
-                        .values(
-                            study_uid=study_uid,
-                            accession_number=meta.accession_number,
-                            patient_hash=meta.patient_hash,
-                            modality=modality,
-                            study_description=meta.study_description,
-                            site=meta.institution,
-                            sending_ae=meta.calling_ae,
-                            received_at=now,
-                            last_instance_at=now,
-                            instance_count=0,
-                            clinical_priority=clinical.value,
-                            clinical_priority_source=source,
-                            ai_status=AIStatus.PENDING.value,
-                            ai_reason="",
-                            analysis_generation=1,
-                            analysing_generation=0,
-                            analysed_generation=0,
-                            findings=[],
-                            routing=[],
-                            priority_level=clinical.value,
-                            priority_reasons=[],
-                        )
-                        .on_conflict_do_nothing(index_elements=["study_uid"])
-                        .returning(Study.study_uid)
-                    ).first()
-                    is not None
+        (is_new,) = self.record_instances([(meta, received_at)])
+        return is_new
+
+    def record_instances(self, batch: Sequence[tuple[InstanceMeta, datetime]]) -> list[bool]:
+        """Index several received instances in one transaction (the store's group commit), as `record_instance`
+        does for each; all or none are recorded.
+
+        The work is done per study, not per instance: one study row, one row per series and one multi-row
+        instance insert, whatever the number of the study's instances in the batch. Studies are recorded in UID
+        order, so that concurrent batches (several ingest processes) lock study rows in the same order and do
+        not deadlock.
+
+        Returns:
+            For each instance, in the order given: False when its SOP Instance UID was already indexed (or
+            appears earlier in the same batch).
+
+        Raises:
+            ValueError: when a `received_at` is naive or a UID is empty (nothing is recorded then).
+        """
+        by_study: dict[str, list[tuple[int, InstanceMeta, datetime]]] = {}
+        seen: set[str] = set()
+        results = [False] * len(batch)
+        for position, (meta, received_at) in enumerate(batch):
+            now = require_utc(received_at, "received_at")
+            for name in ("study_uid", "series_uid", "sop_instance_uid"):
+                if not getattr(meta, name).strip():
+                    raise ValueError(f"instance {meta.sop_instance_uid!r} has an empty {name}")
+            if meta.sop_instance_uid in seen:
+                continue  # a second copy in the same batch: a duplicate
+            seen.add(meta.sop_instance_uid)
+            by_study.setdefault(meta.study_uid, []).append((position, meta, now))
+        published: list[tuple[str, bool]] = []
+        with self._write() as session, session.begin():
+            for study_uid in sorted(by_study):
+                entries = by_study[study_uid]
+                new, created = self._record_study(session, study_uid, [(m, t) for _, m, t in entries])
+                for position, meta, _ in entries:
+                    results[position] = meta.sop_instance_uid in new
+                if new:
+                    published.append((study_uid, created))
+        for study_uid, created in published:
+            self._publish(study_uid, "created" if created else "instance")
+        return results
+
+    def _record_study(
+        self, session: Session, study_uid: str, entries: list[tuple[InstanceMeta, datetime]]
+    ) -> tuple[set[str], bool]:
+        """Record instances of one study inside the caller's transaction (Core statements where the ORM's
+        bookkeeping would only cost time; the study row through the ORM, for the priority policy).
+
+        Returns:
+            (the SOP Instance UIDs that were new, whether the study was created).
+        """
+        first, first_at = entries[0]
+        clinical, source = self._clinical_priority(first)
+        modality = first.modality.strip().upper()
+        studies, series_table, instances = (
+            typing_cast(Table, t) for t in (Study.__table__, Series.__table__, Instance.__table__)
+        )
+        created = (
+            session.execute(
+                self._upsert(studies)
+                .values(
+                    study_uid=study_uid,
+                    accession_number=first.accession_number,
+                    patient_hash=first.patient_hash,
+                    modality=modality,
+                    study_description=first.study_description,
+                    site=first.institution,
+                    sending_ae=first.calling_ae,
+                    received_at=first_at,
+                    last_instance_at=first_at,
+                    instance_count=0,
+                    clinical_priority=clinical.value,
+                    clinical_priority_source=source,
+                    ai_status=AIStatus.PENDING.value,
+                    ai_reason="",
+                    analysis_generation=1,
+                    analysing_generation=0,
+                    analysed_generation=0,
+                    findings=[],
+                    routing=[],
+                    priority_level=clinical.value,
+                    priority_reasons=[],
                 )
-                session.execute(
-                    self._upsert(Series)
-                    .values(
-                        series_uid=meta.series_uid,
-                        study_uid=study_uid,
-                        modality=modality,
-                        sop_class_uid=meta.sop_class_uid,
-                        description=meta.series_description,
-                        n_instances=0,
-                        attributes={
-                            "Modality": modality,
-                            "SOPClassUID": meta.sop_class_uid,
-                            "SeriesDescription": meta.series_description,
-                            "BodyPartExamined": meta.body_part,
-                            "StudyDescription": meta.study_description,
-                        },
-                    )
-                    .on_conflict_do_nothing(index_elements=["series_uid"])
-                )
-                # The unique SOP Instance UID is the duplicate check: a resend raises IntegrityError here.
-                session.execute(
-                    sa_insert(Instance).values(
-                        sop_instance_uid=meta.sop_instance_uid,
-                        series_uid=meta.series_uid,
-                        study_uid=study_uid,
-                        sop_class_uid=meta.sop_class_uid,
-                        path=meta.path,
-                        transfer_syntax=meta.transfer_syntax_uid,
-                        received_at=now,
-                    )
-                )
-                taken = (Study.analysing_generation >= Study.analysis_generation) | (
-                    Study.analysed_generation >= Study.analysis_generation
-                )
-                session.execute(
-                    update(Study)
-                    .where(Study.study_uid == study_uid)
-                    .values(
-                        instance_count=Study.instance_count + 1,
-                        last_instance_at=case((Study.last_instance_at < now, now), else_=Study.last_instance_at),
-                        # An analysis that has started or finished did not see this instance: queue a new one.
-                        analysis_generation=case(
-                            (taken, Study.analysis_generation + 1), else_=Study.analysis_generation
-                        ),
-                    )
-                    .execution_options(synchronize_session=False)
-                )
-                session.execute(
-                    update(Series)
-                    .where(Series.series_uid == meta.series_uid)
-                    .values(n_instances=Series.n_instances + 1)
-                    .execution_options(synchronize_session=False)
-                )
-                # This transaction now holds the study row, so the read-modify-write below is not racing.
-                study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
-                self._merge_instance(study, meta, modality, clinical, source)
-                if study.ai_status in _FINISHED and study.analysis_generation > study.analysed_generation:
-                    study.ai_status = AIStatus.PENDING.value
-                    study.ai_reason = "new instances arrived; re-analysis queued"
-                self._refresh_priority(study, now)
-                if created:
-                    self._history(session, study_uid, "received", now, sending_ae=meta.calling_ae)
-        except IntegrityError:
-            if self._instance_exists(meta.sop_instance_uid):
-                log.debug("duplicate instance %s of study %s ignored", meta.sop_instance_uid, study_uid)
-                return False
-            raise
-        self._publish(study_uid, "created" if created else "instance")
-        return True
+                .on_conflict_do_nothing(index_elements=["study_uid"])
+                .returning(studies.c.study_uid)
+            ).first()
+            is not None
+        )
+        # Lock the study row before anything references it, so the read-modify-write below is not racing (FOR NO
+        # KEY UPDATE on PostgreSQL: it does not conflict with the key-share locks the foreign keys of concurrent
+        # instance inserts take; SQLite's BEGIN IMMEDIATE serialises writers). Read afresh: another batch may
+        # have changed it since this session last saw it.
+        study = session.execute(
+            select(Study)
+            .where(Study.study_uid == study_uid)
+            .with_for_update(key_share=True)
+            .execution_options(populate_existing=True)
+        ).scalar_one()
+        by_series: dict[str, InstanceMeta] = {}
+        for meta, _ in entries:
+            by_series.setdefault(meta.series_uid, meta)
+        session.execute(
+            self._upsert(series_table).on_conflict_do_nothing(index_elements=["series_uid"]),
+            [
+                {
+                    "series_uid": series_uid,
+                    "study_uid": study_uid,
+                    "modality": meta.modality.strip().upper(),
+                    "sop_class_uid": meta.sop_class_uid,
+                    "description": meta.series_description,
+                    "n_instances": 0,
+                    "attributes": {
+                        "Modality": meta.modality.strip().upper(),
+                        "SOPClassUID": meta.sop_class_uid,
+                        "SeriesDescription": meta.series_description,
+                        "BodyPartExamined": meta.body_part,
+                        "StudyDescription": meta.study_description,
+                    },
+                }
+                for series_uid, meta in by_series.items()
+            ],
+        )
+        # The unique SOP Instance UID is the duplicate check: a resend inserts nothing, and changes nothing (its
+        # study and series rows exist already, so the two inserts above did nothing either).
+        new = {
+            row[0]
+            for row in session.execute(
+                self._upsert(instances)
+                .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                .returning(instances.c.sop_instance_uid),
+                [
+                    {
+                        "sop_instance_uid": meta.sop_instance_uid,
+                        "series_uid": meta.series_uid,
+                        "study_uid": study_uid,
+                        "sop_class_uid": meta.sop_class_uid,
+                        "store_key": meta.key,
+                        "transfer_syntax": meta.transfer_syntax_uid,
+                        "received_at": now,
+                    }
+                    for meta, now in entries
+                ],
+            )
+        }
+        if not new:
+            return new, False
+        added = [(meta, now) for meta, now in entries if meta.sop_instance_uid in new]
+        per_series: dict[str, int] = {}
+        for meta, _ in added:
+            per_series[meta.series_uid] = per_series.get(meta.series_uid, 0) + 1
+        for series_uid, count in per_series.items():
+            session.execute(
+                update(series_table)
+                .where(series_table.c.series_uid == series_uid)
+                .values(n_instances=series_table.c.n_instances + count)
+            )
+        latest = max(now for _, now in added)
+        study.instance_count = int(study.instance_count or 0) + len(added)
+        if study.last_instance_at is None or study.last_instance_at < latest:
+            study.last_instance_at = latest
+        # An analysis that has started or finished did not see these instances: queue a new one.
+        if study.analysing_generation >= study.analysis_generation or (
+            study.analysed_generation >= study.analysis_generation
+        ):
+            study.analysis_generation += 1
+        for meta, _ in added:
+            clinical, source = self._clinical_priority(meta)
+            self._merge_instance(study, meta, meta.modality.strip().upper(), clinical, source)
+        if study.ai_status in _FINISHED and study.analysis_generation > study.analysed_generation:
+            study.ai_status = AIStatus.PENDING.value
+            study.ai_reason = "new instances arrived; re-analysis queued"
+        self._refresh_priority(study, latest)
+        if created:
+            self._history(session, study_uid, "received", first_at, sending_ae=first.calling_ae)
+        return new, created
 
     @staticmethod
     def _merge_instance(study: Study, meta: InstanceMeta, modality: str, clinical: PriorityLevel, source: str) -> None:
@@ -564,11 +632,6 @@ class Worklist:
         if clinical.rank > PriorityLevel(study.clinical_priority).rank:
             study.clinical_priority = clinical.value
             study.clinical_priority_source = source
-
-    def _instance_exists(self, sop_instance_uid: str) -> bool:
-        with self._read() as session:
-            found = session.execute(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
-            return found.first() is not None
 
     # --------------------------------------------------------------------------------------- analysis
 
@@ -615,7 +678,7 @@ class Worklist:
         )
 
     def series_of(self, study_uid: str) -> list[SeriesInfo]:
-        """The study's series with their files (paths in arrival order) and routing attributes.
+        """The study's series with their instances (store keys in arrival order) and routing attributes.
 
         Raises:
             NotFoundError: when the study is not on the worklist.
@@ -627,10 +690,12 @@ class Worklist:
                 select(Series).where(Series.study_uid == study_uid).order_by(Series.series_uid)
             ).scalars()
             files: dict[str, list[str]] = {}
-            for series_uid, path in session.execute(
-                select(Instance.series_uid, Instance.path).where(Instance.study_uid == study_uid).order_by(Instance.id)
+            for series_uid, key in session.execute(
+                select(Instance.series_uid, Instance.store_key)
+                .where(Instance.study_uid == study_uid)
+                .order_by(Instance.id)
             ):
-                files.setdefault(series_uid, []).append(path)
+                files.setdefault(series_uid, []).append(key)
             return [
                 SeriesInfo(
                     series_uid=s.series_uid,

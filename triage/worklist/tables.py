@@ -161,7 +161,8 @@ class Instance(Base):
     series_uid: Mapped[str] = mapped_column(ForeignKey("series.series_uid", ondelete="CASCADE"), index=True)
     study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid", ondelete="CASCADE"), index=True)
     sop_class_uid: Mapped[str] = mapped_column(String(UID_LEN), default="")
-    path: Mapped[str] = mapped_column(Text)
+    # The instance's key in the store ("<study>/<series>/<sop>.dcm", see triage.storage), never a file path.
+    store_key: Mapped[str] = mapped_column(Text)
     transfer_syntax: Mapped[str] = mapped_column(String(UID_LEN), default="")
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
 

@@ -28,6 +28,7 @@ from triage.dicom.results import (
 )
 from triage.domain import Finding
 from triage.errors import InvalidStudyError, TriageError
+from triage.storage import LocalStore
 
 PATIENT_NAME = "Testperson^Unique^Xyzzy"
 PATIENT_ID = "PID-UNIQUE-4711"
@@ -239,11 +240,11 @@ def test_export_sends_the_sr_and_one_capture_without_logging_patient_identity(
 
     with caplog.at_level(logging.DEBUG):
         stored = export_study_results(
-            tmp_path / "store", tmp_path / "overlays", study_uid, findings, "done", "analysed", destination
+            LocalStore(tmp_path / "store", tmp_path / "overlays"), study_uid, findings, "done", "analysed", destination
         )
 
     assert stored == 2
-    received = [pydicom.dcmread(meta.path) for meta in pacs.metas.values()]
+    received = [pydicom.dcmread(pacs.store.files.open(meta.key)) for meta in pacs.metas.values()]
     assert sorted(str(ds.SOPClassUID) for ds in received) == sorted([BasicTextSRStorage, SecondaryCaptureImageStorage])
     assert {ds.StudyInstanceUID for ds in received} == {study_uid}
     assert {str(ds.PatientName) for ds in received} == {PATIENT_NAME}
@@ -262,16 +263,17 @@ def test_a_missing_overlay_costs_only_its_capture(tmp_path: Path, pacs: Receiver
     destination = ("TRIAGE", "127.0.0.1", pacs.scp.port)
 
     store_dir, overlay_dir = tmp_path / "store", tmp_path / "overlays"
-    stored = export_study_results(store_dir, overlay_dir, study_uid, findings, "done", "", destination)
+    stored = export_study_results(LocalStore(store_dir, overlay_dir), study_uid, findings, "done", "", destination)
 
     assert stored == 1
-    assert [pydicom.dcmread(m.path).SOPClassUID for m in pacs.metas.values()] == [BasicTextSRStorage]
+    received = [pydicom.dcmread(pacs.store.files.open(m.key)).SOPClassUID for m in pacs.metas.values()]
+    assert received == [BasicTextSRStorage]
     assert "no overlay capture for intracranial haemorrhage" in caplog.text
 
 
 def test_export_of_a_study_that_is_not_stored_says_so(tmp_path: Path):
     with pytest.raises(InvalidStudyError, match="1.2.3.4 has no stored instance"):
-        export_study_results(tmp_path, tmp_path, "1.2.3.4", [], "done", "", ("PACS", "127.0.0.1", 104))
+        export_study_results(LocalStore(tmp_path), "1.2.3.4", [], "done", "", ("PACS", "127.0.0.1", 104))
 
 
 def _closed_port() -> int:

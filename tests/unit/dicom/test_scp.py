@@ -156,7 +156,7 @@ def test_success_is_answered_after_the_instance_is_on_disk_and_indexed(scp: Stor
     assert response.Status == 0x0000
     meta = received.metas[ds.SOPInstanceUID]
     assert meta.calling_ae == "ER_CT"
-    written = pydicom.dcmread(meta.path)
+    written = pydicom.dcmread(received.store.files.open(meta.key))
     assert written.PixelData == ds.PixelData
     assert written.file_meta.SourceApplicationEntityTitle == "ER_CT"
 
@@ -166,7 +166,7 @@ def test_compressed_instance_is_stored_in_its_transfer_syntax(scp: StorageSCP, r
 
     assert store_one(scp.port, ds).Status == 0x0000
 
-    written = pydicom.dcmread(received.metas[ds.SOPInstanceUID].path)
+    written = pydicom.dcmread(received.store.files.open(received.metas[ds.SOPInstanceUID].key))
     assert written.file_meta.TransferSyntaxUID == JPEG2000Lossless
     assert written.PixelData == ds.PixelData
 

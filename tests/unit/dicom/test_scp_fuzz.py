@@ -56,9 +56,9 @@ def test_fuzzed_c_store_cases_get_permanent_statuses_and_the_scp_keeps_storing(
                 statuses[name] = status
                 if status == 0x0000:
                     # Accepted: then what is on disk must be a valid instance (read back as any reader would).
-                    newest = max(index.metas.values(), key=lambda m: Path(m.path).stat().st_mtime_ns)
+                    newest = max(index.metas.values(), key=lambda m: (store.root / m.key).stat().st_mtime_ns)
                     try:
-                        validate_instance(pydicom.dcmread(newest.path))
+                        validate_instance(pydicom.dcmread(store.files.open(newest.key)))
                     except Exception as exc:  # noqa: BLE001 - collected and reported below
                         invalid_stored.append(f"{name}: {exc}")
             good = make_ct_series(1)[0]

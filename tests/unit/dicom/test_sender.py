@@ -119,7 +119,7 @@ def test_files_are_sent_in_their_own_transfer_syntaxes(receiver: Receiver, tmp_p
     assert progress[-1] == (len(files), len(files))
     assert [d for d, _ in progress] == list(range(1, len(files) + 1))
     for ds in datasets:
-        written = pydicom.dcmread(receiver.metas[ds.SOPInstanceUID].path)
+        written = pydicom.dcmread(receiver.store.files.open(receiver.metas[ds.SOPInstanceUID].key))
         assert written.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
         if "PixelData" in ds:
             assert written.PixelData == ds.PixelData

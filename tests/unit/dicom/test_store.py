@@ -82,7 +82,8 @@ def test_ct_series_is_stored_as_part10_files_under_study_series_instance(store: 
 
     for ds, result in zip(series, results, strict=True):
         expected = store.root / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
-        assert result.meta.path == str(expected)
+        assert result.meta.key == f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+        assert store.root / result.meta.key == expected
         assert not result.duplicate
         written = pydicom.dcmread(expected)
         assert written.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
@@ -90,7 +91,7 @@ def test_ct_series_is_stored_as_part10_files_under_study_series_instance(store: 
         assert written.file_meta.SourceApplicationEntityTitle == "CT_SCANNER"
         assert written.PixelData == ds.PixelData
     assert set(index.metas) == {ds.SOPInstanceUID for ds in series}
-    assert sorted(store.iter_files()) == all_files(store.root)
+    assert sorted(store.root / key for key in store.instance_keys()) == all_files(store.root)
 
 
 @pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLSLossless, RLELossless])
@@ -100,7 +101,7 @@ def test_compressed_instance_keeps_its_transfer_syntax_and_pixel_bytes(store: Di
 
     result = store.write(compressed)
 
-    written = pydicom.dcmread(result.meta.path)
+    written = pydicom.dcmread(store.files.open(result.meta.key))
     assert written.file_meta.TransferSyntaxUID == syntax
     assert result.meta.transfer_syntax_uid == syntax
     assert written.PixelData == compressed.PixelData
@@ -121,7 +122,7 @@ def test_real_files_round_trip_through_bytes_unchanged(store: DicomStore, name: 
 
     result = store.write(read_dataset_bytes(Path(path).read_bytes()))
 
-    written = pydicom.dcmread(result.meta.path)
+    written = pydicom.dcmread(store.files.open(result.meta.key))
     assert written.file_meta.TransferSyntaxUID == syntax
     assert written.PixelData == original.PixelData
 
@@ -137,7 +138,7 @@ def test_all_accepted_kinds_are_stored(store: DicomStore):
         make_sr(),
     ]
     for ds in datasets:
-        assert Path(store.write(ds).meta.path).is_file()
+        assert store.files.exists(store.write(ds).meta.key)
 
 
 def test_second_copy_is_a_duplicate_and_one_file_remains(store: DicomStore, index: MemoryIndex):
@@ -148,8 +149,8 @@ def test_second_copy_is_a_duplicate_and_one_file_remains(store: DicomStore, inde
 
     assert not first.duplicate
     assert second.duplicate
-    assert second.meta.path == first.meta.path
-    assert all_files(store.root) == [Path(first.meta.path)]
+    assert second.meta.key == first.meta.key
+    assert all_files(store.root) == [store.root / first.meta.key]
     assert len(index.metas) == 1
 
 
@@ -193,7 +194,7 @@ def test_index_failure_is_raised_so_the_sender_gets_a_failure(store: DicomStore)
     with pytest.raises(RuntimeError, match="database is locked"):
         store.write(make_ct_series(1)[0])
     # The file is durable; re-indexing the store on start-up picks it up.
-    assert len(list(store.iter_files())) == 1
+    assert len(list(store.instance_keys())) == 1
 
 
 def test_meta_carries_routing_hints_and_a_salted_patient_hash_only():
@@ -339,12 +340,12 @@ def test_bare_dataset_without_file_meta_is_read_with_its_encoding(store: DicomSt
 
 def test_stale_temporary_files_are_skipped_and_cleaned(store: DicomStore):
     stored = store.write(make_ct_series(1)[0])
-    folder = Path(stored.meta.path).parent
+    folder = (store.root / stored.meta.key).parent
     stale = folder / ".1.2.3.abcdef.tmp"
     stale.write_bytes(b"partial")
     os.utime(stale, (0, 0))
 
-    assert list(store.iter_files()) == [Path(stored.meta.path)]
+    assert list(store.instance_keys()) == [stored.meta.key]
     assert store.remove_stale_temp_files(older_than_s=60) == 1
     assert not stale.exists()
 
@@ -359,8 +360,30 @@ def test_reindex_offers_every_stored_file_again(tmp_path: Path, store: DicomStor
     written = [store.write(ds, calling_ae="ER_CT").meta for ds in make_ct_series(3)]
     fresh = MemoryIndex()  # e.g. the database was restored from an older backup
     restarted = DicomStore(store.root, SALT, fresh)
-    Path(written[0].path).write_bytes(b"damaged")
+    (store.root / written[0].key).write_bytes(b"damaged")
 
     assert restarted.reindex() == (2, 0, 1)
     assert restarted.reindex() == (0, 2, 1)
     assert fresh.metas[written[1].sop_instance_uid] == written[1]
+
+
+def test_received_bytes_are_stored_bit_for_bit_after_the_file_meta(store: DicomStore, index: MemoryIndex):
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = make_ct_series(1)[0]
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    received = buffer.getvalue()  # what a storage SCP holds: the data set in the negotiated transfer syntax
+    decoded = pydicom.dcmread(DicomBytesIO(received), force=True)
+    decoded.file_meta = ds.file_meta
+
+    result = store.write(decoded, calling_ae="CT1", encoded=received)
+
+    stored = store.files.read_bytes(result.meta.key)
+    assert stored[128:132] == b"DICM" and stored.endswith(received)
+    written = pydicom.dcmread(store.files.open(result.meta.key))
+    assert written.file_meta.SourceApplicationEntityTitle == "CT1"
+    assert written.PixelData == ds.PixelData
+    assert index.metas[ds.SOPInstanceUID].key == result.meta.key

@@ -135,7 +135,7 @@ def test_all_stored_is_200_with_retrieve_urls(store: DicomStore):
     assert items[0]["00081190"]["Value"][0] == (
         f"{BASE}/studies/{study}/series/{first.SeriesInstanceUID}/instances/{first.SOPInstanceUID}"
     )
-    assert len(list(store.iter_files())) == 3
+    assert len(list(store.instance_keys())) == 3
 
 
 def test_some_failed_is_202_with_failure_reasons(store: DicomStore):
@@ -245,7 +245,7 @@ def test_a_part_with_an_unknown_vr_fails_alone_and_the_parts_after_it_are_stored
     assert stored == [first.SOPInstanceUID, last.SOPInstanceUID]
     # The instance is named (from its File Meta) so the sender knows which one to fix.
     assert failed == [(broken.SOPInstanceUID, DicomStatus.CANNOT_UNDERSTAND)]
-    assert len(list(store.iter_files())) == 2
+    assert len(list(store.instance_keys())) == 2
     (record,) = [r for r in caplog.records if "part 2 of 3" in r.getMessage()]
     assert "Unknown Value Representation 'ZZ'" in record.getMessage()
     assert record.exc_info is None and "Traceback" not in record.getMessage()  # expected bad input: one line
@@ -298,7 +298,7 @@ def test_every_part_of_a_mixed_request_gets_its_own_outcome(store: DicomStore):
     assert len(stored) + len(failed) == len(parts)  # every part has an outcome
     assert failed[7][0] == other_study.SOPInstanceUID
     assert failed[8][0] == in_a_sequence.SOPInstanceUID
-    assert len(list(store.iter_files())) == 2
+    assert len(list(store.instance_keys())) == 2
 
 
 def test_nothing_but_bad_parts_is_409_with_one_failure_each(store: DicomStore):

@@ -11,6 +11,7 @@ from tests.dicom_factory import make_ct_series, write_dataset
 from triage.dicom.overlay import draw_overlay, mask_on_image
 from triage.domain import Overlay
 from triage.errors import NotFoundError
+from triage.storage import LocalStore, overlay_bytes
 from triage.worklist.preview import load_overlay, read_preview_image
 
 
@@ -53,9 +54,21 @@ def test_overlay_is_red_with_a_contour_and_leaves_the_rest_grey() -> None:
 
 
 def test_overlay_files_outside_the_study_folder_are_refused(tmp_path: Path) -> None:
-    (tmp_path / "1.2").mkdir()
-    np.savez(tmp_path / "secret.npz", mask=np.zeros((2, 2)), stride=1, sop_instance_uid="x", kind="mask")
+    store = LocalStore(tmp_path / "dicom", tmp_path / "overlays")
+    (tmp_path / "overlays" / "1.2").mkdir(parents=True)
+    np.savez(tmp_path / "overlays" / "secret.npz", mask=np.zeros((2, 2)), stride=1, sop_instance_uid="x", kind="mask")
     with pytest.raises(NotFoundError):
-        load_overlay(tmp_path, "1.2", "../secret.npz")
+        load_overlay(store, "1.2", "../secret.npz")
     with pytest.raises(NotFoundError):
-        load_overlay(tmp_path, "1.2", "missing.npz")
+        load_overlay(store, "1.2", "missing.npz")
+    with pytest.raises(NotFoundError):
+        load_overlay(store, "..", "secret.npz")
+
+
+def test_an_overlay_round_trips_through_the_store(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "dicom", tmp_path / "overlays")
+    mask = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    store.put_overlay("1.2", "m-label.npz", overlay_bytes(Overlay("1.2.3", mask, stride=2, kind="heatmap")))
+    back = load_overlay(store, "1.2", "m-label.npz")
+    assert (back.sop_instance_uid, back.stride, back.kind) == ("1.2.3", 2, "heatmap")
+    np.testing.assert_array_equal(back.mask, mask)

@@ -342,7 +342,7 @@ def test_a_study_recorded_through_one_replica_is_announced_on_another(postgres_m
         sop_instance_uid=f"{study_uid}.1.1",
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
         modality="CT",
-        path="store/key",
+        key="store/key",
     )
 
     async def main() -> dict:

@@ -70,7 +70,7 @@ def meta(n: int, rng: random.Random) -> InstanceMeta:
         sop_instance_uid=f"{study}.1.1",
         sop_class_uid=CT,
         modality=rng.choice(["CT", "CR", "DX", "MR"]),
-        path=f"/store/{n}.dcm",
+        key=f"{study}/{study}.1/{study}.1.1.dcm",
         accession_number=f"ACC{n}",
         patient_hash="3f2a9c",
         study_description="",

@@ -32,7 +32,7 @@ def meta(study: str, series: str = "1", n: int = 1, **kw) -> InstanceMeta:
         "sop_instance_uid": f"1.2.826.0.1.{study}.{series}.{n}",
         "sop_class_uid": CT,
         "modality": "CT",
-        "path": f"/store/{study}/{series}/{n}.dcm",
+        "key": f"{study}/{series}/{n}.dcm",
         "accession_number": f"ACC{study}",
         "patient_hash": "3f2a9c",
         "study_description": "CT HEAD",
@@ -134,7 +134,7 @@ def test_series_of_lists_files_and_attributes(wl):
     series = {s.series_uid: s for s in wl.series_of(uid("1"))}
     axial = series[uid("1") + ".1"]
     assert axial.n_instances == 3
-    assert axial.files == ("/store/1/1/1.dcm", "/store/1/1/2.dcm", "/store/1/1/3.dcm")
+    assert axial.files == ("1/1/1.dcm", "1/1/2.dcm", "1/1/3.dcm")  # store keys, in arrival order
     assert axial.sop_class_uid == CT
     assert axial.attributes["SeriesDescription"] == "AXIAL 5mm"
     assert axial.attributes["BodyPartExamined"] == "HEAD"

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Response
 
 from triage.domain import utcnow
 from triage.serve.auth import RIS_BRIDGE
-from triage.serve.deps import Admin, Audit, Claimant, CurrentUser, Reporter, Service, SettingsDep, WorklistDep
+from triage.serve.deps import Admin, Audit, Claimant, CurrentUser, Reporter, Service, WorklistDep
 from triage.serve.schemas import ActionResult
 from triage.worklist.accounts import Role
 from triage.worklist.preview import preview_png
@@ -34,12 +34,12 @@ def study(study_uid: str, worklist: WorklistDep, user: CurrentUser, audit: Audit
 def preview(
     study_uid: str,
     worklist: WorklistDep,
-    settings: SettingsDep,
+    service: Service,
     user: CurrentUser,
     audit: Audit,
     finding: Annotated[int | None, Query(description="Index into the study's findings")] = None,
 ) -> Response:
-    png = preview_png(worklist, settings.overlay_dir, study_uid, finding, utcnow())
+    png = preview_png(worklist, service.files, study_uid, finding, utcnow())
     audit(user, "view-image", study_uid, finding=finding)
     # An image of a patient: not cached anywhere.
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
