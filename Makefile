@@ -48,8 +48,10 @@ test: setup system-deps
 test-fast: setup
 	$(PY) -m pytest -q tests -m "not slow and not integration"
 
-bench: setup dcmtk
+# The spine by stage, then C-STORE ingest against Orthanc and dcmtk's storescp (same files, same client).
+bench: setup system-deps
 	$(PY) benchmarks/bench_spine.py
+	$(PY) benchmarks/bench_ingest.py
 
 lint: setup
 	$(VENV)/bin/ruff check triage tests benchmarks
