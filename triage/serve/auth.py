@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 from fastapi import HTTPException, Request, status
@@ -162,10 +162,22 @@ def require_roles(
     async def dependency(request: Request) -> User:
         user = await base(request)
         if user.role not in allowed:
-            raise HTTPException(status.HTTP_403_FORBIDDEN, detail=refusal(user, allowed, action))
+            await refuse(request, user, refusal(user, allowed, action))
         return user
 
     return dependency
+
+
+async def refuse(request: Request, user: User, detail: str) -> NoReturn:
+    """Answer 403 with `detail`, after writing the refusal to the audit log (who tried what, on which study).
+
+    Raises:
+        HTTPException: always, 403.
+    """
+    study_uid = request.path_params.get("study_uid")
+    entry = {"method": request.method, "path": request.url.path, "role": str(user.role), "reason": detail}
+    await asyncio.to_thread(accounts_of(request).audit, user.name, "forbidden", utcnow(), study_uid, entry)
+    raise HTTPException(status.HTTP_403_FORBIDDEN, detail=detail)
 
 
 def ris_bridge_may_report(request: Request) -> bool:
@@ -184,12 +196,11 @@ async def require_reporter(request: Request) -> User:
         return user
     if user.role == Role.SERVICE and ris_bridge_may_report(request):
         return user
-    raise HTTPException(
-        status.HTTP_403_FORBIDDEN,
-        detail=(
-            "a service account (API token) may not mark studies reported unless it is the site's RIS bridge:"
-            " set TRIAGE_RIS_BRIDGE_MAY_REPORT=true to allow service accounts to do so"
-        ),
+    await refuse(
+        request,
+        user,
+        "a service account (API token) may not mark studies reported unless it is the site's RIS bridge:"
+        " set TRIAGE_RIS_BRIDGE_MAY_REPORT=true to allow service accounts to do so",
     )
 
 

@@ -132,3 +132,17 @@ def test_models_api_says_whether_a_synthetic_model_may_raise_priority(tmp_path, 
             (model,) = client.get("/api/v1/models", headers={"Authorization": f"Bearer {token}"}).json()
         assert model["name"] == "xr-chest-pneumothorax" and model["synthetic"] is True
         assert model["raises_priority"] is expected
+
+
+def test_refused_role_actions_are_in_the_audit_log(site: Site) -> None:
+    study_uid = flagged_ct(site)
+    client, auth = service_client(site)
+    assert client.post(f"/api/v1/studies/{study_uid}/claim", headers=auth).status_code == 403
+    assert client.post(f"/api/v1/studies/{study_uid}/report", headers=auth).status_code == 403
+    entries = site.accounts.audit_entries(action="forbidden", study_uid=study_uid)
+    assert sorted(e.detail["path"] for e in entries) == [
+        f"/api/v1/studies/{study_uid}/claim",
+        f"/api/v1/studies/{study_uid}/report",
+    ]
+    assert all(e.detail["role"] == "service" and e.detail["method"] == "POST" for e in entries)
+    assert any("TRIAGE_RIS_BRIDGE_MAY_REPORT" in e.detail["reason"] for e in entries)
