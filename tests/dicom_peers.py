@@ -7,7 +7,7 @@ from pathlib import Path
 
 from triage.config import DicomSettings
 from triage.dicom.scp import StorageSCP
-from triage.dicom.store import DicomStore
+from triage.dicom.store import DicomStore, StorePolicy
 from triage.domain import InstanceMeta
 
 
@@ -16,8 +16,13 @@ class Receiver:
 
     def __init__(self, root: Path, **settings: object) -> None:
         self.metas: dict[str, InstanceMeta] = {}
-        self.store = DicomStore(root, "salt", self._index)
-        self.scp = StorageSCP(DicomSettings(port=0, bind_address="127.0.0.1", **settings), self.store.write)  # type: ignore[arg-type]
+        dicom = DicomSettings(port=0, bind_address="127.0.0.1", **settings)  # type: ignore[arg-type]
+        self.store = DicomStore(root, "salt", self._index, policy=StorePolicy.from_settings(dicom))
+        self.scp = StorageSCP(dicom, self.store.write)
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
 
     def _index(self, meta: InstanceMeta) -> bool:
         new = meta.sop_instance_uid not in self.metas

@@ -22,41 +22,21 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.dicom_factory import compress_dataset, make_ct_series, make_sr
 from tests.dicom_modalities import make_enhanced_mr, make_mr_series, make_other_modalities, make_us_image
+from tests.dicom_peers import Receiver
 from tests.fuzz.corpus import implicit_declared_explicit, part10, pixel_bomb, with_fragments, with_vr
 from tests.fuzz.cstore import RawStoreClient
-from triage.config import DicomSettings
-from triage.dicom.scp import StorageSCP
 from triage.dicom.series import read_ct_stack
 from triage.dicom.status import CannotUnderstandError, DicomStatus
-from triage.dicom.store import DicomStore, StorePolicy
-from triage.domain import InstanceMeta
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns while it reads damaged values
 
 
-class Index:
-    def __init__(self) -> None:
-        self.metas: dict[str, InstanceMeta] = {}
-
-    def __call__(self, meta: InstanceMeta) -> bool:
-        new = meta.sop_instance_uid not in self.metas
-        self.metas[meta.sop_instance_uid] = meta
-        return new
-
-
-class Door:
+class Door(Receiver):
     """A running StorageSCP with a real store."""
 
     def __init__(self, root: Path, **settings: object) -> None:
-        self.index = Index()
-        dicom = DicomSettings(port=0, bind_address="127.0.0.1", **settings)  # type: ignore[arg-type]
-        self.store = DicomStore(root, "salt", self.index, policy=StorePolicy.from_settings(dicom))
-        self.scp = StorageSCP(dicom, self.store.write)
+        super().__init__(root, **settings)
         self.scp.start()
-
-    @property
-    def port(self) -> int:
-        return self.scp.port
 
 
 @pytest.fixture
@@ -100,7 +80,7 @@ def test_data_that_cannot_be_parsed_gets_0xc000_never_0xa700(
 
     assert {name: statuses[name] for name in cases} == dict.fromkeys(cases, DicomStatus.CANNOT_UNDERSTAND)
     assert statuses["valid"] == 0x0000
-    assert len(door.index.metas) == 1
+    assert len(door.metas) == 1
     refusals = [r for r in caplog.records if r.getMessage().startswith("C-STORE")]
     assert len(refusals) == len(cases)  # one line per refusal
     assert all("(bad data)" in r.getMessage() and r.exc_info is None for r in refusals)
@@ -141,7 +121,7 @@ def test_a_file_too_large_for_the_file_system_gets_a700_and_storing_recovers(
 
     assert refused == DicomStatus.OUT_OF_RESOURCES
     assert accepted == 0x0000
-    assert big.SOPInstanceUID in door.index.metas
+    assert big.SOPInstanceUID in door.metas
     assert list(door.store.root.glob("*/*/.*.tmp")) == []  # nothing half-written left behind
     line = next(r for r in caplog.records if "resource trouble" in r.getMessage())
     assert "0xA700" in line.getMessage() and line.exc_info is None
@@ -159,10 +139,10 @@ def test_a_declared_65535_square_image_is_stored_undecoded_and_every_reader_refu
 
     # Stored (the study reaches the worklist, where it is listed as not analysed), never decoded.
     assert statuses == {"rle": 0x0000, "j2k": 0x0000}
-    assert len(door.index.metas) == 2
+    assert len(door.metas) == 2
     assert grown_kib < 1024 * 1024  # decoding one frame would need 8 GiB
     assert "will never be decoded" in caplog.text and "65535 x 65535" in caplog.text
-    for meta in door.index.metas.values():
+    for meta in door.metas.values():
         ds = pydicom.dcmread(door.store.files.open(meta.key))
         with pytest.raises(CannotUnderstandError, match=r"65535 x 65535 pixels exceeds the limit"):
             radiograph_from_dataset(ds, source="bomb")
@@ -186,7 +166,7 @@ def test_frame_and_size_limits_are_settings(tmp_path: Path):
     from triage.dicom.store import check_decode_limits
 
     refused = {}
-    for meta in door.index.metas.values():
+    for meta in door.metas.values():
         try:
             header = pydicom.dcmread(door.store.files.open(meta.key), stop_before_pixels=True)
             check_decode_limits(header, door.store.policy)
@@ -197,10 +177,8 @@ def test_frame_and_size_limits_are_settings(tmp_path: Path):
 
 
 def test_reindex_lists_stored_files_beyond_the_limits(tmp_path: Path):
-    index = Index()
-    store = DicomStore(tmp_path / "store", "salt", index)
-    store.write(make_ct_series(1, rows=128, columns=128)[0])
-    strict = DicomStore(tmp_path / "store", "salt", Index(), policy=StorePolicy(max_decoded_bytes=1000))
+    Receiver(tmp_path / "store").store.write(make_ct_series(1, rows=128, columns=128)[0])
+    strict = Receiver(tmp_path / "store", max_decoded_bytes=1000).store
     assert strict.reindex() == (1, 0, 0)  # listed; the readers refuse to decode it
 
 
@@ -228,10 +206,10 @@ def test_mr_us_nm_pt_mg_xa_and_multiframe_instances_are_stored(door: Door, tmp_p
 
     assert statuses == dict.fromkeys(instances, 0x0000)
     for ds in instances.values():
-        stored = pydicom.dcmread(door.store.files.open(door.index.metas[ds.SOPInstanceUID].key))
+        stored = pydicom.dcmread(door.store.files.open(door.metas[ds.SOPInstanceUID].key))
         assert stored.SOPClassUID == ds.SOPClassUID
         assert stored.get("PixelData") == ds.get("PixelData")
-    assert door.index.metas[instances["MR"].SOPInstanceUID].modality == "MR"
+    assert door.metas[instances["MR"].SOPInstanceUID].modality == "MR"
 
 
 def test_an_image_class_without_pixel_data_is_still_refused(door: Door, tmp_path: Path):

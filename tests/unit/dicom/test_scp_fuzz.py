@@ -15,25 +15,13 @@ import pydicom
 import pytest
 
 from tests.dicom_factory import make_ct_series
+from tests.dicom_peers import Receiver
 from tests.fuzz.corpus import build_corpus, family
 from tests.fuzz.cstore import RawStoreClient
-from triage.config import DicomSettings
-from triage.dicom.scp import StorageSCP
 from triage.dicom.status import describe_status, is_permanent_failure
-from triage.dicom.store import DicomStore, validate_instance
-from triage.domain import InstanceMeta
+from triage.dicom.store import validate_instance
 
 SEED = 9
-
-
-class Index:
-    def __init__(self) -> None:
-        self.metas: dict[str, InstanceMeta] = {}
-
-    def __call__(self, meta: InstanceMeta) -> bool:
-        new = meta.sop_instance_uid not in self.metas
-        self.metas[meta.sop_instance_uid] = meta
-        return new
 
 
 @pytest.mark.timeout(600)
@@ -42,9 +30,8 @@ def test_fuzzed_c_store_cases_get_permanent_statuses_and_the_scp_keeps_storing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ):
     caplog.set_level(logging.WARNING, logger="triage")
-    index = Index()
-    store = DicomStore(tmp_path / "store", "salt", index)
-    scp = StorageSCP(DicomSettings(port=0, bind_address="127.0.0.1"), store.write)
+    receiver = Receiver(tmp_path / "store")
+    index, store, scp = receiver, receiver.store, receiver.scp
     scp.start()
     cases = build_corpus(SEED)
     statuses: dict[str, int | None] = {}
