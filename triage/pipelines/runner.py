@@ -362,7 +362,7 @@ class RayRunner:
         )(_InferenceWorker)
         self._workers: dict[str, list[_WorkerSlot]] = {}
         self._next: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _worker takes it and calls _pool, which takes it too
         self.load_errors: dict[str, str] = {}
         # What each model's workers said at the last health probe (process, node, providers).
         self.worker_info: dict[str, list[dict[str, Any]]] = {}
@@ -375,12 +375,18 @@ class RayRunner:
             for _ in range(max(1, self.ray_settings.inference_workers))
         ]
 
-    def _worker(self, name: str) -> _WorkerSlot:
+    def _pool(self, name: str) -> list[_WorkerSlot]:
+        """`name`'s workers, started when it has none yet (a copy of the list)."""
         with self._lock:
             if name not in self._workers:
                 self._workers[name] = self._start_workers(name)
                 self._next[name] = 0
-            pool = self._workers[name]
+            return list(self._workers[name])
+
+    def _worker(self, name: str) -> _WorkerSlot:
+        """The next of `name`'s workers, in turn."""
+        with self._lock:
+            pool = self._pool(name)
             slot = pool[self._next[name] % len(pool)]
             self._next[name] += 1
             return slot
@@ -432,12 +438,10 @@ class RayRunner:
             if name in self.load_errors:
                 continue  # refused at start (weights, card): reported as such, not probed
             try:
-                self._worker(name)  # (re)creates the pool when a replacement failed to start
+                slots = self._pool(name)  # (re)creates the pool when a replacement failed to start
             except Exception as exc:  # noqa: BLE001
                 state[name] = f"cannot start a worker: {_describe(exc)}"
                 continue
-            with self._lock:
-                slots = list(self._workers.get(name, []))
             problems = []
             info = []
             for slot in slots:
