@@ -213,15 +213,27 @@ def analyse_study(
         transient, sentence = classify_failure(exc)
         status, reason, findings, routing = AIStatus.FAILED, sentence, [], []
         results = [SeriesResult("", "", "", False, [], sentence, StageTimings(), transient)]
+    attempt = worklist.analysis_attempts(study_uid) + 1
+    stages = [
+        StageTime(
+            stage=stage,
+            seconds=round(seconds, 3),
+            model=r.model,
+            series_uid=r.series_uid,
+            node_id=r.timings.nodes.get(stage, ""),
+            attempts=attempt,
+        )
+        for r in results
+        for stage, seconds in r.timings.seconds.items()
+    ]
     transient_failures = [r for r in results if not r.ok and r.transient]
     failure_kind = ""
     if transient_failures:
-        attempt = worklist.analysis_attempts(study_uid) + 1
         what = "; ".join(dict.fromkeys(f"{r.model}: {r.error}" if r.model else r.error for r in transient_failures))
         if attempt < retry.max_attempts:
             reason = f"AI analysis failed ({what}); retrying ({attempt + 1} of {retry.max_attempts})"
             retry_at = now() + timedelta(seconds=retry.delay_s(attempt))
-            worklist.defer_analysis(study_uid, generation, reason, retry_at, now())
+            worklist.defer_analysis(study_uid, generation, reason, retry_at, now(), stages=stages)
             log.warning("study %s: attempt %d failed transiently (%s); retry at %s", study_uid, attempt, what, retry_at)
             return AnalysisOutcome(study_uid, AIStatus.PENDING, reason, [], routing, results, timings, retrying=True)
         if status is AIStatus.FAILED:
@@ -229,11 +241,6 @@ def analyse_study(
             tries = f" after {attempt} attempts" if attempt > 1 else ""
             reason = f"{what}{tries}; re-queued when the model can run again"
     started = time.perf_counter()
-    stages = [
-        StageTime(stage=stage, seconds=round(seconds, 3), model=r.model, series_uid=r.series_uid)
-        for r in results
-        for stage, seconds in r.timings.seconds.items()
-    ]
     _record(
         worklist,
         study_uid,

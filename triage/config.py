@@ -104,22 +104,56 @@ class DicomWebSettings(BaseModel):
     stow_spool_memory_bytes: int = Field(default=8 * 1024**2, ge=0)
 
 
+class DeploymentSettings(BaseModel):
+    """How one model version is served by Ray Serve: replicas, autoscaling, back-pressure and batching.
+
+    With min_replicas == max_replicas the deployment keeps that many replicas; otherwise Serve's autoscaler keeps
+    between the two, aiming at `target_ongoing_requests` per replica.
+    """
+
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    # Requests a replica takes at once (back-pressure: the rest wait in the caller's queue).
+    max_ongoing_requests: int = Field(default=4, ge=1)
+    # Dynamic batching inside a replica: items (radiographs, CT tiles, from one study or several) run together,
+    # up to this many, waiting at most batch_wait_timeout_s for a batch to fill.
+    max_batch_size: int = Field(default=4, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+
+
 class RaySettings(BaseModel):
     """Where the pipeline runs. Empty address: start a local Ray instance."""
 
     address: str = ""
     num_cpus: int | None = None
-    # Fraction of a GPU each inference worker asks for when the cluster has GPUs.
+    # Fraction of a GPU each model replica asks for when the cluster has GPUs.
     gpus_per_inference_worker: float = 1.0
-    # CPUs each inference worker reserves for its whole life. 0 (the default) lets the long-lived actors share
-    # the cores with preprocessing tasks; reserving a core per model on a small node would leave none for them.
-    cpus_per_inference_worker: float = 0.0
-    inference_workers: int = 1
-    # Ray restarts an inference worker that died (killed, OOM-killed, its node lost) this many times (-1: always);
-    # the service's health probe replaces one that cannot be restarted.
-    worker_max_restarts: int = -1
-    # A worker that cannot start (its model fails to load) is tried again after this long, doubling up to 5 min.
+    # CPUs a model replica reserves for its whole life, and what each preprocessing or post-processing task asks
+    # for. A quarter and a half let a 1-CPU node hold two replicas and still run a task beside them, and keep both
+    # off a head node started with no CPUs; the ONNX and MONAI threads use whatever cores the node has.
+    cpus_per_inference_worker: float = 0.25
+    cpus_per_task: float = 0.5
+    # Custom Ray resources (node labels, e.g. {"inference": 1}) that replicas and tasks must find on a node.
+    inference_resources: dict[str, float] = Field(default_factory=dict)
+    task_resources: dict[str, float] = Field(default_factory=dict)
+    # Every model version's deployment, and per-model overrides by model name (JSON in the environment:
+    # TRIAGE_RAY__DEPLOYMENTS='{"ct-head-ich": {"max_replicas": 2}}').
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    deployments: dict[str, DeploymentSettings] = Field(default_factory=dict)
+    # Serve's health check of each replica; a replica failing it (or dead) is replaced by Serve.
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 30.0
+    # A model whose deployment failed (its replicas cannot load it) is deployed again after this long,
+    # doubling up to 5 minutes.
     worker_replace_backoff_s: float = 10.0
+
+    def deployment_for(self, model: str) -> DeploymentSettings:
+        """The deployment settings of `model`: its override merged over the common ones."""
+        override = self.deployments.get(model)
+        if override is None:
+            return self.deployment
+        return self.deployment.model_copy(update=override.model_dump(exclude_unset=True))
 
 
 class InferenceSettings(BaseModel):
@@ -135,16 +169,21 @@ class InferenceSettings(BaseModel):
         ]
     )
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per core)
+    # Run in fp16 on TensorRT where the model's card allows it (and its parity check against fp32 holds).
+    fp16: bool = True
+    # TensorRT keeps the engines it builds here (building one takes minutes); empty: not kept.
+    trt_cache_dir: str = ""
     # How many ensemble members of a multi-member model run; 0 means the card's default for the device.
     ensemble_members: int = 0
-    # Deadline for each pipeline stage of one series on Ray; past it the call is cancelled (a hung inference
-    # worker is restarted) and the attempt counts as a transient failure.
+    # Deadline for each pipeline stage of one series on Ray; past it the call is cancelled and the attempt counts
+    # as a transient failure.
     timeout_s: float = 1800.0
     # A transient failure (worker or node died, out of memory, deadline, lost object) is retried: at most this
     # many attempts per study, the n-th retry waiting retry_backoff_s * 3**(n-1) seconds.
     max_attempts: int = 3
     retry_backoff_s: float = 10.0
-    # How often each model's workers are probed (and dead ones replaced); a probe waits at most probe_timeout_s.
+    # How often each model's deployment is checked (and a failed one deployed again); a probe of its replicas
+    # waits at most probe_timeout_s.
     health_interval_s: float = 10.0
     probe_timeout_s: float = 30.0
     # Studies that failed for a transient reason are re-queued when their model is healthy again, at most this

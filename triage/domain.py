@@ -214,6 +214,9 @@ class StageTime(Record):
     seconds: float
     model: str = ""
     series_uid: str = ""
+    # The Ray node the stage ran on ("" in-process), and which attempt of the study's analysis this was.
+    node_id: str = ""
+    attempts: int = 1
 
 
 @dataclass
@@ -221,13 +224,17 @@ class StageTimings:
     """Wall-clock seconds per pipeline stage, in the order they ran."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    # The Ray node ID each stage ran on (absent in-process).
+    nodes: dict[str, str] = field(default_factory=dict)
 
-    def add(self, stage: str, elapsed_s: float) -> None:
+    def add(self, stage: str, elapsed_s: float, node_id: str = "") -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + float(elapsed_s)
+        if node_id:
+            self.nodes[stage] = node_id
 
     def merge(self, other: StageTimings) -> None:
         for stage, value in other.seconds.items():
-            self.add(stage, value)
+            self.add(stage, value, other.nodes.get(stage, ""))
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Fault injection on the real service: inference workers killed with SIGKILL (found by their process IDs) during
-and between analyses, and a model that cannot load. A dead worker is replaced, an interrupted study is retried
-and ends analysed, `/readyz` says not ready while a model cannot run, and studies that failed meanwhile are
-analysed once the model is back. The service runs on a local Ray instance, studies arrive over storescu."""
+"""Fault injection on the real service: inference workers (Ray Serve replicas) killed with SIGKILL (found by their
+process IDs) during and between analyses, and a model that cannot load. A dead replica is replaced, an
+interrupted study is retried and ends analysed, `/readyz` says not ready while a model cannot run, and studies
+that failed meanwhile are analysed once the model is back. The service runs on a local Ray instance, studies
+arrive over storescu."""
 
 from __future__ import annotations
 
@@ -202,11 +203,11 @@ def impatient_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
         stop_server(srv)
 
 
-def test_a_call_past_its_deadline_is_cancelled_and_the_hung_worker_restarted(
+def test_a_call_past_its_deadline_is_cancelled_and_the_service_carries_on(
     impatient_server: Server, tmp_path: Path
 ) -> None:
     server = impatient_server
-    pid = _worker_pid(server, CT_MODEL)
+    _worker_pid(server, CT_MODEL)  # its replica is up
     result = server.storescu(HEAD_CT)
     assert result.returncode == 0, result.stderr
     first = next(p for p in sorted(HEAD_CT.iterdir()) if p.suffix == ".dcm")
@@ -223,8 +224,8 @@ def test_a_call_past_its_deadline_is_cancelled_and_the_hung_worker_restarted(
     first = detail["analyses"][0]["reason"]
     assert "did not finish within its deadline of 8 s" in first, first
     if "inference did not finish" in first:
-        # The hung inference call was ended by restarting its worker: a new process answers the probe.
-        assert _worker_pid(server, CT_MODEL) != pid
+        # The request was cancelled on its Ray Serve replica, which goes on serving (the same or a new process).
+        assert _worker_pid(server, CT_MODEL) > 0
     else:  # on a slow machine preprocessing already ran past the deadline: that task was cancelled
         assert "preprocess did not finish" in first, first
     # The service carries on: a chest X-ray is analysed within the deadline.

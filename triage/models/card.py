@@ -65,6 +65,19 @@ class Ensemble(BaseModel):
     default_gpu: int = 1
 
 
+class RuntimeSpec(BaseModel):
+    """How the model may be run: which execution providers, and reduced precision with the parity it must keep.
+
+    A session in fp16 (TensorRT) is checked at load against fp32 on a probe input; past `fp16_parity_tolerance`
+    (max |difference| of any output) it is rebuilt in fp32.
+    """
+
+    providers: list[str] = Field(default_factory=list)  # allowed providers; empty: any the settings name
+    fp16: bool = False
+    fp16_parity_tolerance: float = 0.0
+    fp16_parity_reason: str = ""
+
+
 class ModelCard(BaseModel):
     """A model's card. Code reads model facts from here; nothing about a model is hard-coded elsewhere."""
 
@@ -82,6 +95,7 @@ class ModelCard(BaseModel):
     findings: list[FindingSpec]
     weights: list[WeightsFile]
     ensemble: Ensemble = Field(default_factory=Ensemble)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     postprocessing: dict[str, Any] = Field(default_factory=dict)
     training_data: str
     evaluation_data: str

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -15,13 +16,45 @@ from triage.models.registry import InstalledModel
 log = logging.getLogger(__name__)
 
 
-def available_providers(preferred: Sequence[str]) -> list[str]:
-    """The preferred providers that the installed onnxruntime offers, in preference order (CPU always last)."""
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def available_providers(preferred: Sequence[str], allowed: Sequence[str] = ()) -> list[str]:
+    """The preferred providers that the installed onnxruntime offers (and the card allows, when it names any),
+    in preference order, CPU always last."""
     import onnxruntime as ort
 
     offered = set(ort.get_available_providers())
-    chosen = [p for p in preferred if p in offered and p != "CPUExecutionProvider"]
+    chosen = [
+        p for p in preferred if p in offered and p != "CPUExecutionProvider" and (not allowed or p in allowed)
+    ]
     return [*chosen, "CPUExecutionProvider"]
+
+
+def provider_options(providers: Sequence[str], fp16: bool, cache_dir: str = "") -> list[Any]:
+    """Providers with their options: TensorRT in fp16 when asked, its engines cached (building one is slow)."""
+    configured: list[Any] = []
+    for name in providers:
+        if name == "TensorrtExecutionProvider":
+            options: dict[str, Any] = {"trt_fp16_enable": bool(fp16)}
+            if cache_dir:
+                options.update(trt_engine_cache_enable=True, trt_engine_cache_path=cache_dir)
+            configured.append((name, options))
+        else:
+            configured.append(name)
+    return configured
+
+
+def parity_gap(candidate: OnnxModel, reference: OnnxModel, probe: np.ndarray) -> float:
+    """The largest |difference| between any output of two sessions of one graph on `probe` (with batch axis)."""
+    got, want = candidate.run_all(probe), reference.run_all(probe)
+    return max(float(np.max(np.abs(got[name].astype(np.float64) - want[name]))) for name in want)
+
+
+def parity_probe(shape: Sequence[int | None], seed: int = 0) -> np.ndarray:
+    """A reproducible input of the card's tensor shape (free axes 1) with values in the scaled range [-1, 1]."""
+    dims = [d if isinstance(d, int) and d > 0 else 1 for d in shape]
+    return np.random.default_rng(seed).uniform(-1.0, 1.0, dims).astype(np.float32)
 
 
 @dataclass
@@ -34,9 +67,12 @@ class OnnxModel:
     output_name: str
     providers: list[str]
     output_names: tuple[str, ...] = ()
+    # The graph's fixed batch size, or None when its batch axis is dynamic (any number of items per run).
+    fixed_batch: int | None = None
+    precision: str = "fp32"
 
     @classmethod
-    def load(cls, path: Path, providers: Sequence[str], intra_op_threads: int = 0) -> OnnxModel:
+    def load(cls, path: Path, providers: Sequence[Any], intra_op_threads: int = 0) -> OnnxModel:
         """Build an inference session.
 
         Raises:
@@ -59,6 +95,7 @@ class OnnxModel:
             output_name=session.get_outputs()[0].name,
             providers=session.get_providers(),
             output_names=tuple(o.name for o in session.get_outputs()),
+            fixed_batch=_fixed_batch(session.get_inputs()[0].shape),
         )
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -86,22 +123,75 @@ class OnnxModel:
         return {name: np.asarray(o) for name, o in zip(self.output_names, outs, strict=True)}
 
 
+    def run_items(self, items: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Run the graph over items (its input shape without the batch axis), batched as the graph allows.
+
+        A graph with a dynamic batch axis takes all items in one run; one exported with a fixed batch size takes
+        them that many at a time.
+
+        Returns:
+            Per item, every output by name with the batch axis removed.
+
+        Raises:
+            InferenceError: when onnxruntime fails on the input.
+        """
+        step = self.fixed_batch or max(1, len(items))
+        results: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(items), step):
+            chunk = items[start : start + step]
+            batch = np.ascontiguousarray(np.stack([np.asarray(x, dtype=np.float32) for x in chunk]))
+            outputs = self.run_all(batch)
+            results += [{name: out[i] for name, out in outputs.items()} for i in range(len(chunk))]
+        return results
+
+
+def _fixed_batch(shape: Sequence[object]) -> int | None:
+    """The first input dimension when the graph fixes it (an int), None when it is symbolic (dynamic)."""
+    first = shape[0] if shape else None
+    return first if isinstance(first, int) and first > 0 else None
+
+
 def load_members(
-    model: InstalledModel, providers: Sequence[str], members: int = 0, intra_op_threads: int = 0
+    model: InstalledModel,
+    providers: Sequence[str],
+    members: int = 0,
+    intra_op_threads: int = 0,
+    fp16: bool = False,
+    trt_cache_dir: str = "",
 ) -> list[OnnxModel]:
     """Verify the weights against the card and load the first `members` files (0: the card's default).
 
-    The default is the card's `ensemble.default_gpu` when a GPU provider is in use, else `default_cpu`.
+    Providers are the preferred ones that onnxruntime offers and the card allows. The default member count is the
+    card's `ensemble.default_gpu` when a GPU provider is in use, else `default_cpu`. With `fp16` and a card that
+    allows it, TensorRT builds fp16 engines; each member's fp16 session is compared with an fp32 CPU session on a
+    probe input and rebuilt in fp32 when the difference exceeds the card's tolerance.
 
     Raises:
         ModelLoadError: on a sha256 mismatch, a missing file or an unloadable graph.
     """
     model.verify()
-    chosen = available_providers(providers)
-    on_gpu = any(p in chosen for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
-    count = members or (model.card.ensemble.default_gpu if on_gpu else model.card.ensemble.default_cpu)
+    card = model.card
+    chosen = available_providers(providers, card.runtime.providers)
+    on_gpu = any(p in chosen for p in GPU_PROVIDERS)
+    count = members or (card.ensemble.default_gpu if on_gpu else card.ensemble.default_cpu)
     paths = model.weight_paths()
     if count < 1 or count > len(paths):
-        raise ModelLoadError(f"{model.card.key} has {len(paths)} members; cannot run {count}")
-    log.info("loading %s: %d member(s) on %s", model.card.key, count, chosen)
-    return [OnnxModel.load(p, chosen, intra_op_threads) for p in paths[:count]]
+        raise ModelLoadError(f"{card.key} has {len(paths)} members; cannot run {count}")
+    half = bool(fp16 and card.runtime.fp16 and "TensorrtExecutionProvider" in chosen)
+    log.info("loading %s: %d member(s) on %s%s", card.key, count, chosen, " (fp16)" if half else "")
+    loaded = []
+    for path in paths[:count]:
+        session = OnnxModel.load(path, provider_options(chosen, half, trt_cache_dir), intra_op_threads)
+        if half:
+            reference = OnnxModel.load(path, ["CPUExecutionProvider"], intra_op_threads)
+            gap = parity_gap(session, reference, parity_probe(card.inputs.tensor.shape))
+            if gap > card.runtime.fp16_parity_tolerance:
+                log.warning(
+                    "%s %s: fp16 differs from fp32 by %.3g (tolerance %.3g): running it in fp32",
+                    card.key, path.name, gap, card.runtime.fp16_parity_tolerance,
+                )  # fmt: skip
+                session = OnnxModel.load(path, provider_options(chosen, False, trt_cache_dir), intra_op_threads)
+            else:
+                session.precision = "fp16"
+        loaded.append(session)
+    return loaded

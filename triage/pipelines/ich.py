@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ from triage.domain import Finding, Overlay, SeriesInfo
 from triage.errors import InferenceError, InvalidStudyError, ModelLoadError
 from triage.models.card import ModelCard
 from triage.models.runtime import OnnxModel
-from triage.pipelines.base import ModelPipeline
+from triage.pipelines.base import ModelPipeline, run_members
 from triage.storage import InstanceSource
 
 log = logging.getLogger(__name__)
@@ -138,59 +139,107 @@ def plan_tiles(image_hu: np.ndarray, post: dict[str, Any]) -> TilePlan:
     return TilePlan(tile_out, origins, keep)
 
 
-def segment_volume(
-    volume: HeadVolume, members: list[OnnxModel], card: ModelCard, return_probabilities: bool = False
-) -> IchRaw:
-    """Run every member over the kept tiles and average class probabilities voxel by voxel.
+@dataclass(frozen=True)
+class TileLayout:
+    """Where the kept tiles of a volume go back: the plan, the padded working shape and the source shape."""
+
+    plan: TilePlan
+    work_shape: tuple[int, int, int]
+    shape: tuple[int, int, int]
+
+
+def tile_inputs(volume: HeadVolume, card: ModelCard) -> tuple[list[np.ndarray], TileLayout]:
+    """Cut the network's input tiles (1, tile_in, tile_in, tile_in) of every kept tile, in plan order.
 
     The volume is padded by the receptive margin (40 voxels each side) with the background value of the scaled
     window (-1: below -15 HU), as the network saw outside the head in training; tiles that hold no brain tissue
-    keep probability 1 for background. With `return_probabilities` the member-mean probabilities are kept too.
-
-    Raises:
-        InferenceError: when a member's graph does not take the card's tile, or onnxruntime fails.
+    are not cut (they keep probability 1 for background in `assemble_tiles`).
     """
     post = card.postprocessing
     tile_in = int(post["tile_input_voxels"])
     tile_out = int(post["tile_output_voxels"])
     margin = (tile_in - tile_out) // 2
-    pad_value = float(post["pad_value"])
-    n_classes = len(card.outputs.labels)
-    if not members:
-        raise InferenceError(f"{card.key}: no ensemble member loaded")
-    shape = volume.image.shape
+    shape = tuple(int(s) for s in volume.image.shape)
     # Pad so each axis is at least one output tile long, then by the receptive margin on both sides.
     grow = [max(0, tile_out - s) for s in shape]
     padded = np.pad(
         volume.image.astype(np.float32, copy=False),
         [(margin, margin + g) for g in grow],
         mode="constant",
-        constant_values=pad_value,
+        constant_values=float(post["pad_value"]),
     )
     work_shape = tuple(s + g for s, g in zip(shape, grow, strict=True))
     plan = plan_tiles(np.pad(volume.image_hu, [(0, g) for g in grow], constant_values=-1024.0), post)
-    summed = np.zeros((n_classes, *work_shape), dtype=np.float32)
-    summed[0] = float(len(members))  # skipped tiles: certain background
-    for (z, y, x), keep in zip(plan.origins, plan.keep, strict=True):
-        if not keep:
-            continue
-        tile = padded[None, None, z : z + tile_in, y : y + tile_in, x : x + tile_in]
-        acc = np.zeros((n_classes, tile_out, tile_out, tile_out), dtype=np.float32)
-        for member in members:
-            out = member.run(np.ascontiguousarray(tile))
-            if out.shape != (1, n_classes, tile_out, tile_out, tile_out):
-                raise InferenceError(
-                    f"{card.key}: {member.path.name} gave output {out.shape} for a {tile_in}^3 tile; the card "
-                    f"promises (1, {n_classes}, {tile_out}, {tile_out}, {tile_out})"
-                )
-            acc += out[0]
-        summed[:, z : z + tile_out, y : y + tile_out, x : x + tile_out] = acc
-    summed = summed[:, : shape[0], : shape[1], : shape[2]]
+    tiles = [
+        np.ascontiguousarray(padded[None, z : z + tile_in, y : y + tile_in, x : x + tile_in])
+        for (z, y, x), keep in zip(plan.origins, plan.keep, strict=True)
+        if keep
+    ]
+    return tiles, TileLayout(plan, work_shape, shape)  # type: ignore[arg-type]
+
+
+def sum_tile_members(outputs: list[dict[str, np.ndarray]], card: ModelCard) -> np.ndarray:
+    """Sum one tile's class probabilities (classes, t, t, t) over the members that ran on it.
+
+    Raises:
+        InferenceError: when a member's output is not the card's (classes, tile_out^3).
+    """
+    tile_out = int(card.postprocessing["tile_output_voxels"])
+    expected = (len(card.outputs.labels), tile_out, tile_out, tile_out)
+    name = card.outputs.tensor.name
+    total = np.zeros(expected, dtype=np.float32)
+    for member_outputs in outputs:
+        out = member_outputs.get(name, next(iter(member_outputs.values())))
+        if out.shape != expected:
+            raise InferenceError(
+                f"{card.key}: a member gave output {tuple(out.shape)} for a tile; the card promises {expected}"
+            )
+        total += out
+    return total
+
+
+def assemble_tiles(
+    layout: TileLayout, summed_tiles: list[np.ndarray], members: int, card: ModelCard, providers: list[str],
+    return_probabilities: bool = False,
+) -> IchRaw:
+    """Place each kept tile's member-summed probabilities and take the argmax class voxel by voxel."""
+    tile_out = layout.plan.tile_out
+    summed = np.zeros((len(card.outputs.labels), *layout.work_shape), dtype=np.float32)
+    summed[0] = float(members)  # skipped tiles: certain background
+    kept = [origin for origin, keep in zip(layout.plan.origins, layout.plan.keep, strict=True) if keep]
+    for (z, y, x), tile in zip(kept, summed_tiles, strict=True):
+        summed[:, z : z + tile_out, y : y + tile_out, x : x + tile_out] = tile
+    z_n, y_n, x_n = layout.shape
+    summed = summed[:, :z_n, :y_n, :x_n]
     labels = np.argmax(summed, axis=0).astype(np.uint8)
-    raw = IchRaw(labels, len(members), plan.tiles_run, plan.tiles_skipped, list(members[0].providers))
+    raw = IchRaw(labels, members, layout.plan.tiles_run, layout.plan.tiles_skipped, list(providers))
     if return_probabilities:
-        raw.probabilities = summed / float(len(members))
+        raw.probabilities = summed / float(max(1, members))
     return raw
+
+
+def segment_volume(
+    volume: HeadVolume,
+    members: list[OnnxModel],
+    card: ModelCard,
+    return_probabilities: bool = False,
+    batch_size: int = 1,
+) -> IchRaw:
+    """Run every member over the kept tiles, `batch_size` tiles per run, and average class probabilities.
+
+    With `return_probabilities` the member-mean probabilities are kept too.
+
+    Raises:
+        InferenceError: when a member's graph does not take the card's tile, or onnxruntime fails.
+    """
+    if not members:
+        raise InferenceError(f"{card.key}: no ensemble member loaded")
+    tiles, layout = tile_inputs(volume, card)
+    step = max(1, batch_size)
+    summed: list[np.ndarray] = []
+    for start in range(0, len(tiles), step):
+        summed += run_members(members, tiles[start : start + step], lambda out: sum_tile_members(out, card))
+    return assemble_tiles(layout, summed, len(members), card, list(members[0].providers), return_probabilities)
 
 
 def bleed_probability(volume_ml: float, post: dict[str, Any]) -> float:
@@ -266,8 +315,16 @@ class IchPipeline(ModelPipeline):
         return head_volume_from(data, stack)
 
     # ------------------------------------------------------------------ infer
-    def infer(self, prepared: HeadVolume, members: list[OnnxModel]) -> IchRaw:
-        return segment_volume(prepared, members, self.card)
+    def model_inputs(self, prepared: HeadVolume) -> tuple[list[np.ndarray], TileLayout]:
+        return tile_inputs(prepared, self.card)
+
+    def reduce_members(self, outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
+        return sum_tile_members(outputs, self.card)
+
+    def assemble(
+        self, prepared: HeadVolume, context: TileLayout, reduced: list[Any], members: Sequence[OnnxModel]
+    ) -> IchRaw:
+        return assemble_tiles(context, reduced, len(members), self.card, list(members[0].providers))
 
     # ------------------------------------------------------------------ postprocess
     def postprocess(self, prepared: HeadVolume, raw: IchRaw, series: SeriesInfo) -> list[Finding]:

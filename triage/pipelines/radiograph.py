@@ -154,35 +154,37 @@ class ChestRadiographPipeline(ModelPipeline):
         image, selection = self.load(series) if isinstance(series, SeriesInfo) else series
         return prepare_radiograph(self.transform, image, selection)
 
-    def infer(self, prepared: PreparedRadiograph, members: list[OnnxModel]) -> RadiographOutput:
-        """Run every member; the probability is the mean of the members' sigmoid probabilities.
+    def model_inputs(self, prepared: PreparedRadiograph) -> tuple[list[np.ndarray], None]:
+        """One item: the normalised image (1, H, W)."""
+        return [prepared.image.astype(np.float32, copy=False)], None
+
+    def reduce_members(self, outputs: list[dict[str, np.ndarray]]) -> tuple[list[float], np.ndarray]:
+        """Each member's sigmoid probability and the members' mean heatmap (h, w) in logit units.
 
         Raises:
-            InferenceError: when no member is given or a member lacks the outputs the card names.
+            InferenceError: when a member lacks the outputs the card names.
         """
-        if not members:
-            raise InferenceError(f"{self.card.key}: no loaded model members to run")
-        batch = prepared.image[None].astype(np.float32)
         logit_name = self.card.outputs.tensor.name
         probabilities: list[float] = []
         heatmaps: list[np.ndarray] = []
-        for member in members:
-            outputs = member.run_all(batch)
-            if logit_name not in outputs or self.heatmap_output not in outputs:
+        for member_outputs in outputs:
+            if logit_name not in member_outputs or self.heatmap_output not in member_outputs:
                 raise InferenceError(
-                    f"{self.card.key}: {member.path.name} outputs {sorted(outputs)}; "
+                    f"{self.card.key}: a member outputs {sorted(member_outputs)}; "
                     f"the card expects {logit_name!r} and {self.heatmap_output!r}"
                 )
-            probabilities.append(_sigmoid(float(np.asarray(outputs[logit_name]).reshape(-1)[0])))
-            heatmaps.append(
-                np.asarray(outputs[self.heatmap_output], dtype=np.float32).reshape(
-                    outputs[self.heatmap_output].shape[-2:]
-                )
-            )
+            probabilities.append(_sigmoid(float(np.asarray(member_outputs[logit_name]).reshape(-1)[0])))
+            heatmap = np.asarray(member_outputs[self.heatmap_output], dtype=np.float32)
+            heatmaps.append(heatmap.reshape(heatmap.shape[-2:]))
+        return probabilities, np.mean(heatmaps, axis=0).astype(np.float32)
+
+    def assemble(
+        self, prepared: PreparedRadiograph, context: None, reduced: list[Any], members: Sequence[OnnxModel]
+    ) -> RadiographOutput:
+        """The probability is the mean of the members' sigmoid probabilities."""
+        ((probabilities, heatmap),) = reduced
         return RadiographOutput(
-            probability=float(np.mean(probabilities)),
-            member_probabilities=probabilities,
-            heatmap=np.mean(heatmaps, axis=0).astype(np.float32),
+            probability=float(np.mean(probabilities)), member_probabilities=probabilities, heatmap=heatmap
         )
 
     def postprocess(self, prepared: PreparedRadiograph, raw: RadiographOutput, series: SeriesInfo) -> list[Finding]:

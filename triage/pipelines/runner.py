@@ -2,21 +2,19 @@
 
 Both keep the same contract: one `SeriesResult` per routed series, never an exception for an AI failure, because
 an AI failure must never remove a study from the worklist or lower its priority; the caller records it.
-Ray is imported only in this module.
+Ray is imported only in this module and in `serving`, the Ray Serve deployments it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import threading
 import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from triage.config import InferenceSettings, RaySettings
@@ -26,7 +24,7 @@ from triage.models.card import ModelCard
 from triage.models.registry import ModelRegistry
 from triage.models.runtime import OnnxModel, load_members
 from triage.pipelines.base import ModelPipeline, pipeline_for
-from triage.storage import InstanceSource, MemorySource, fetch
+from triage.storage import InstanceSource, fetch
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +70,13 @@ def _last_line(text: str) -> str:
 
 def _mentions_oom(text: str) -> bool:
     """Ray's memory monitor says so in the death cause of the worker it killed."""
+    # Only the memory monitor's own words: every worker-death text lists "the OOM killer" among possible causes.
     lowered = text.lower()
-    return any(
-        hint in lowered for hint in ("out of memory", "low on memory", "memory monitor", "outofmemoryerror", "oom")
-    )
+    return any(hint in lowered for hint in ("low on memory", "memory monitor", "outofmemoryerror"))
+
+
+class ModelUnavailableError(Exception):
+    """The model's deployment has no replica that can load it now (a transient failure: retried later)."""
 
 
 def classify_failure(exc: BaseException, timeout_s: float | None = None, stage: str = "") -> tuple[bool, str]:
@@ -92,6 +93,17 @@ def classify_failure(exc: BaseException, timeout_s: float | None = None, stage: 
     except ImportError:  # the in-process runner without Ray installed
         rex = None  # type: ignore[assignment]
     if rex is not None:
+        try:
+            import ray.serve.exceptions as sex
+        except ImportError:
+            sex = None  # type: ignore[assignment]
+        if sex is not None:
+            if isinstance(exc, sex.RequestCancelledError):
+                return True, f"{stage or 'a stage'} was cancelled"
+            if isinstance(exc, sex.BackPressureError):
+                return True, "every replica of the model is busy (back-pressure)"
+            if isinstance(exc, sex.DeploymentUnavailableError | sex.ReplicaUnavailableError):
+                return True, "the model's replicas are not available now"
         if isinstance(exc, rex.RayTaskError) and not isinstance(exc, rex.RayActorError):
             cause = getattr(exc, "cause", None)
             if cause is not None and cause is not exc:
@@ -125,6 +137,8 @@ def classify_failure(exc: BaseException, timeout_s: float | None = None, stage: 
             return True, "no cluster node can run the stage now"
         if isinstance(exc, rex.RaySystemError | rex.RpcError):
             return True, "the Ray cluster could not be reached"
+    if isinstance(exc, ModelUnavailableError):
+        return True, _one_line(str(exc))
     if isinstance(exc, MemoryError):
         return True, "the model worker ran out of memory"
     if isinstance(exc, TimeoutError):
@@ -153,7 +167,12 @@ class InProcessRunner:
                 started = time.perf_counter()
                 model = self.registry.get(name)
                 members = load_members(
-                    model, self.inference.providers, self.inference.ensemble_members, self.inference.intra_op_threads
+                    model,
+                    self.inference.providers,
+                    self.inference.ensemble_members,
+                    self.inference.intra_op_threads,
+                    fp16=self.inference.fp16,
+                    trt_cache_dir=self.inference.trt_cache_dir,
                 )
                 self._loaded[name] = (pipeline_for(model.card), members)
                 timings.add("model-load", time.perf_counter() - started)
@@ -231,86 +250,67 @@ class InProcessRunner:
 # ---------------------------------------------------------------------------------------------- Ray
 
 
+def _node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray)."""
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id()) if ray.is_initialized() else ""
+
+
 def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
     started = time.perf_counter()
     return fn(*args), time.perf_counter() - started
 
 
-def _ray_fetch(source: InstanceSource, keys: tuple[str, ...]) -> tuple[MemorySource, float]:
-    """Read a series' instances from the store on the store's node; the bytes travel in Ray's object store."""
-    return _timed(fetch, source, keys)
-
-
 def _ray_preprocess(
     card_json: dict[str, Any], series: SeriesInfo, source: InstanceSource | None
-) -> tuple[Any, float, float]:
+) -> tuple[Any, float, float, str]:
+    """Ray task: decode and preprocess one series on whichever node has a CPU free.
+
+    Returns:
+        (prepared input, load seconds, preprocess seconds, the Ray node ID).
+    """
     pipeline = pipeline_for(ModelCard.model_validate(card_json))
     loaded, load_s = _timed(pipeline.load, series, source)
     prepared, preprocess_s = _timed(pipeline.preprocess, loaded)
-    return prepared, load_s, preprocess_s
+    return prepared, load_s, preprocess_s, _node_id()
 
 
 def _ray_postprocess(
     card_json: dict[str, Any], prepared: Any, raw: Any, series: SeriesInfo
-) -> tuple[list[Finding], float]:
+) -> tuple[list[Finding], float, str]:
+    """Ray task: turn one series' raw outputs into findings. Returns (findings, seconds, the Ray node ID)."""
     pipeline = pipeline_for(ModelCard.model_validate(card_json))
-    return _timed(pipeline.postprocess, prepared, raw, series)
-
-
-class _InferenceWorker:
-    """Ray actor body: loads one model's ONNX members once and keeps them for every study."""
-
-    def __init__(self, weights_dir: str, name: str, inference: dict[str, Any]) -> None:
-        settings = InferenceSettings.model_validate(inference)
-        started = time.perf_counter()
-        model = ModelRegistry(Path(weights_dir)).get(name)
-        self.pipeline = pipeline_for(model.card)
-        self.members = load_members(model, settings.providers, settings.ensemble_members, settings.intra_op_threads)
-        self.load_s = time.perf_counter() - started
-
-    def describe(self) -> dict[str, Any]:
-        import ray
-
-        return {
-            "members": len(self.members),
-            "providers": self.members[0].providers,
-            "load_s": round(self.load_s, 3),
-            "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(),
-        }
-
-    def infer(self, prepared: Any) -> tuple[Any, float]:
-        return _timed(self.pipeline.infer, prepared, self.members)
-
-
-# The health probe runs in its own concurrency group, so that a worker busy with a long inference still answers.
-_PROBE_GROUP = "probe"
-# A worker that misses this many probes in a row (without having died) is replaced: it is hung.
-_MAX_MISSED_PROBES = 3
+    findings, seconds = _timed(pipeline.postprocess, prepared, raw, series)
+    return findings, seconds, _node_id()
 
 
 @dataclass
-class _WorkerSlot:
-    """One inference worker of a model, with what the health probe knows of it."""
+class _Deployment:
+    """What the runner knows of one model version's Serve application."""
 
-    actor: Any
-    missed_probes: int = 0
-    # When a replacement may be started next (monotonic seconds) and the wait after that one fails too.
-    replace_after: float = 0.0
-    replace_backoff_s: float = 0.0
+    app: str
+    handle: Any = None
+    # When a failed deployment may be deployed again (monotonic seconds), and the wait after that.
+    redeploy_after: float = 0.0
+    redeploy_backoff_s: float = 0.0
 
 
 class RayRunner:
-    """Runs preprocessing and post-processing as Ray CPU tasks and inference in long-lived actors.
+    """Runs preprocessing and post-processing as Ray tasks and inference on Ray Serve deployments.
 
-    Starts a local Ray instance unless `RaySettings.address` names a cluster to join. Inference actors ask for
-    GPUs when the cluster has them (`gpus_per_inference_worker`), so the same code scales from a laptop to a
-    cluster of CPU and GPU nodes. Workers on other nodes need `triage` installed in the same version.
+    Starts a local Ray instance unless `RaySettings.address` names a cluster to join. Every installed model
+    version is a Serve application (`<name>-<version>`, see triage.pipelines.serving) reached through its
+    deployment handle; Serve runs no HTTP proxy. Replicas ask for GPUs when the cluster has them
+    (`gpus_per_inference_worker`), so the same code scales from a laptop to a cluster of CPU and GPU nodes.
+    Workers on other nodes need `triage` installed in the same version.
 
-    Workers that die (killed, OOM-killed by Ray's memory monitor, their node lost) are restarted by Ray
-    (`worker_max_restarts`); `health()` probes every worker and replaces one that is dead for good, cannot load
-    its model or is hung. A call past its deadline is cancelled (a hung worker restarted). Failures are returned
-    with `transient` set when trying again may succeed; the caller decides on retries.
+    A series' instances are read from the store by this process and put into Ray's object store; decoding,
+    preprocessing and post-processing run as tasks on any node with a CPU free, inference on a replica, and only
+    timings, raw outputs and findings come back here. Serve replaces replicas that die or fail their health
+    check; `health()` reads Serve's status, deploys again a model whose deployment failed, and reports each
+    model's state. A call past its deadline is cancelled. Failures are returned with `transient` set when trying
+    again may succeed; the caller decides on retries (tasks have max_retries=0 so that every attempt is counted).
     """
 
     def __init__(
@@ -321,8 +321,10 @@ class RayRunner:
         source: InstanceSource | None = None,
     ) -> None:
         import ray
+        from ray import serve
 
         self._ray = ray
+        self._serve = serve
         self.source = source
         self.registry = registry
         self.inference = inference
@@ -335,136 +337,149 @@ class RayRunner:
                 # "local": a new instance of our own, even when another Ray cluster runs on this machine (a
                 # bare ray.init() would join the latest one it finds there).
                 ray.init(address="local", num_cpus=ray_settings.num_cpus, **kwargs)
+        # Deployment handles only: no HTTP proxy inside the cluster.
+        serve.start(proxy_location="Disabled")
         self.has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        # The store's disk is on this node: a small task pinned here reads a series' bytes into Ray's object
-        # store, and every other stage runs anywhere in the cluster, handed object references (preprocess ->
-        # inference actor -> post-processing), so no node needs the store's file system and no volume comes
-        # back to this process between stages. Task retries are left to the caller, which records each
-        # attempt (max_retries=0).
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        self._fetch = ray.remote(num_cpus=0.25, max_retries=0, num_returns=2, scheduling_strategy=here)(  # type: ignore[call-overload]
-            _ray_fetch
-        )
-        self._preprocess = ray.remote(num_cpus=1, max_retries=0, num_returns=3)(_ray_preprocess)  # type: ignore[call-overload]
-        self._postprocess = ray.remote(num_cpus=1, max_retries=0)(_ray_postprocess)
+        self.node_id = _node_id()
+        task_options: dict[str, Any] = {"num_cpus": ray_settings.cpus_per_task, "max_retries": 0}
+        if ray_settings.task_resources:
+            task_options["resources"] = dict(ray_settings.task_resources)
+        self._preprocess = ray.remote(num_returns=4, **task_options)(_ray_preprocess)  # type: ignore[call-overload]
+        self._postprocess = ray.remote(**task_options)(_ray_postprocess)
         self.timeout_s = inference.timeout_s
-        gpus = ray_settings.gpus_per_inference_worker if self.has_gpu else 0
-        # An actor holds its resources for life: by default it reserves no CPU, so preprocessing tasks are never
-        # starved of a slot by idle inference workers (each model has one).
-        self._actor_cls = ray.remote(  # type: ignore[call-overload]
-            num_gpus=gpus,
-            num_cpus=ray_settings.cpus_per_inference_worker,
-            max_restarts=ray_settings.worker_max_restarts,
-            max_task_retries=0,
-            concurrency_groups={_PROBE_GROUP: 1},
-        )(_InferenceWorker)
-        self._workers: dict[str, list[_WorkerSlot]] = {}
-        self._next: dict[str, int] = {}
-        self._lock = threading.RLock()  # _worker takes it and calls _pool, which takes it too
+        self._deployments: dict[str, _Deployment] = {}
+        self._lock = threading.RLock()
         self.load_errors: dict[str, str] = {}
-        # What each model's workers said at the last health probe (process, node, providers).
+        # Each model's state at the last health check: None when it can run, else why not.
+        self.model_state: dict[str, str | None] = {}
+        # What each model's replicas said at the last health check (model, version, process, node, providers).
         self.worker_info: dict[str, list[dict[str, Any]]] = {}
 
-    def _start_workers(self, name: str) -> list[_WorkerSlot]:
+    # -------------------------------------------------------------- deployments
+
+    def _application(self, name: str) -> str:
+        from triage.pipelines.serving import application_name
+
+        return application_name(self.registry.get(name).card)
+
+    def _deploy(self, name: str) -> _Deployment:
+        """Deploy `name`'s installed version (or take the running deployment another process made) and wait
+        until its replicas are up.
+
+        Raises:
+            ModelLoadError: when the weights do not match the card (checked before any replica starts).
+            RuntimeError: (Serve's) when the replicas cannot start.
+        """
+        from triage.pipelines.serving import build_application
+
         model = self.registry.get(name)
-        model.verify()  # refuse mismatched weights before any worker starts
-        return [
-            _WorkerSlot(self._actor_cls.remote(str(self.registry.weights_dir), name, self.inference.model_dump()))
-            for _ in range(max(1, self.ray_settings.inference_workers))
-        ]
+        model.verify()  # refuse mismatched weights before any replica starts
+        state = self._deployments.setdefault(name, _Deployment(self._application(name)))
+        running = self._serve.status().applications.get(state.app)
+        if running is not None and str(running.status).endswith("RUNNING"):
+            # Another analysis process of the cluster deployed it: deploying again would restart its replicas.
+            state.handle = self._serve.get_app_handle(state.app)
+            return state
+        app = build_application(self.registry.weights_dir, model.card, self.inference, self.ray_settings, self.has_gpu)
+        state.handle = self._serve.run(app, name=state.app, route_prefix=None)
+        return state
 
-    def _pool(self, name: str) -> list[_WorkerSlot]:
-        """`name`'s workers, started when it has none yet (a copy of the list)."""
+    def _handle(self, name: str) -> Any:
         with self._lock:
-            if name not in self._workers:
-                self._workers[name] = self._start_workers(name)
-                self._next[name] = 0
-            return list(self._workers[name])
-
-    def _worker(self, name: str) -> _WorkerSlot:
-        """The next of `name`'s workers, in turn."""
-        with self._lock:
-            pool = self._pool(name)
-            slot = pool[self._next[name] % len(pool)]
-            self._next[name] += 1
-            return slot
-
-    def _replace(self, name: str, slot: _WorkerSlot, why: str) -> None:
-        """Kill `slot`'s actor for good and start a fresh one in its place (it loads the model again).
-
-        A model that keeps failing to load is not restarted in a tight loop: each replacement of the same slot
-        waits twice as long as the one before (from `worker_replace_backoff_s` up to 5 minutes)."""
-        now = time.monotonic()
-        if now < slot.replace_after:
-            return
-        with self._lock:
-            pool = self._workers.get(name, [])
-            if slot not in pool:
-                return  # already replaced by another thread
-            try:
-                self._ray.kill(slot.actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - it may be gone already
-                log.debug("killing the old %s worker failed", name, exc_info=True)
-            backoff_s = slot.replace_backoff_s or self.ray_settings.worker_replace_backoff_s
-            pool[pool.index(slot)] = _WorkerSlot(
-                self._actor_cls.remote(str(self.registry.weights_dir), name, self.inference.model_dump()),
-                replace_after=now + backoff_s,
-                replace_backoff_s=min(300.0, backoff_s * 2),
-            )
-        log.warning("inference worker for %s replaced: %s", name, why)
+            state = self._deployments.get(name)
+            if state is None or state.handle is None:
+                state = self._deploy(name)
+            return state.handle
 
     def warm_up(self) -> None:
-        """Start the inference actors of every installed model and wait until their sessions are loaded."""
+        """Deploy every installed model version and wait until its replicas have loaded their sessions."""
         for name in self.registry.names():
             try:
-                info = self._ray.get(self._worker(name).actor.describe.remote())
-                log.info("inference worker for %s ready: %s", name, info)
-            except Exception as exc:  # noqa: BLE001 - a model that cannot load is reported, the service runs on
+                self._handle(name)
+                log.info("model %s deployed on Ray Serve", name)
+            except TriageError as exc:  # weights or card: permanent until the model is reinstalled
                 self.load_errors[name] = _describe(exc)
                 log.error("model %s cannot be loaded: %s", name, _describe(exc))
-                with self._lock:
-                    self._workers.pop(name, None)
+            except Exception as exc:  # noqa: BLE001 - replicas failed to start: deployed again by health()
+                log.error("model %s: its replicas cannot start: %s", name, _last_line(str(exc)))
+                self._schedule_redeploy(name)
+
+    def _schedule_redeploy(self, name: str) -> None:
+        with self._lock:
+            state = self._deployments.setdefault(name, _Deployment(self._application(name)))
+            backoff_s = state.redeploy_backoff_s or self.ray_settings.worker_replace_backoff_s
+            state.redeploy_after = time.monotonic() + backoff_s
+            state.redeploy_backoff_s = min(300.0, backoff_s * 2)
+            state.handle = None
+
+    def _describe_replicas(self, handle: Any, replicas: int) -> list[dict[str, Any]]:
+        """Ask the replicas about themselves through the handle (Serve spreads the calls; a few extra reach all)."""
+        seen: dict[int, dict[str, Any]] = {}
+        for _ in range(max(1, replicas) * 3):
+            try:
+                info = handle.describe.remote().result(timeout_s=self.inference.probe_timeout_s)
+            except Exception:  # noqa: BLE001 - a replica dying now; Serve's own state is reported instead
+                log.debug("describing a replica failed", exc_info=True)
+                break
+            seen[int(info["pid"])] = info
+            if len(seen) >= replicas:
+                break
+        return list(seen.values())
 
     def health(self) -> dict[str, str | None]:
-        """Probe every worker of every model that loaded at start; replace the dead and the hung ones.
+        """Each model's state from Serve; a deployment that failed is deployed again (with a doubling wait).
 
         Returns:
-            model name -> None when all its workers answered, else one sentence saying why it cannot run now.
+            model name -> None when its deployment is healthy, else one sentence saying why it cannot run now.
         """
         state: dict[str, str | None] = {}
+        try:
+            applications = self._serve.status().applications
+        except Exception as exc:  # noqa: BLE001 - the cluster itself is unreachable
+            _, why = classify_failure(exc)
+            return {name: why for name in self.registry.names() if name not in self.load_errors}
         for name in self.registry.names():
             if name in self.load_errors:
-                continue  # refused at start (weights, card): reported as such, not probed
+                continue  # refused at start (weights, card): reported as such
             try:
-                slots = self._pool(name)  # (re)creates the pool when a replacement failed to start
+                app_name = self._application(name)
             except Exception as exc:  # noqa: BLE001
-                state[name] = f"cannot start a worker: {_describe(exc)}"
+                state[name] = f"cannot be loaded: {_describe(exc)}"
                 continue
-            problems = []
-            info = []
-            for slot in slots:
-                try:
-                    probe = slot.actor.describe.options(concurrency_group=_PROBE_GROUP).remote()
-                    info.append(self._ray.get(probe, timeout=self.inference.probe_timeout_s))
-                    slot.missed_probes = 0
-                    slot.replace_backoff_s = 0.0
-                except self._ray.exceptions.GetTimeoutError:
-                    # Loading or restarting takes a while; only a worker that stays silent is treated as hung.
-                    slot.missed_probes += 1
-                    problems.append("the model worker is not answering (starting or restarting)")
-                    if slot.missed_probes >= _MAX_MISSED_PROBES:
-                        self._replace(name, slot, f"no answer to {slot.missed_probes} health probes")
-                except Exception as exc:  # noqa: BLE001 - dead for good, or its model failed to load
-                    _, detail = classify_failure(exc)
-                    problems.append(detail)
-                    log.warning("inference worker for %s failed its health probe: %s", name, _last_line(str(exc)))
-                    log.debug("health probe of %s: %s", name, exc)
-                    self._replace(name, slot, detail)
-            state[name] = "; ".join(dict.fromkeys(problems)) or None
-            self.worker_info[name] = info
+            app = applications.get(app_name)
+            deployment = app.deployments.get(app_name) if app is not None else None
+            status = str(deployment.status).rsplit(".", 1)[-1] if deployment is not None else ""
+            app_status = str(app.status).rsplit(".", 1)[-1] if app is not None else ""
+            if deployment is not None and status == "HEALTHY" and app_status == "RUNNING":
+                state[name] = None
+                running = sum(int(n) for k, n in deployment.replica_states.items() if str(k).endswith("RUNNING")) or 1
+                with contextlib.suppress(Exception):
+                    self.worker_info[name] = self._describe_replicas(self._handle(name), running)
+                continue
+            message = _last_line(getattr(deployment, "message", "") or getattr(app, "message", "") or "")
+            if app is None or app_status in ("DEPLOY_FAILED", "UNHEALTHY") or status in ("UNHEALTHY", "DEPLOY_FAILED"):
+                state[name] = "the model worker cannot load the model" + (f" ({message})" if message else "")
+                self._try_redeploy(name, app is None or app_status == "DEPLOY_FAILED")
+            else:  # DEPLOYING, UPDATING, UPSCALING: replicas are starting
+                state[name] = "the model worker is not answering (starting or restarting)"
+        self.model_state = dict(state)
         return state
+
+    def _try_redeploy(self, name: str, needed: bool) -> None:
+        """Deploy `name` again once its wait is over, when Serve has given up on it (or it is gone)."""
+        with self._lock:
+            deployment = self._deployments.setdefault(name, _Deployment(self._application(name)))
+            if not needed or time.monotonic() < deployment.redeploy_after:
+                return
+            try:
+                self._deploy(name)
+                deployment.redeploy_backoff_s = 0.0
+                log.warning("model %s deployed again on Ray Serve", name)
+            except Exception as exc:  # noqa: BLE001 - tried again after the wait
+                log.warning("model %s: deploying again failed: %s", name, _last_line(str(exc)))
+                self._schedule_redeploy(name)
+
+    # -------------------------------------------------------------- analysis
 
     def _get(self, ref: Any) -> Any:
         """Wait for `ref` (or a list of the results of one task) until the stage deadline; a task still running
@@ -480,19 +495,19 @@ class RayRunner:
                 self._ray.cancel(ref[0] if isinstance(ref, list) else ref, force=True)
             raise
 
-    def _submit(self, card_json: dict[str, Any], series: SeriesInfo) -> tuple[Any, Any, Any, Any, Any]:
-        """Start reading and preprocessing one series; returns object references, nothing is fetched here.
+    def _submit(self, card_json: dict[str, Any], series: SeriesInfo) -> tuple[float, Any]:
+        """Read one series from the store into Ray's object store and start its preprocessing task.
 
         Returns:
-            (fetch seconds, prepared input, load seconds, preprocess seconds, the fetch's bytes) references.
+            (seconds spent reading the store here, the task's four result references).
         """
+        started = time.perf_counter()
         if self.source is None:  # keys are file paths readable where the task runs (tests, a single node)
-            fetched, fetch_s = None, self._ray.put(0.0)
+            fetched: Any = None
         else:
-            fetched, fetch_s = self._fetch.remote(self.source, tuple(series.files))
-        refs: Any = self._preprocess.remote(card_json, series, fetched)  # num_returns=3: three references
-        prepared, load_s, preprocess_s = refs
-        return fetch_s, prepared, load_s, preprocess_s, fetched
+            fetched = self._ray.put(fetch(self.source, tuple(series.files)))
+        fetch_s = time.perf_counter() - started
+        return fetch_s, self._preprocess.remote(card_json, series, fetched)
 
     def analyse(self, study_uid: str, work: Work) -> list[SeriesResult]:
         pending: list[tuple[SeriesInfo, RoutingDecision, ModelCard | None, Any, Any, Exception | None]] = []
@@ -501,75 +516,70 @@ class RayRunner:
             try:
                 model = self.registry.get(decision.model)
                 card_json = model.card.model_dump(mode="json")
-                refs = self._submit(card_json, series)
-                pending.append((series, decision, model.card, card_json, refs, None))
+                pending.append((series, decision, model.card, card_json, self._submit(card_json, series), None))
             except Exception as exc:  # noqa: BLE001
                 pending.append((series, decision, None, None, None, exc))
-        results = []
-        for series, decision, card, card_json, refs, error in pending:
-            timings = StageTimings()
-            version = card.version if card else ""
+        return [self._finish(study_uid, *entry) for entry in pending]
+
+    def _finish(
+        self,
+        study_uid: str,
+        series: SeriesInfo,
+        decision: RoutingDecision,
+        card: ModelCard | None,
+        card_json: Any,
+        submitted: Any,
+        error: Exception | None,
+    ) -> SeriesResult:
+        timings = StageTimings()
+        version = card.version if card else ""
+        stage = "preprocess"  # the task reads and preprocesses the series
+        try:
             if error is not None:
-                transient, reason = classify_failure(error, self.timeout_s)
-                results.append(
-                    SeriesResult(
-                        series.series_uid, decision.model or "", version, False, [], reason, timings, transient
-                    )
-                )
-                continue
-            fetch_ref, prepared_ref, load_ref, preprocess_ref, _ = refs
-            stage = "load"
+                raise error
+            fetch_s, (prepared_ref, load_ref, preprocess_ref, node_ref) = submitted
+            # A hung stage must not hold an analysis thread for ever: each has a deadline. Only timings, raw
+            # outputs and findings come back here; the volume stays in the object store.
+            load_s, preprocess_s, node = self._get([load_ref, preprocess_ref, node_ref])
+            timings.add("load", fetch_s + load_s, node)
+            timings.add("preprocess", preprocess_s, node)
+            stage = "inference"
+            problem = self.model_state.get(decision.model or "")
+            if problem and "cannot load" in problem:
+                # Serve would queue the request until a replica starts: fail it now, to be retried later.
+                raise ModelUnavailableError(problem)
+            response = self._handle(decision.model or "").infer.remote(prepared_ref)
             try:
-                # A hung worker must not hold an analysis thread for ever: each stage has a deadline. Only
-                # timings and findings come back here; the volume stays in the object store.
-                timings.add("load", float(self._get(fetch_ref)))
-                stage = "preprocess"
-                load_s, preprocess_s = self._get([load_ref, preprocess_ref])
-                timings.add("load", load_s)
-                timings.add("preprocess", preprocess_s)
-                stage = "inference"
-                slot = self._worker(decision.model)  # type: ignore[arg-type]
-                raw_ref, seconds_ref = slot.actor.infer.options(num_returns=2).remote(prepared_ref)
-                try:
-                    seconds = self._ray.get(seconds_ref, timeout=self.timeout_s)
-                except self._ray.exceptions.GetTimeoutError:
-                    # An actor call cannot be force-cancelled: restart the worker, which ends the call.
-                    with contextlib.suppress(Exception):
-                        self._ray.kill(slot.actor, no_restart=False)
-                    raise
-                timings.add("inference", seconds)
-                stage = "postprocess"
-                post_ref = self._postprocess.remote(card_json, prepared_ref, raw_ref, series)
-                findings, seconds = self._get(post_ref)
-                timings.add("postprocess", seconds)
-                results.append(SeriesResult(series.series_uid, card.name, version, True, findings, "", timings))  # type: ignore[union-attr]
-            except Exception as exc:  # noqa: BLE001 - an AI failure is recorded, never raised to the worklist
-                transient, reason = classify_failure(exc, self.timeout_s, stage)
-                # The whole Ray text (with other processes' command lines) goes to the log only.
-                log.warning(
-                    "study %s series %s: %s failed at %s (%s): %s",
-                    study_uid,
-                    series.series_uid,
-                    decision.model,
-                    stage,
-                    "transient" if transient else "permanent",
-                    reason,
-                )
-                log.debug("study %s: full error: %s", study_uid, exc)
-                results.append(
-                    SeriesResult(
-                        series.series_uid, decision.model or "", version, False, [], reason, timings, transient
-                    )
-                )
-        return results
+                raw, seconds, node = response.result(timeout_s=self.timeout_s)
+            except TimeoutError:
+                response.cancel()  # the replica stops the request; its other requests go on
+                raise
+            timings.add("inference", seconds, node)
+            stage = "postprocess"
+            findings, seconds, node = self._get(self._postprocess.remote(card_json, prepared_ref, raw, series))
+            timings.add("postprocess", seconds, node)
+            return SeriesResult(series.series_uid, card.name, version, True, findings, "", timings)  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001 - an AI failure is recorded, never raised to the worklist
+            transient, reason = classify_failure(exc, self.timeout_s, stage)
+            # The whole Ray text (with other processes' command lines) goes to the log only.
+            log.warning(
+                "study %s series %s: %s failed at %s (%s): %s",
+                study_uid,
+                series.series_uid,
+                decision.model,
+                stage,
+                "transient" if transient else "permanent",
+                reason,
+            )
+            log.debug("study %s: full error: %s", study_uid, exc)
+            return SeriesResult(series.series_uid, decision.model or "", version, False, [], reason, timings, transient)
 
     def close(self) -> None:
-        for pool in self._workers.values():
-            for slot in pool:
-                with contextlib.suppress(Exception):
-                    self._ray.kill(slot.actor)
-        self._workers.clear()
+        # On a shared cluster the deployments stay for the other analysis processes; a local instance ends here.
+        self._deployments.clear()
         if not self.ray_settings.address:
+            with contextlib.suppress(Exception):
+                self._serve.shutdown()
             self._ray.shutdown()
 
 

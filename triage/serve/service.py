@@ -336,7 +336,10 @@ class TriageService:
             "roles": sorted(self.roles),
             "worker": self.worker_id,
             "dicom_port": self.scp.port if self.scp is not None else None,
-            "runner": self.runner_kind,
+            # The runner only exists in an analysis process; the others run no models.
+            "runner": self.runner_kind if analysing else None,
+            # The Ray node this process's driver is attached to (the analysis node), when it runs on Ray.
+            "ray_node_id": getattr(self.runner, "node_id", None) if analysing else None,
             "models": {m.card.name: m.card.version for m in self.registry.all()},
             "model_errors": unavailable,
         }

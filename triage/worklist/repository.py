@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from typing import cast as typing_cast
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, computed_field, field_serializer
 from sqlalchemy import BigInteger, Engine, Float, Table, and_, case, cast, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -127,6 +127,12 @@ class AnalysisRunRecord(BaseModel):
     finished_at: UtcTime | None
     reason: str
     stages: list[StageTime]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def attempts(self) -> int:
+        """How many times the study's analysis had been tried when this run ended (this run included)."""
+        return self.attempt
 
 
 class StudyDetail(WorklistItem):
@@ -960,7 +966,15 @@ class Worklist:
                 raise NotFoundError(f"study {study_uid!r} is not on the worklist")
             return int(study.analysis_attempts or 0)
 
-    def defer_analysis(self, study_uid: str, generation: int, reason: str, retry_at: datetime, now: datetime) -> int:
+    def defer_analysis(
+        self,
+        study_uid: str,
+        generation: int,
+        reason: str,
+        retry_at: datetime,
+        now: datetime,
+        stages: Sequence[StageTime | Mapping[str, Any]] | None = None,
+    ) -> int:
         """Record a transiently failed attempt of `generation` and queue the next one for `retry_at`.
 
         The study goes back to pending with `reason` shown ("... retrying (2 of 3)"); its findings and priority
@@ -987,7 +1001,7 @@ class Worklist:
             self._history(
                 session, study_uid, "analysis-retry", now, generation=generation, attempt=attempts, reason=reason
             )
-            self._close_run(session, study_uid, generation, "retry", now, reason)
+            self._close_run(session, study_uid, generation, "retry", now, reason, stages)
         self._publish(study_uid, "analysis-retry")
         return attempts
 

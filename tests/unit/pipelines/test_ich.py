@@ -36,11 +36,15 @@ TILE_OUT = TILE_IN - 80
 BAND = (0.2, 0.9)  # scaled values of roughly 54-94 HU in the [-15, 100] window
 
 
-def _band_graph(path: Path, tile_in: int = TILE_IN, classes: int = 5, class_index: int = 1) -> Path:
-    """ONNX: crop 40 voxels per side, voxel in BAND -> class `class_index` with probability 1, else background."""
+def _band_graph(
+    path: Path, tile_in: int = TILE_IN, classes: int = 5, class_index: int = 1, batch: int | str = 1
+) -> Path:
+    """ONNX: crop 40 voxels per side, voxel in BAND -> class `class_index` with probability 1, else background.
+
+    `batch` is the graph's batch axis: a fixed size, or a name for a dynamic one."""
     out = tile_in - 80
-    inp = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, tile_in, tile_in, tile_in])
-    outp = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, classes, out, out, out])
+    inp = helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 1, tile_in, tile_in, tile_in])
+    outp = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [batch, classes, out, out, out])
     consts = [
         helper.make_tensor("starts", TensorProto.INT64, [3], [40, 40, 40]),
         helper.make_tensor("ends", TensorProto.INT64, [3], [40 + out] * 3),
@@ -161,6 +165,21 @@ def test_members_are_averaged(card: ModelCard, member: OnnxModel, tmp_path: Path
     raw = segment_volume(_volume(), [member, other], card)
     assert raw.members_run == 2
     assert raw.labels[15, 18, 20] == 1
+
+
+def test_batched_tiles_give_the_labels_of_one_tile_at_a_time(
+    card: ModelCard, member: OnnxModel, tmp_path: Path
+) -> None:
+    dynamic = OnnxModel.load(_band_graph(tmp_path / "dyn.onnx", batch="batch"), ["CPUExecutionProvider"])
+    assert dynamic.fixed_batch is None and member.fixed_batch == 1
+    volume = _volume()
+    one_by_one = segment_volume(volume, [member], card)
+    for batch_size in (3, 64):
+        batched = segment_volume(volume, [dynamic], card, batch_size=batch_size)
+        np.testing.assert_array_equal(batched.labels, one_by_one.labels)
+        assert batched.tiles_run == one_by_one.tiles_run
+    # A graph exported with a fixed batch of 1 still takes a batch of tiles: they run one at a time.
+    np.testing.assert_array_equal(segment_volume(volume, [member], card, batch_size=5).labels, one_by_one.labels)
 
 
 def test_wrong_tile_size_is_an_inference_error(card: ModelCard, tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from triage.dicom.store import DicomStore
 from triage.domain import InstanceMeta, SeriesInfo
 from triage.errors import InvalidStudyError
 from triage.models.registry import ModelRegistry
-from triage.pipelines.runner import _ray_fetch, _ray_preprocess
-from triage.storage import LocalStore, MemorySource, PathSource
+from triage.pipelines.runner import _ray_preprocess
+from triage.storage import LocalStore, MemorySource, PathSource, fetch
 from triage.training.synth_xray import generate_dataset
 
 
@@ -40,14 +40,16 @@ def test_a_task_away_from_the_store_reads_fetched_bytes_not_the_file_system(tmp_
     files, series, _ = _stored_series(tmp_path)
     card_json = registry.get("ct-head-ich").card.model_dump(mode="json")
 
-    # On the store's node: the series' bytes, by key, into an object that travels (Ray pickles it).
-    fetched, _seconds = _ray_fetch(files, series.files)
+    # In the analysis process, next to the store: the series' bytes, by key, into an object that travels (Ray
+    # pickles it into its object store).
+    fetched = fetch(files, series.files)
     travelled = pickle.loads(pickle.dumps(fetched))
     assert isinstance(travelled, MemorySource)
     # Then the store's disk is gone (another node): preprocessing still has everything it needs.
     for key in series.files:
         (files.root / key).unlink()
-    prepared, _, _ = _ray_preprocess(card_json, series, travelled)
+    prepared, _, _, node = _ray_preprocess(card_json, series, travelled)
+    assert node == ""  # outside Ray
     assert np.isfinite(prepared.image).all() and prepared.image.ndim == 3
     with pytest.raises(InvalidStudyError, match="cannot read"):
         _ray_preprocess(card_json, series, files)  # the store itself has nothing any more
@@ -57,10 +59,10 @@ def test_keys_are_not_paths_and_a_path_source_reads_files(tmp_path: Path, regist
     files, series, _ = _stored_series(tmp_path)
     pipeline_card = registry.get("ct-head-ich").card.model_dump(mode="json")
     assert not Path(series.files[0]).is_absolute() and not Path(series.files[0]).exists()
-    from_store, _, _ = _ray_preprocess(pipeline_card, series, files)
+    from_store, *_ = _ray_preprocess(pipeline_card, series, files)
     paths = SeriesInfo(series.series_uid, "CT", series.sop_class_uid, series.n_instances,
                        tuple(str(files.root / key) for key in series.files))  # fmt: skip
-    from_paths, _, _ = _ray_preprocess(pipeline_card, paths, PathSource())
+    from_paths, *_ = _ray_preprocess(pipeline_card, paths, PathSource())
     np.testing.assert_array_equal(from_store.image, from_paths.image)
 
 
