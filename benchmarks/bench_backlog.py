@@ -69,7 +69,7 @@ def run_backlog(server: Server, folder: Path, uids: list[str], timeout_s: float)
     deadline = time.monotonic() + timeout_s
     wanted = set(uids)
     while True:
-        items = server.get("/api/v1/worklist", params={"limit": 1000}).json()["items"]
+        items = server.get("/api/v1/worklist", params={"limit": 500}).json()
         finished = {i["study_uid"] for i in items if i["study_uid"] in wanted and i["ai_status"] in ("done", "failed")}
         if finished == wanted:
             break
