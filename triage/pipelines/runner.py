@@ -362,6 +362,10 @@ class RayRunner:
 
         return application_name(self.registry.get(name).card)
 
+    def _state(self, name: str) -> _Deployment:
+        """What the runner knows of `name`'s deployment (created on first use)."""
+        return self._deployments.setdefault(name, _Deployment(self._application(name)))
+
     def _deploy(self, name: str) -> _Deployment:
         """Deploy `name`'s installed version (or take the running deployment another process made) and wait
         until its replicas are up.
@@ -374,7 +378,7 @@ class RayRunner:
 
         model = self.registry.get(name)
         model.verify()  # refuse mismatched weights before any replica starts
-        state = self._deployments.setdefault(name, _Deployment(self._application(name)))
+        state = self._state(name)
         running = self._serve.status().applications.get(state.app)
         if running is not None and str(running.status).endswith("RUNNING"):
             # Another analysis process of the cluster deployed it: deploying again would restart its replicas.
@@ -406,7 +410,7 @@ class RayRunner:
 
     def _schedule_redeploy(self, name: str) -> None:
         with self._lock:
-            state = self._deployments.setdefault(name, _Deployment(self._application(name)))
+            state = self._state(name)
             backoff_s = state.redeploy_backoff_s or self.ray_settings.worker_replace_backoff_s
             state.redeploy_after = time.monotonic() + backoff_s
             state.redeploy_backoff_s = min(300.0, backoff_s * 2)
@@ -468,7 +472,7 @@ class RayRunner:
     def _try_redeploy(self, name: str, needed: bool) -> None:
         """Deploy `name` again once its wait is over, when Serve has given up on it (or it is gone)."""
         with self._lock:
-            deployment = self._deployments.setdefault(name, _Deployment(self._application(name)))
+            deployment = self._state(name)
             if not needed or time.monotonic() < deployment.redeploy_after:
                 return
             try:
