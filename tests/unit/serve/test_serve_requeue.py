@@ -60,9 +60,10 @@ def test_admin_requeues_from_the_study_page(site: Site) -> None:
 
 def test_requeue_of_a_study_being_analysed_is_refused_with_the_reason(site: Site) -> None:
     study_uid, _ = site.add_xray()
-    # Analysed by this (live) process under a lease: the service's own recovery of interrupted analyses, which
-    # may run late on a loaded machine, must leave it alone (a run without a lease is taken back).
-    site.service.worklist.begin_analysis(study_uid, utcnow(), worker=site.service.worker_id, lease_s=600)
+    # Analysed by a live process on another node, under a lease: the service's own recovery of interrupted
+    # analyses, which may run late on a loaded machine, must leave it alone. (A run without a lease, or one this
+    # process holds while not running it, is taken back as interrupted.)
+    site.service.worklist.begin_analysis(study_uid, utcnow(), worker="analysis-node-2:4242", lease_s=600)
     csrf = site.sign_in()
     response = site.client.post(f"/api/v1/studies/{study_uid}/requeue", headers={"X-CSRF-Token": csrf})
     assert response.status_code == 409
