@@ -171,6 +171,9 @@ class InferenceSettings(BaseModel):
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per core)
     # Run in fp16 on TensorRT where the model's card allows it (and its parity check against fp32 holds).
     fp16: bool = True
+    # Run in bf16 on OpenVINO where the CPU has bf16 units (AMX, AVX512-BF16) and the card allows it (and its
+    # parity check against fp32 holds); elsewhere OpenVINO runs in fp32.
+    bf16: bool = True
     # TensorRT keeps the engines it builds here (building one takes minutes); empty: not kept.
     trt_cache_dir: str = ""
     # How many ensemble members of a multi-member model run; 0 means the card's default for the device.

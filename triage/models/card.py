@@ -68,14 +68,17 @@ class Ensemble(BaseModel):
 class RuntimeSpec(BaseModel):
     """How the model may be run: which execution providers, and reduced precision with the parity it must keep.
 
-    A session in fp16 (TensorRT) is checked at load against fp32 on a probe input; past `fp16_parity_tolerance`
-    (max |difference| of any output) it is rebuilt in fp32.
+    A session in fp16 (TensorRT) or bf16 (OpenVINO on a CPU with bf16 units) is checked at load against fp32 on a
+    probe input; past its tolerance (max |difference| of any output) it is rebuilt in fp32.
     """
 
     providers: list[str] = Field(default_factory=list)  # allowed providers; empty: any the settings name
     fp16: bool = False
     fp16_parity_tolerance: float = 0.0
     fp16_parity_reason: str = ""
+    bf16: bool = False
+    bf16_parity_tolerance: float = 0.0
+    bf16_parity_reason: str = ""
 
 
 class ModelCard(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,14 +26,16 @@ def available_providers(preferred: Sequence[str], allowed: Sequence[str] = ()) -
     import onnxruntime as ort
 
     offered = set(ort.get_available_providers())
-    chosen = [
-        p for p in preferred if p in offered and p != "CPUExecutionProvider" and (not allowed or p in allowed)
-    ]
+    chosen = [p for p in preferred if p in offered and p != "CPUExecutionProvider" and (not allowed or p in allowed)]
     return [*chosen, "CPUExecutionProvider"]
 
 
-def provider_options(providers: Sequence[str], fp16: bool, cache_dir: str = "") -> list[Any]:
-    """Providers with their options: TensorRT in fp16 when asked, its engines cached (building one is slow)."""
+def provider_options(
+    providers: Sequence[str], fp16: bool, cache_dir: str = "", bf16: bool = False, threads: int = 0
+) -> list[Any]:
+    """Providers with their options: TensorRT in fp16 when asked, its engines cached (building one is slow);
+    OpenVINO on the CPU with its inference precision set (bf16 when asked, else fp32) and its thread count (0: one
+    per core; OpenVINO keeps its own threads, onnxruntime's intra-op setting does not reach them)."""
     configured: list[Any] = []
     for name in providers:
         if name == "TensorrtExecutionProvider":
@@ -40,9 +43,26 @@ def provider_options(providers: Sequence[str], fp16: bool, cache_dir: str = "") 
             if cache_dir:
                 options.update(trt_engine_cache_enable=True, trt_engine_cache_path=cache_dir)
             configured.append((name, options))
+        elif name == "OpenVINOExecutionProvider":
+            hint = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
+            options = {"device_type": "CPU", "load_config": json.dumps({"CPU": hint})}
+            if threads:
+                options["num_of_threads"] = str(threads)
+            configured.append((name, options))
         else:
             configured.append(name)
     return configured
+
+
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has the bf16 units OpenVINO runs bf16 on (AMX or AVX512-BF16), from the kernel's CPU flags;
+    False where they cannot be read (not Linux). onnxruntime-openvino does not ship OpenVINO's Python API to ask."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def parity_gap(candidate: OnnxModel, reference: OnnxModel, probe: np.ndarray) -> float:
@@ -122,7 +142,6 @@ class OnnxModel:
             raise InferenceError(f"inference with {self.path.name} failed on input {batch.shape}: {exc}") from exc
         return {name: np.asarray(o) for name, o in zip(self.output_names, outs, strict=True)}
 
-
     def run_items(self, items: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Run the graph over items (its input shape without the batch axis), batched as the graph allows.
 
@@ -158,13 +177,15 @@ def load_members(
     intra_op_threads: int = 0,
     fp16: bool = False,
     trt_cache_dir: str = "",
+    bf16: bool = False,
 ) -> list[OnnxModel]:
     """Verify the weights against the card and load the first `members` files (0: the card's default).
 
     Providers are the preferred ones that onnxruntime offers and the card allows. The default member count is the
     card's `ensemble.default_gpu` when a GPU provider is in use, else `default_cpu`. With `fp16` and a card that
-    allows it, TensorRT builds fp16 engines; each member's fp16 session is compared with an fp32 CPU session on a
-    probe input and rebuilt in fp32 when the difference exceeds the card's tolerance.
+    allows it, TensorRT builds fp16 engines; with `bf16`, a card that allows it and a CPU with bf16 units,
+    OpenVINO runs in bf16. Each reduced-precision session is compared with an fp32 CPU session on a probe input
+    and rebuilt in fp32 when the difference exceeds the card's tolerance for that precision.
 
     Raises:
         ModelLoadError: on a sha256 mismatch, a missing file or an unloadable graph.
@@ -177,21 +198,32 @@ def load_members(
     paths = model.weight_paths()
     if count < 1 or count > len(paths):
         raise ModelLoadError(f"{card.key} has {len(paths)} members; cannot run {count}")
-    half = bool(fp16 and card.runtime.fp16 and "TensorrtExecutionProvider" in chosen)
-    log.info("loading %s: %d member(s) on %s%s", card.key, count, chosen, " (fp16)" if half else "")
+    reduced, tolerance = "fp32", 0.0
+    if fp16 and card.runtime.fp16 and "TensorrtExecutionProvider" in chosen:
+        reduced, tolerance = "fp16", card.runtime.fp16_parity_tolerance
+    elif bf16 and card.runtime.bf16 and chosen[0] == "OpenVINOExecutionProvider" and cpu_has_bf16():
+        reduced, tolerance = "bf16", card.runtime.bf16_parity_tolerance
+    log.info("loading %s: %d member(s) on %s in %s", card.key, count, chosen, reduced)
+
+    def _session(precision: str) -> OnnxModel:
+        options = provider_options(
+            chosen, precision == "fp16", trt_cache_dir, bf16=precision == "bf16", threads=intra_op_threads
+        )
+        return OnnxModel.load(path, options, intra_op_threads)
+
     loaded = []
     for path in paths[:count]:
-        session = OnnxModel.load(path, provider_options(chosen, half, trt_cache_dir), intra_op_threads)
-        if half:
+        session = _session(reduced)
+        if reduced != "fp32":
             reference = OnnxModel.load(path, ["CPUExecutionProvider"], intra_op_threads)
             gap = parity_gap(session, reference, parity_probe(card.inputs.tensor.shape))
-            if gap > card.runtime.fp16_parity_tolerance:
+            if gap > tolerance:
                 log.warning(
-                    "%s %s: fp16 differs from fp32 by %.3g (tolerance %.3g): running it in fp32",
-                    card.key, path.name, gap, card.runtime.fp16_parity_tolerance,
+                    "%s %s: %s differs from fp32 by %.3g (tolerance %.3g): running it in fp32",
+                    card.key, path.name, reduced, gap, tolerance,
                 )  # fmt: skip
-                session = OnnxModel.load(path, provider_options(chosen, False, trt_cache_dir), intra_op_threads)
+                session = _session("fp32")
             else:
-                session.precision = "fp16"
+                session.precision = reduced
         loaded.append(session)
     return loaded

@@ -173,6 +173,7 @@ class InProcessRunner:
                     self.inference.intra_op_threads,
                     fp16=self.inference.fp16,
                     trt_cache_dir=self.inference.trt_cache_dir,
+                    bf16=self.inference.bf16,
                 )
                 self._loaded[name] = (pipeline_for(model.card), members)
                 timings.add("model-load", time.perf_counter() - started)

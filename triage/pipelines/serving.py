@@ -51,6 +51,7 @@ class ModelReplica:
             settings.intra_op_threads,
             fp16=settings.fp16,
             trt_cache_dir=settings.trt_cache_dir,
+            bf16=settings.bf16,
         )
         self.load_s = time.perf_counter() - started
         deployment = DeploymentSettings.model_validate(batch)

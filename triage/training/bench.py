@@ -17,7 +17,7 @@ from triage.config import REPO_ROOT
 from triage.domain import SeriesInfo
 from triage.models.card import Figure, read_card, write_card
 from triage.models.registry import InstalledModel, ModelRegistry
-from triage.models.runtime import OnnxModel, available_providers, load_members
+from triage.models.runtime import OnnxModel, available_providers, cpu_has_bf16, load_members, provider_options
 from triage.pipelines.base import pipeline_for
 
 log = logging.getLogger(__name__)
@@ -323,6 +323,133 @@ def ensemble_agreement(
     return out
 
 
+def quantize_int8(member: Path, calibration: Sequence[np.ndarray], out: Path) -> Path:
+    """Write an int8 (QDQ, per-channel weights, uint8 activations) copy of one member, its activation ranges
+    calibrated on `calibration` (model inputs without the batch axis), with onnxruntime's static quantizer."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._items = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            item = next(self._items, None)
+            return None if item is None else {"image": np.asarray(item, dtype=np.float32)[None]}
+
+    prepared = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(member), str(prepared))
+    quantize_static(
+        str(prepared),
+        str(out),
+        _Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    prepared.unlink()
+    return out
+
+
+def precision_agreement(
+    model: InstalledModel,
+    series_dirs: Sequence[Path],
+    calibration_dir: Path,
+    threads: Sequence[int] = (0, 1),
+    calibration_tiles: int = 16,
+) -> dict[str, Any]:
+    """ct-head-ich member 1 on OpenVINO in fp32, bf16 and int8 over whole heads: seconds per member and the bf16
+    and int8 segmentations against fp32 (Dice of the bleed masks, bleed volume difference, max probability
+    difference, flag agreement); fp32 and bf16 also at each OpenVINO thread count in `threads` (0: one per core)
+    on the first series. int8 is calibrated on tissue tiles of `calibration_dir`, a series not among those
+    compared. bf16 runs only on CPUs with bf16 units (AMX, AVX512-BF16): elsewhere OpenVINO would run fp32."""
+    from triage.pipelines.ich import IchRaw, bleed_mask, segment_volume, tile_inputs
+
+    card = model.card
+    model.verify()
+    pipeline = pipeline_for(card)
+    member = model.weight_paths()[0]
+    provider = "OpenVINOExecutionProvider"
+    if provider not in available_providers([provider]):
+        raise SystemExit("the precision comparison needs onnxruntime-openvino")
+    out: dict[str, Any] = {"model": card.key, "member": member.name, "cores": os.cpu_count(), "series": {}}
+    out["cpu_bf16_units"] = cpu_has_bf16()
+    calibration_volume = pipeline.preprocess(_series_from(calibration_dir))
+    items, _ = tile_inputs(calibration_volume, card)
+    stride = max(1, len(items) // calibration_tiles)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        int8_path = quantize_int8(member, items[::stride][:calibration_tiles], Path(tmp) / "member_int8.onnx")
+        out["int8_quantize_s"] = round(time.perf_counter() - started, 1)
+
+        def _session(precision: str, n_threads: int) -> OnnxModel:
+            options = provider_options([provider], False, bf16=precision == "bf16", threads=n_threads)
+            session = OnnxModel.load(int8_path if precision == "int8" else member, options)
+            session.precision = precision
+            return session
+
+        variants = [("fp32", t) for t in threads] + [("bf16", t) for t in threads] + [("int8", threads[0])]
+        if not out["cpu_bf16_units"]:
+            variants = [v for v in variants if v[0] != "bf16"]
+        for index, series_dir in enumerate(series_dirs):
+            series = _series_from(Path(series_dir))
+            prepared = pipeline.preprocess(series)
+            voxel_ml = prepared.voxel_volume_ml
+            results: dict[str, Any] = {}
+            for precision, n_threads in variants if index == 0 else [v for v in variants if v[1] == threads[0]]:
+                session = _session(precision, n_threads)
+                # OpenVINO compiles on the first call: keep that out of the timing.
+                session.run(np.zeros([d or 1 for d in card.inputs.tensor.shape], dtype=np.float32))
+                started = time.perf_counter()
+                raw = segment_volume(prepared, [session], card, return_probabilities=True)
+                seconds = time.perf_counter() - started
+                results[f"{precision}/threads={n_threads or 'all'}"] = (precision, seconds, raw)
+            reference = next(r for r in results.values() if r[0] == "fp32")[2]
+            ref_mask, _ = bleed_mask(reference.labels, card, voxel_ml)
+            ref_finding = pipeline.postprocess(prepared, IchRaw(reference.labels, 1, 0, 0), series)[0]
+            rows = {}
+            for key, (_, seconds, raw) in results.items():
+                mask, _ = bleed_mask(raw.labels, card, voxel_ml)
+                finding = pipeline.postprocess(prepared, IchRaw(raw.labels, 1, 0, 0), series)[0]
+                d = dice(mask, ref_mask)
+                rows[key] = {
+                    "seconds_per_member": round(seconds, 2),
+                    "volume_ml": finding.details["volume_ml"],
+                    "volume_diff_ml_vs_fp32": round(
+                        abs(finding.details["volume_ml"] - ref_finding.details["volume_ml"]), 3
+                    ),
+                    "dice_vs_fp32": None if d is None else round(d, 4),
+                    "max_probability_diff_vs_fp32": round(
+                        float(np.max(np.abs(raw.probabilities - reference.probabilities))), 5
+                    ),
+                    "voxels_with_another_class": int(np.count_nonzero(raw.labels != reference.labels)),
+                    "flag_agrees_with_fp32": finding.flagged == ref_finding.flagged,
+                }
+            out["series"][str(series_dir)] = {"tiles_run": reference.tiles_run, "variants": rows}
+    return out
+
+
+def print_precision(report: dict[str, Any]) -> None:
+    """The precision comparison as a plain-text table, seconds also as a ratio to fp32 on all cores."""
+    print(f"{report['model']} {report['member']} on OpenVINO, {report['cores']} cores, "
+          f"CPU bf16 units: {report['cpu_bf16_units']}, int8 quantized in {report['int8_quantize_s']} s")  # fmt: skip
+    for series, entry in report["series"].items():
+        rows = entry["variants"]
+        base = next(r["seconds_per_member"] for k, r in rows.items() if k.startswith("fp32/"))
+        print(f"\n{series} ({entry['tiles_run']} tiles)")
+        print(f"{'variant':<22}{'s/member':>9}{'x fp32':>8}{'vol mL':>8}{'|dvol|':>8}{'Dice':>8}"
+              f"{'max|dp|':>9}{'voxels':>8}{'flag=':>7}")  # fmt: skip
+        for key, r in rows.items():
+            dice_text = "-" if r["dice_vs_fp32"] is None else f"{r['dice_vs_fp32']:.4f}"
+            print(
+                f"{key:<22}{r['seconds_per_member']:>9.2f}{base / r['seconds_per_member']:>8.2f}"
+                f"{r['volume_ml']:>8.3f}{r['volume_diff_ml_vs_fp32']:>8.3f}{dice_text:>8}"
+                f"{r['max_probability_diff_vs_fp32']:>9.4f}{r['voxels_with_another_class']:>8}"
+                f"{str(r['flag_agrees_with_fp32']):>7}"
+            )
+
+
 def record_figures(card_path: Path, figures: Sequence[Figure]) -> None:
     """Replace the card's figures of the same names with these measured ones (others are kept)."""
     card = read_card(card_path)
@@ -349,6 +476,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     agree.add_argument("--series", type=Path, nargs="+", required=True)
     agree.add_argument("--subsets", default="1,3")
     agree.add_argument("--out", type=Path, required=True)
+    prec = sub.add_parser("precision", help="ct-head-ich: bf16 and int8 against fp32 on OpenVINO, and threads")
+    prec.add_argument("--series", type=Path, nargs="+", required=True)
+    prec.add_argument("--calibration", type=Path, required=True, help="series whose tiles calibrate int8")
+    prec.add_argument("--threads", default="0,1", help="OpenVINO thread counts to time (0: one per core)")
+    prec.add_argument("--out", type=Path, required=True)
     parser.add_argument("--weights", type=Path, default=REPO_ROOT / "weights")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -360,6 +492,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print_report(report)
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
+    elif args.command == "precision":
+        threads = [int(t) for t in args.threads.split(",")]
+        result = precision_agreement(registry.get("ct-head-ich"), args.series, args.calibration, threads)
+        args.out.write_text(json.dumps(result, indent=2))
+        print_precision(result)
     else:
         subsets = [int(s) for s in args.subsets.split(",")]
         result = ensemble_agreement(registry.get("ct-head-ich"), args.series, subsets)

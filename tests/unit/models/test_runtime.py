@@ -1,15 +1,29 @@
-"""The ONNX Runtime wrapper: providers from settings and the card, the fp16 parity check, batching by the graph."""
+"""The ONNX Runtime wrapper: providers from settings and the card, the fp16 and bf16 parity checks, batching by the
+graph."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
-from triage.config import DeploymentSettings, RaySettings
-from triage.models.runtime import OnnxModel, available_providers, parity_gap, parity_probe, provider_options
+from triage.config import DeploymentSettings, RaySettings, Settings
+from triage.models.card import read_card, write_card
+from triage.models.registry import ModelRegistry
+from triage.models.runtime import (
+    OnnxModel,
+    available_providers,
+    cpu_has_bf16,
+    load_members,
+    parity_gap,
+    parity_probe,
+    provider_options,
+)
 
 
 def _scale_graph(path: Path, factor: float, batch: int | str = "batch") -> Path:
@@ -68,3 +82,39 @@ def test_a_model_deployment_override_keeps_the_common_settings() -> None:
     ct = settings.deployment_for("ct-head-ich")
     assert (ct.max_replicas, ct.max_batch_size, ct.max_ongoing_requests) == (3, 8, 6)
     assert settings.deployment_for("xr-chest-pneumothorax").max_replicas == 1
+
+
+def test_openvino_gets_its_precision_and_threads_explicitly() -> None:
+    [(name, options)] = provider_options(["OpenVINOExecutionProvider"], False)
+    assert name == "OpenVINOExecutionProvider" and "num_of_threads" not in options
+    assert json.loads(options["load_config"]) == {"CPU": {"INFERENCE_PRECISION_HINT": "f32"}}
+    [(_, options)] = provider_options(["OpenVINOExecutionProvider"], False, bf16=True, threads=1)
+    assert json.loads(options["load_config"]) == {"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}}
+    assert options["num_of_threads"] == "1"
+
+
+def test_bf16_units_are_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    amx, older = tmp_path / "amx", tmp_path / "older"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+    older.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
+    assert cpu_has_bf16(amx) and not cpu_has_bf16(older)
+    assert not cpu_has_bf16(tmp_path / "absent")
+
+
+def test_bf16_runs_only_where_the_card_allows_it_and_the_cpu_has_the_units(tmp_path: Path) -> None:
+    if "OpenVINOExecutionProvider" not in available_providers(["OpenVINOExecutionProvider"]):
+        pytest.skip("onnxruntime-openvino is not installed")
+    shipped = sorted(p for p in (Settings().weights_dir / "xr-chest-pneumothorax").iterdir() if p.is_dir())[-1]
+    folder = tmp_path / "xr-chest-pneumothorax" / shipped.name
+    shutil.copytree(shipped, folder)
+    providers = ["OpenVINOExecutionProvider", "CPUExecutionProvider"]
+
+    def _precision(allowed: bool, tolerance: float) -> str:
+        card = read_card(folder / "card.json")
+        runtime = card.runtime.model_copy(update={"bf16": allowed, "bf16_parity_tolerance": tolerance})
+        write_card(card.model_copy(update={"runtime": runtime}), folder / "card.json")
+        [member] = load_members(ModelRegistry(tmp_path).get("xr-chest-pneumothorax"), providers, bf16=True)
+        return member.precision
+
+    assert _precision(allowed=False, tolerance=1.0) == "fp32"  # the card does not allow it
+    assert _precision(allowed=True, tolerance=1.0) == ("bf16" if cpu_has_bf16() else "fp32")
