@@ -178,8 +178,9 @@ class InferenceSettings(BaseModel):
     trt_cache_dir: str = ""
     # How many ensemble members of a multi-member model run; 0 means the card's default for the device.
     ensemble_members: int = 0
-    # Deadline for each pipeline stage of one series on Ray; past it the call is cancelled and the attempt counts
-    # as a transient failure.
+    # Deadline for each pipeline stage of one series on Ray; past it the stage is stopped (a task stops itself,
+    # keeping its warm worker; an inference request is cancelled on its replica) and the attempt counts as a
+    # transient failure. A task's deadline counts its run, not its wait for a worker to start.
     timeout_s: float = 1800.0
     # A transient failure (worker or node died, out of memory, deadline, lost object) is retried: at most this
     # many attempts per study, the n-th retry waiting retry_backoff_s * 3**(n-1) seconds.

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import signal
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,6 +45,13 @@ class Runner(Protocol):
 
 
 _REASON_MAX_CHARS = 160
+# A stage's deadline is enforced inside its task and counts its run only. The runner waits this much longer before
+# it kills a task (and its worker) that neither finished nor stopped itself: one still waiting for a worker to
+# start and import the pipeline on a loaded node, or one stuck inside a native call the deadline cannot interrupt.
+TASK_START_ALLOWANCE_S = 120.0
+# Task workers warmed at start (at most; fewer where the cluster has fewer task slots). Ray keeps about one idle
+# worker per CPU, so more would be let go again.
+WARM_TASK_WORKERS = 2
 
 
 def _one_line(text: str) -> str:
@@ -139,11 +147,24 @@ def classify_failure(exc: BaseException, timeout_s: float | None = None, stage: 
             return True, "the Ray cluster could not be reached"
     if isinstance(exc, ModelUnavailableError):
         return True, _one_line(str(exc))
-    if isinstance(exc, MemoryError):
-        return True, "the model worker ran out of memory"
-    if isinstance(exc, TimeoutError):
-        return True, "a stage did not finish within its deadline"
+    # MONAI re-raises what a transform raised as "RuntimeError: applying transform ...": look down the chain.
+    for link in _causes(exc):
+        if isinstance(link, MemoryError):
+            return True, "the model worker ran out of memory"
+        if isinstance(link, TimeoutError):  # StageDeadlineError from inside a task included
+            limit = f" of {timeout_s:g} s" if timeout_s else ""
+            return True, f"{stage or 'a stage'} did not finish within its deadline{limit}"
     return False, _describe(exc)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and the exceptions it was raised from (`raise ... from`, or while handling), without cycles."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or link.__context__
 
 
 class InProcessRunner:
@@ -263,27 +284,79 @@ def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
     return fn(*args), time.perf_counter() - started
 
 
+class StageDeadlineError(TimeoutError):
+    """A stage ran past its deadline inside its task (a transient failure: the attempt is retried)."""
+
+
+@contextlib.contextmanager
+def run_deadline(seconds: float) -> Iterator[None]:
+    """Raise StageDeadlineError in this thread once the block has run `seconds`.
+
+    Used inside Ray tasks, which run on their worker's main thread: the stage stops where it is and the worker
+    process lives on, with its imports, for the next task (killing it would make the next study's stage start a
+    cold worker inside its own deadline). Armed after the pipeline is imported, so an import is never cut in half.
+    Off the main thread, or with no deadline, the block runs unguarded and the caller's own wait applies.
+    """
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    expired = False
+
+    def _expire(signum: int, frame: Any) -> None:
+        nonlocal expired
+        expired = True
+        raise StageDeadlineError(f"ran past its deadline of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, _expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except Exception as exc:
+        # Libraries re-raise what they caught (MONAI: "applying transform ..."), and the chain does not survive
+        # Ray's pickling of the error: say plainly that the deadline is what stopped the stage.
+        if expired and not isinstance(exc, StageDeadlineError):
+            raise StageDeadlineError(f"ran past its deadline of {seconds:g} s") from exc
+        raise
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _ray_preprocess(
-    card_json: dict[str, Any], series: SeriesInfo, source: InstanceSource | None
+    card_json: dict[str, Any], series: SeriesInfo, source: InstanceSource | None, deadline_s: float
 ) -> tuple[Any, float, float, str]:
-    """Ray task: decode and preprocess one series on whichever node has a CPU free.
+    """Ray task: decode and preprocess one series on whichever node has a CPU free, within `deadline_s`.
 
     Returns:
         (prepared input, load seconds, preprocess seconds, the Ray node ID).
     """
     pipeline = pipeline_for(ModelCard.model_validate(card_json))
-    loaded, load_s = _timed(pipeline.load, series, source)
-    prepared, preprocess_s = _timed(pipeline.preprocess, loaded)
+    with run_deadline(deadline_s):
+        loaded, load_s = _timed(pipeline.load, series, source)
+        prepared, preprocess_s = _timed(pipeline.preprocess, loaded)
     return prepared, load_s, preprocess_s, _node_id()
 
 
 def _ray_postprocess(
-    card_json: dict[str, Any], prepared: Any, raw: Any, series: SeriesInfo
+    card_json: dict[str, Any], prepared: Any, raw: Any, series: SeriesInfo, deadline_s: float
 ) -> tuple[list[Finding], float, str]:
-    """Ray task: turn one series' raw outputs into findings. Returns (findings, seconds, the Ray node ID)."""
+    """Ray task: turn one series' raw outputs into findings within `deadline_s`. Returns (findings, seconds, the
+    Ray node ID)."""
     pipeline = pipeline_for(ModelCard.model_validate(card_json))
-    findings, seconds = _timed(pipeline.postprocess, prepared, raw, series)
+    with run_deadline(deadline_s):
+        findings, seconds = _timed(pipeline.postprocess, prepared, raw, series)
     return findings, seconds, _node_id()
+
+
+def _ray_warm(cards_json: list[dict[str, Any]]) -> tuple[str, int]:
+    """Ray task: import every installed model's pipeline (torch, MONAI and the rest: seconds on a cold worker)
+    so that the task worker it ran on is ready when a study arrives. Returns (the Ray node ID, the worker's pid)."""
+    import os
+
+    for card_json in cards_json:
+        pipeline_for(ModelCard.model_validate(card_json))
+    return _node_id(), os.getpid()
 
 
 @dataclass
@@ -347,6 +420,8 @@ class RayRunner:
             task_options["resources"] = dict(ray_settings.task_resources)
         self._preprocess = ray.remote(num_returns=4, **task_options)(_ray_preprocess)  # type: ignore[call-overload]
         self._postprocess = ray.remote(**task_options)(_ray_postprocess)
+        self._warm = ray.remote(**task_options, scheduling_strategy="SPREAD")(_ray_warm)
+        self._task_slots = max(1, int(ray.cluster_resources().get("CPU", 0) // max(ray_settings.cpus_per_task, 0.01)))
         self.timeout_s = inference.timeout_s
         self._deployments: dict[str, _Deployment] = {}
         self._lock = threading.RLock()
@@ -396,8 +471,19 @@ class RayRunner:
                 state = self._deploy(name)
             return state.handle
 
+    def _warm_task_workers(self, count: int) -> list[Any]:
+        """Start `count` warm-up tasks (spread over the nodes) that import the installed models' pipelines.
+
+        A stage's deadline counts from its submission: a task that lands on a cold worker spends seconds of it
+        importing torch and MONAI first. Warm workers stay in Ray's pool for the tasks that follow.
+        """
+        cards = [self.registry.get(name).card.model_dump(mode="json") for name in self.registry.names()]
+        return [self._warm.remote(cards) for _ in range(count)]
+
     def warm_up(self) -> None:
-        """Deploy every installed model version and wait until its replicas have loaded their sessions."""
+        """Warm the task workers, deploy every installed model version and wait until its replicas have loaded
+        their sessions."""
+        warming = self._warm_task_workers(min(self._task_slots, WARM_TASK_WORKERS))
         for name in self.registry.names():
             try:
                 self._handle(name)
@@ -408,6 +494,11 @@ class RayRunner:
             except Exception as exc:  # noqa: BLE001 - replicas failed to start: deployed again by health()
                 log.error("model %s: its replicas cannot start: %s", name, _last_line(str(exc)))
                 self._schedule_redeploy(name)
+        try:
+            warmed = self._ray.get(warming, timeout=self.inference.probe_timeout_s)
+            log.info("task workers warmed: %d (pids %s)", len(warmed), sorted(pid for _, pid in warmed))
+        except Exception as exc:  # noqa: BLE001 - only slower first studies follow
+            log.warning("warming the task workers failed: %s", _last_line(str(exc)))
 
     def _schedule_redeploy(self, name: str) -> None:
         with self._lock:
@@ -487,17 +578,21 @@ class RayRunner:
     # -------------------------------------------------------------- analysis
 
     def _get(self, ref: Any) -> Any:
-        """Wait for `ref` (or a list of the results of one task) until the stage deadline; a task still running
-        then is cancelled.
+        """Wait for `ref` (or a list of the results of one task). The task stops itself at the stage deadline
+        (`run_deadline`); one that has neither finished nor stopped `TASK_START_ALLOWANCE_S` later is cancelled.
+
+        That task is killed with its worker process (an interrupt could land inside an import and leave the
+        worker with half-initialised modules), and a warm-up task starts a replacement worker at once.
 
         Raises:
-            ray.exceptions.GetTimeoutError: past the deadline (after cancelling the task).
+            ray.exceptions.GetTimeoutError: past the deadline and the allowance (after cancelling the task).
         """
         try:
-            return self._ray.get(ref, timeout=self.timeout_s)
+            return self._ray.get(ref, timeout=self.timeout_s + TASK_START_ALLOWANCE_S)
         except self._ray.exceptions.GetTimeoutError:
             with contextlib.suppress(Exception):
                 self._ray.cancel(ref[0] if isinstance(ref, list) else ref, force=True)
+                self._warm_task_workers(1)
             raise
 
     def _submit(self, card_json: dict[str, Any], series: SeriesInfo) -> tuple[float, Any]:
@@ -512,7 +607,7 @@ class RayRunner:
         else:
             fetched = self._ray.put(fetch(self.source, tuple(series.files)))
         fetch_s = time.perf_counter() - started
-        return fetch_s, self._preprocess.remote(card_json, series, fetched)
+        return fetch_s, self._preprocess.remote(card_json, series, fetched, self.timeout_s)
 
     def analyse(self, study_uid: str, work: Work) -> list[SeriesResult]:
         pending: list[tuple[SeriesInfo, RoutingDecision, ModelCard | None, Any, Any, Exception | None]] = []
@@ -561,7 +656,8 @@ class RayRunner:
                 raise
             timings.add("inference", seconds, node)
             stage = "postprocess"
-            findings, seconds, node = self._get(self._postprocess.remote(card_json, prepared_ref, raw, series))
+            postprocessed = self._postprocess.remote(card_json, prepared_ref, raw, series, self.timeout_s)
+            findings, seconds, node = self._get(postprocessed)
             timings.add("postprocess", seconds, node)
             return SeriesResult(series.series_uid, card.name, version, True, findings, "", timings)  # type: ignore[union-attr]
         except Exception as exc:  # noqa: BLE001 - an AI failure is recorded, never raised to the worklist

@@ -57,3 +57,48 @@ def test_a_worker_whose_model_cannot_load_is_transient_and_says_why() -> None:
 def test_long_messages_are_cut_to_one_short_line() -> None:
     transient, reason = classify_failure(RuntimeError("x" * 1000))
     assert not transient and len(reason) == 160 and reason.endswith("\u2026")
+
+
+def test_a_stage_past_its_deadline_stops_itself_and_says_which_stage() -> None:
+    import time
+
+    from triage.pipelines.runner import StageDeadlineError, run_deadline
+
+    started = time.monotonic()
+    with pytest.raises(StageDeadlineError), run_deadline(0.2):
+        while True:  # a stage that would never end
+            sum(range(1000))
+    assert time.monotonic() - started < 5
+    with run_deadline(5):  # disarmed on the way out: nothing fires later
+        pass
+    time.sleep(0.3)
+    wrapped = rex.RayTaskError("_ray_preprocess", "Traceback ...", StageDeadlineError("ran past its deadline of 8 s"))
+    assert classify_failure(wrapped, timeout_s=8, stage="preprocess") == (
+        True,
+        "preprocess did not finish within its deadline of 8 s",
+    )
+
+
+def test_a_deadline_or_memory_error_inside_a_transform_is_still_transient() -> None:
+    from triage.pipelines.runner import StageDeadlineError
+
+    for inner, sentence in ((StageDeadlineError("past"), "did not finish"), (MemoryError(), "ran out of memory")):
+        try:
+            try:
+                raise inner
+            except Exception as exc:  # MONAI's wrapping of a failed transform
+                raise RuntimeError("applying transform <CropHeadd>") from exc
+        except RuntimeError as wrapped:
+            transient, reason = classify_failure(rex.RayTaskError("pre", "Traceback", wrapped), 8, "preprocess")
+        assert transient and sentence in reason
+
+
+def test_a_deadline_that_a_library_rewraps_is_raised_as_the_deadline() -> None:
+    from triage.pipelines.runner import StageDeadlineError, run_deadline
+
+    with pytest.raises(StageDeadlineError), run_deadline(0.2):
+        try:
+            while True:
+                sum(range(1000))
+        except Exception as exc:
+            raise RuntimeError("applying transform <CropHeadd>") from exc

@@ -48,21 +48,21 @@ def test_a_task_away_from_the_store_reads_fetched_bytes_not_the_file_system(tmp_
     # Then the store's disk is gone (another node): preprocessing still has everything it needs.
     for key in series.files:
         (files.root / key).unlink()
-    prepared, _, _, node = _ray_preprocess(card_json, series, travelled)
+    prepared, _, _, node = _ray_preprocess(card_json, series, travelled, 0)
     assert node == ""  # outside Ray
     assert np.isfinite(prepared.image).all() and prepared.image.ndim == 3
     with pytest.raises(InvalidStudyError, match="cannot read"):
-        _ray_preprocess(card_json, series, files)  # the store itself has nothing any more
+        _ray_preprocess(card_json, series, files, 0)  # the store itself has nothing any more
 
 
 def test_keys_are_not_paths_and_a_path_source_reads_files(tmp_path: Path, registry) -> None:
     files, series, _ = _stored_series(tmp_path)
     pipeline_card = registry.get("ct-head-ich").card.model_dump(mode="json")
     assert not Path(series.files[0]).is_absolute() and not Path(series.files[0]).exists()
-    from_store, *_ = _ray_preprocess(pipeline_card, series, files)
+    from_store, *_ = _ray_preprocess(pipeline_card, series, files, 0)
     paths = SeriesInfo(series.series_uid, "CT", series.sop_class_uid, series.n_instances,
                        tuple(str(files.root / key) for key in series.files))  # fmt: skip
-    from_paths, *_ = _ray_preprocess(pipeline_card, paths, PathSource())
+    from_paths, *_ = _ray_preprocess(pipeline_card, paths, PathSource(), 0)
     np.testing.assert_array_equal(from_store.image, from_paths.image)
 
 
