@@ -158,13 +158,13 @@ def classify_failure(exc: BaseException, timeout_s: float | None = None, stage: 
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """`exc` and the exceptions it was raised from (`raise ... from`, or while handling), without cycles."""
+    """`exc` and the exceptions it was raised from (`raise ... from`), without cycles."""
     seen: set[int] = set()
     link: BaseException | None = exc
     while link is not None and id(link) not in seen:
         seen.add(id(link))
         yield link
-        link = link.__cause__ or link.__context__
+        link = link.__cause__
 
 
 class InProcessRunner:
@@ -474,8 +474,8 @@ class RayRunner:
     def _warm_task_workers(self, count: int) -> list[Any]:
         """Start `count` warm-up tasks (spread over the nodes) that import the installed models' pipelines.
 
-        A stage's deadline counts from its submission: a task that lands on a cold worker spends seconds of it
-        importing torch and MONAI first. Warm workers stay in Ray's pool for the tasks that follow.
+        A cold worker spends seconds importing torch and MONAI before its first stage can start; warm workers
+        stay in Ray's pool for the tasks that follow, so a study's first stage does not wait for that.
         """
         cards = [self.registry.get(name).card.model_dump(mode="json") for name in self.registry.names()]
         return [self._warm.remote(cards) for _ in range(count)]
