@@ -205,7 +205,7 @@ def load_members(
         reduced, tolerance = "bf16", card.runtime.bf16_parity_tolerance
     log.info("loading %s: %d member(s) on %s in %s", card.key, count, chosen, reduced)
 
-    def _session(precision: str) -> OnnxModel:
+    def _session(path: Path, precision: str) -> OnnxModel:
         options = provider_options(
             chosen, precision == "fp16", trt_cache_dir, bf16=precision == "bf16", threads=intra_op_threads
         )
@@ -213,7 +213,7 @@ def load_members(
 
     loaded = []
     for path in paths[:count]:
-        session = _session(reduced)
+        session = _session(path, reduced)
         if reduced != "fp32":
             reference = OnnxModel.load(path, ["CPUExecutionProvider"], intra_op_threads)
             gap = parity_gap(session, reference, parity_probe(card.inputs.tensor.shape))
@@ -222,7 +222,7 @@ def load_members(
                     "%s %s: %s differs from fp32 by %.3g (tolerance %.3g): running it in fp32",
                     card.key, path.name, reduced, gap, tolerance,
                 )  # fmt: skip
-                session = _session("fp32")
+                session = _session(path, "fp32")
             else:
                 session.precision = reduced
         loaded.append(session)

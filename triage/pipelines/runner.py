@@ -413,7 +413,8 @@ class RayRunner:
                 ray.init(address="local", num_cpus=ray_settings.num_cpus, **kwargs)
         # Deployment handles only: no HTTP proxy inside the cluster.
         serve.start(proxy_location="Disabled")
-        self.has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        resources = ray.cluster_resources()
+        self.has_gpu = resources.get("GPU", 0) > 0
         self.node_id = _node_id()
         task_options: dict[str, Any] = {"num_cpus": ray_settings.cpus_per_task, "max_retries": 0}
         if ray_settings.task_resources:
@@ -421,7 +422,7 @@ class RayRunner:
         self._preprocess = ray.remote(num_returns=4, **task_options)(_ray_preprocess)  # type: ignore[call-overload]
         self._postprocess = ray.remote(**task_options)(_ray_postprocess)
         self._warm = ray.remote(**task_options, scheduling_strategy="SPREAD")(_ray_warm)
-        self._task_slots = max(1, int(ray.cluster_resources().get("CPU", 0) // max(ray_settings.cpus_per_task, 0.01)))
+        self._task_slots = max(1, int(resources.get("CPU", 0) // max(ray_settings.cpus_per_task, 0.01)))
         self.timeout_s = inference.timeout_s
         self._deployments: dict[str, _Deployment] = {}
         self._lock = threading.RLock()

@@ -323,9 +323,10 @@ def ensemble_agreement(
     return out
 
 
-def quantize_int8(member: Path, calibration: Sequence[np.ndarray], out: Path) -> Path:
+def quantize_int8(member: Path, input_name: str, calibration: Sequence[np.ndarray], out: Path) -> Path:
     """Write an int8 (QDQ, per-channel weights, uint8 activations) copy of one member, its activation ranges
-    calibrated on `calibration` (model inputs without the batch axis), with onnxruntime's static quantizer."""
+    calibrated on `calibration` (inputs of the graph input `input_name`, without the batch axis), with
+    onnxruntime's static quantizer."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -335,7 +336,7 @@ def quantize_int8(member: Path, calibration: Sequence[np.ndarray], out: Path) ->
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             item = next(self._items, None)
-            return None if item is None else {"image": np.asarray(item, dtype=np.float32)[None]}
+            return None if item is None else {input_name: np.asarray(item, dtype=np.float32)[None]}
 
     prepared = out.with_suffix(".pre.onnx")
     quant_pre_process(str(member), str(prepared))
@@ -380,7 +381,8 @@ def precision_agreement(
     stride = max(1, len(items) // calibration_tiles)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        int8_path = quantize_int8(member, items[::stride][:calibration_tiles], Path(tmp) / "member_int8.onnx")
+        calibration = items[::stride][:calibration_tiles]
+        int8_path = quantize_int8(member, card.inputs.tensor.name, calibration, Path(tmp) / "member_int8.onnx")
         out["int8_quantize_s"] = round(time.perf_counter() - started, 1)
 
         def _session(precision: str, n_threads: int) -> OnnxModel:
