@@ -25,15 +25,18 @@ from triage.domain import (
     RoutingDecision,
     SeriesInfo,
     SeriesResult,
+    SkipReason,
     StageTime,
     StageTimings,
     utcnow,
 )
 from triage.errors import ConflictError, NotFoundError
 from triage.models.registry import ModelRegistry
+from triage.models.states import ModelState, SiteState, site_label
 from triage.pipelines.routing import RoutingRules, route_study
 from triage.pipelines.runner import Runner, classify_failure
 from triage.storage import InstanceSource, Store, overlay_bytes
+from triage.worklist.model_states import ModelStates
 from triage.worklist.repository import Worklist
 
 log = logging.getLogger(__name__)
@@ -129,6 +132,30 @@ def _record(
             time.sleep(0.5 * attempt)
 
 
+def apply_states(findings: list[Finding], states: dict[str, SiteState]) -> list[Finding]:
+    """Mark each finding shadow or not from its model's state at the study's site, and apply the site's operating
+    point where a validation report chose one. Findings of active models come first, so that the position of
+    every finding a radiologist sees is the same whether or not shadow findings are shown.
+
+    Prioritisation: a shadow finding never raises a study (the policy skips it) and is never sent out.
+    """
+    marked: list[Finding] = []
+    for finding in findings:
+        state = states.get(finding.model)
+        update: dict[str, Any] = {"shadow": state is not None and state.state is not ModelState.ACTIVE}
+        if state is not None and state.threshold is not None and _is_reported_finding(state, finding):
+            update["flagged"] = finding.probability >= state.threshold
+            update["details"] = {**finding.details, "site_threshold": state.threshold}
+        marked.append(finding.model_copy(update=update))
+    return sorted(marked, key=lambda f: f.shadow)
+
+
+def _is_reported_finding(state: SiteState, finding: Finding) -> bool:
+    """Whether `finding` is the one the site's validation report chose its operating point for."""
+    label = (state.report or {}).get("finding")
+    return label is None or label == finding.label
+
+
 def save_overlay(store: Store | None, study_uid: str, finding: Finding) -> str | None:
     """Store a finding's overlay with the study's other overlays; returns its name (what the finding records).
     None without an overlay, or without a store to keep it in (`triage infer`)."""
@@ -139,9 +166,26 @@ def save_overlay(store: Store | None, study_uid: str, finding: Finding) -> str |
     return name
 
 
+def _unless_off(decision: RoutingDecision, states: dict[str, SiteState], site: str) -> RoutingDecision:
+    """The decision, or a skip when its model is off for the study's site."""
+    state = states.get(decision.model or "")
+    if state is None or state.state is not ModelState.OFF:
+        return decision
+    return decision.model_copy(
+        update={"model": None, "reason": f"{SkipReason.MODEL_OFF}: {decision.model} is off for site {site_label(site)}"}
+    )
+
+
 def summarise(results: list[SeriesResult], decisions: list[RoutingDecision]) -> tuple[AIStatus, str]:
     """The study's AI status and a one-line reason a radiologist can read."""
     if not results:
+        # A series outside a model's intended use says why in the card's words: the radiologist sees that the
+        # model was not applied to this patient, and why, rather than a bare "not analysed".
+        outside = [
+            d.reason.split(": ", 1)[1] for d in decisions if d.reason.startswith(f"{SkipReason.OUTSIDE_INTENDED_USE}:")
+        ]
+        if outside:
+            return AIStatus.NOT_APPLICABLE, "; ".join(dict.fromkeys(outside))
         skipped = sorted({d.reason.split(":")[0] for d in decisions if d.model is None})
         return AIStatus.NOT_APPLICABLE, "no series matched a model (" + ", ".join(skipped or ["no series"]) + ")"
     failed = [r for r in results if not r.ok]
@@ -164,13 +208,16 @@ def analyse_study(
     retry: RetryPolicy | None = None,
     generation: int | None = None,
     source: InstanceSource | None = None,
+    states: ModelStates | None = None,
 ) -> AnalysisOutcome:
     """Analyse one ready study and record the result on the worklist. Never raises for an AI failure.
 
     A transient failure (a worker died, memory ran out, a deadline passed) queues the study for another
     attempt after a backoff, up to `retry.max_attempts`; when the last attempt fails too, the study is
     failed with failure kind "transient", so that it is re-queued once its model can run again. Permanent
-    failures are not retried. Either way the study keeps its place and its earlier findings. Instances are read
+    failures are not retried. Either way the study keeps its place and its earlier findings. A model that is off
+    for the study's site does not run; the findings of a model in shadow there are kept, marked shadow, and
+    never raise the study (`states`; without it every finding counts as active). Instances are read
     through `source` (by default `store`) and overlays written through `store`; without a store (`triage infer`
     reads a folder outside it) overlays are not kept.
     """
@@ -189,7 +236,14 @@ def analyse_study(
         series_list = [with_routing_attributes(s, reader) for s in worklist.series_of(study_uid)]
         timings.add("database", time.perf_counter() - started)
         installed = set(registry.names()) - (unavailable_models or set())
-        decisions = route_study(series_list, rules, installed)
+        site = worklist.get_study(study_uid, now()).site
+        site_states = states.states(site) if states is not None else {}
+        decisions = [
+            _unless_off(d, site_states, site)
+            for d in route_study(
+                series_list, rules, installed, admit=lambda name, s: registry.get(name).card.check_use(s.attributes)
+            )
+        ]
         by_uid = {s.series_uid: s for s in series_list}
         work = [(by_uid[d.series_uid], d) for d in decisions if d.model is not None]
         log.info("study %s: %d series, %d routed to a model", study_uid, len(series_list), len(work))
@@ -202,10 +256,13 @@ def analyse_study(
             for result in results
             for finding in result.findings
         ]
+        findings = apply_states(findings, site_states)
         failed_models = {r.model for r in results if not r.ok}
         if failed_models and status is not AIStatus.FAILED:
             # A model that failed this time keeps its earlier findings: an AI failure never lowers a priority.
-            findings += _earlier_findings(worklist, study_uid, failed_models, now())
+            findings = sorted(
+                findings + _earlier_findings(worklist, study_uid, failed_models, now()), key=lambda f: f.shadow
+            )
         ran = {r.series_uid: r for r in results}
         routing = [_routing_record(by_uid[d.series_uid], d, ran.get(d.series_uid)) for d in decisions]
     except Exception as exc:  # noqa: BLE001 - fail safe: the study stays listed at its clinical priority

@@ -209,8 +209,7 @@ def serve(
     dicom = f"  DICOM {settings.dicom.ae_title}@{settings.dicom.port}" if ServiceRole.INGEST in roles else ""
     err.print(
         f"triage: roles {', '.join(sorted(roles))}  HTTP http://{settings.http.host}:{settings.http.port}{dicom}"
-        f"  data {settings.data_dir.resolve()}"
-        + (f"  runner {runner}" if ServiceRole.ANALYSIS in roles else "")
+        f"  data {settings.data_dir.resolve()}" + (f"  runner {runner}" if ServiceRole.ANALYSIS in roles else "")
     )
     # A browser holding the live-update stream open must not keep the server from stopping.
     uvicorn.run(
@@ -278,6 +277,7 @@ def infer_path(path: Path, settings: Settings, model: str | None = None) -> dict
     from triage.pipelines.routing import RoutingRules
     from triage.pipelines.runner import InProcessRunner
     from triage.storage import PathSource
+    from triage.worklist.model_states import ModelStates
     from triage.worklist.repository import Worklist
 
     files = collect_files([path])
@@ -290,6 +290,8 @@ def infer_path(path: Path, settings: Settings, model: str | None = None) -> dict
     source = PathSource()
     runner = InProcessRunner(registry, settings.inference, source)
     worklist = Worklist.open("sqlite://", settings.priority)
+    # No site has set anything here: each model runs in the state its card gives it (shadow findings say so).
+    states = ModelStates(worklist.engine, registry, settings.models)
     report: dict[str, Any] = {"studies": []}
     try:
         studies: dict[str, None] = {}
@@ -299,13 +301,25 @@ def infer_path(path: Path, settings: Settings, model: str | None = None) -> dict
             studies.setdefault(meta.study_uid)
         for study_uid in studies:
             outcome = analyse_study(
-                study_uid, worklist, registry, rules, runner, None, unavailable_models=unavailable, source=source
+                study_uid,
+                worklist,
+                registry,
+                rules,
+                runner,
+                None,
+                unavailable_models=unavailable,
+                source=source,
+                states=states,
             )
             report["studies"].append(
                 {
                     "study_uid": study_uid,
                     "ai_status": outcome.ai_status.value,
                     "reason": outcome.reason,
+                    "findings": [
+                        {**f.model_dump(mode="json"), **({"notice": SYNTHETIC_NOTICE} if f.synthetic else {})}
+                        for f in outcome.findings
+                    ],
                     "routing": [
                         {"series_uid": d.series_uid, "model": d.model, "reason": d.reason} for d in outcome.routing
                     ],
@@ -383,6 +397,8 @@ def _finding_text(f: Finding) -> str:
     text += (", " + ", ".join(extra) if extra else "") + ")"
     if f.synthetic:
         text += f" [yellow]{escape('[' + SYNTHETIC_NOTICE + ']')}[/yellow]"
+    if f.shadow:
+        text += f" [cyan]{escape('[shadow: not used for priority]')}[/cyan]"
     return text
 
 
@@ -445,14 +461,56 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> No
 
 
 DEMO_CT = REPO_ROOT / "tests" / "data" / "ct-head-ge"
-UNVALIDATED_ENV = "TRIAGE_PRIORITY__UNVALIDATED_MODELS_MAY_RAISE"
+# The Institution Name of the demo's generated chest X-rays: the one site where the demo activates its
+# synthetic-data X-ray model (on a validation report over synthetic films of the same generator).
+DEMO_SITE = "TRIAGE DEMO (synthetic)"
+# A client site that has not validated the X-ray model: there it stays in shadow (flags shown badged, moving nothing).
+OTHER_SITE = "CLIENT HOSPITAL (synthetic)"
 
 
-def synthetic_model_names(settings: Settings) -> list[str]:
-    """Installed models whose card says they were trained on synthetic data."""
+def activate_for_demo_site(settings: Settings, scratch: Path, n_films: int = 120) -> list[str]:
+    """Validate each installed synthetic pneumothorax model on generated films of the demo's synthetic site and
+    promote it there through the same gate a real site goes through (`ModelStates.promote`).
+
+    Returns:
+        One line per model saying what was done (activated, or refused with the report's shortfalls).
+    """
     from triage.models.registry import ModelRegistry
+    from triage.training.evaluate import evaluate
+    from triage.training.synth_xray import generate_dataset
+    from triage.worklist.db import create_engine_for, migrate
+    from triage.worklist.model_states import ModelStates, ValidationRefused
 
-    return sorted({m.card.name for m in ModelRegistry(settings.weights_dir).all() if m.card.synthetic})
+    registry = ModelRegistry(settings.weights_dir)
+    candidates = [
+        m for m in registry.all() if m.card.synthetic and any(f.label == "pneumothorax" for f in m.card.findings)
+    ]
+    if not candidates:
+        return []
+    url = settings.resolved_database_url
+    migrate(url)
+    states = ModelStates(create_engine_for(url), registry, settings.models)
+    labels = generate_dataset(
+        scratch / "validation", n=n_films, positive_fraction=0.5, seed=11, fmt="dicom", institution=DEMO_SITE
+    )
+    lines = []
+    for model in candidates:
+        report = evaluate(
+            model,
+            labels.parent,
+            labels,
+            scratch / f"validation-report-{model.card.name}",
+            settings.inference.providers,
+            n_bootstrap=500,
+            site=DEMO_SITE,
+            command="triage demo (activate_for_demo_site)",
+        )
+        try:
+            state = states.promote(model.card.name, DEMO_SITE, report, "demo", utcnow(), version=model.card.version)
+            lines.append(f"demo: {model.card.key} activated for site {DEMO_SITE!r} only: {state.reason}")
+        except ValidationRefused as exc:
+            lines.append(f"demo: {model.card.key} stays in shadow: {exc}")
+    return lines
 
 
 @app.command()
@@ -492,22 +550,21 @@ def demo(
 
         bleed = insert_haemorrhage(ct, scratch / "ct-synthetic-bleed", volume_ml=8.0, seed=1)
         sends.append((bleed.out_dir, f"the same CT with a SYNTHETIC {bleed.volume_ml:.1f} mL insert (pipeline check)"))
-    generate_dataset(scratch / "xr", n=n_xrays, positive_fraction=0.67, seed=7, fmt="dicom")
-    sends.append((scratch / "xr", f"{n_xrays} synthetic chest X-rays"))
+    generate_dataset(scratch / "xr", n=n_xrays, positive_fraction=0.67, seed=7, fmt="dicom", institution=DEMO_SITE)
+    sends.append((scratch / "xr", f"{n_xrays} synthetic chest X-rays from site {DEMO_SITE!r}"))
+    # One more, with a pneumothorax, from a site that has not validated the model: there it runs in shadow.
+    generate_dataset(scratch / "xr-other", n=1, positive_fraction=1.0, seed=3, fmt="dicom", institution=OTHER_SITE)
+    sends.append((scratch / "xr-other", f"1 synthetic chest X-ray from site {OTHER_SITE!r} (model in shadow there)"))
     http_port, dicom_port = _free_port(), _free_port()
     url = f"http://127.0.0.1:{http_port}"
     env = {**os.environ, "TRIAGE_DICOM__STABLE_AGE_S": os.environ.get("TRIAGE_DICOM__STABLE_AGE_S", "5")}
-    # The demo's studies are all synthetic or test data: here its synthetic-data models may raise priority, so the
-    # flagged X-rays move up. A site's `triage serve` shows their findings but raises nothing unless it says so.
-    synthetic_models = synthetic_model_names(_settings(data_dir))
-    if synthetic_models and UNVALIDATED_ENV not in os.environ:
-        env[UNVALIDATED_ENV] = json.dumps(synthetic_models)
-        err.print(
-            f"demo: findings of the synthetic-data model(s) {', '.join(synthetic_models)} raise priority in this demo"
-            f" only ({UNVALIDATED_ENV}); a site's service shows them, badged, but does not let them raise priority"
-            " unless it sets this",
-            soft_wrap=True,
-        )
+    # A synthetic-data model starts in shadow everywhere: its flags move nothing. The demo validates it on films of
+    # its own synthetic site and activates it there through the same gate a real site uses, so the flagged
+    # X-rays move up; at every other site (the head CTs, which carry no institution) it stays in shadow.
+    with err.status("validating the synthetic X-ray model on the demo site's synthetic films ..."):
+        activated = activate_for_demo_site(_settings(data_dir), scratch)
+    for line in activated:
+        err.print(line, soft_wrap=True)
     command = [sys.executable, "-m", "triage", "serve", "--http-port", str(http_port), "--dicom-port",
                str(dicom_port), "--data-dir", str(data_dir)]  # fmt: skip
     log_path = data_dir / "server.log"
@@ -526,7 +583,7 @@ def demo(
             )
         time.sleep(1)
         console.print(render_worklist(fetch_worklist(url, token), "worklist just after the studies arrived"))
-        expected = len(sends) - 1 + n_xrays
+        expected = len(sends) - 2 + n_xrays + 1
         with Progress(console=err) as progress:
             task = progress.add_task("analysing", total=expected)
             deadline = time.monotonic() + timeout_s
@@ -657,6 +714,13 @@ def models_evaluate(
     members: int = 0,
     bootstrap: int = 1000,
     record: Annotated[bool, typer.Option(help="Write the measured figures into the model's card")] = False,
+    site: Annotated[
+        str | None,
+        typer.Option(
+            help="The site (Institution Name) these studies come from: the report then validates the model"
+            " there (`triage models promote --site`)"
+        ),
+    ] = None,
 ) -> None:
     """Run the service's pipeline on a labelled set: ROC AUC, sensitivity, specificity with 95% bootstrap CIs,
     confusion matrix and ROC curve, written to a report folder (JSON + PNG + Markdown)."""
@@ -670,7 +734,9 @@ def models_evaluate(
     model = ModelRegistry(settings.weights_dir).get(name, version)
     command = " ".join(["triage", "models", "evaluate", *sys.argv[3:]])
     with err.status(f"evaluating {model.card.key} on {data} ..."):
-        report = evaluate(model, data, labels, out, settings.inference.providers, members, bootstrap, command=command)
+        report = evaluate(
+            model, data, labels, out, settings.inference.providers, members, bootstrap, command=command, site=site
+        )
     if model.card.synthetic:
         err.print(f"[yellow]{model.card.key} is a {SYNTHETIC_NOTICE}[/yellow]")
     console.print((out / "summary.md").read_text())
@@ -679,6 +745,128 @@ def models_evaluate(
         from triage.training.evaluate import record_evaluation
 
         console.print(f"figures recorded in {record_evaluation(model, report)}")
+
+
+def _model_states(data_dir: Path | None) -> Any:
+    """The model states of the service whose data dir (or TRIAGE_DATABASE_URL) is given."""
+    from triage.models.registry import ModelRegistry
+    from triage.worklist.db import create_engine_for, migrate
+    from triage.worklist.model_states import ModelStates
+
+    settings = _settings(data_dir)
+    url = settings.resolved_database_url
+    migrate(url)
+    return ModelStates(create_engine_for(url), ModelRegistry(settings.weights_dir), settings.models)
+
+
+SiteOption = Annotated[
+    str,
+    typer.Option(help="The site: its Institution Name as studies carry it; '' for studies without one"),
+]
+
+
+@models_app.command("status")
+def models_status(
+    data_dir: DataDir = None,
+    site: Annotated[list[str] | None, typer.Option(help="Only these sites (repeat); default: every known site")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: one object per model version and site")] = False,
+    history: Annotated[bool, typer.Option(help="Also print every recorded change")] = False,
+) -> None:
+    """Each installed model's state (active, shadow, off) at each site, and why. '*' is every other site."""
+    from triage.models.states import site_label
+
+    states = _model_states(data_dir)
+    rows = states.status(site)
+    if as_json:
+        data: dict[str, Any] = {"states": [r.to_dict() for r in rows]}
+        if history:
+            data["history"] = states.history()
+        console.print_json(json.dumps(data))
+        return
+    table = Table(title="model states per site", show_lines=True)
+    for column in ("model", "version", "site", "state", "why", "threshold", "since"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        style = {"active": "green", "shadow": "cyan", "off": "dim"}[r.state.value]
+        table.add_row(
+            r.model,
+            r.version,
+            site_label(r.site),
+            f"[{style}]{r.state.value}[/{style}]",
+            f"{r.reason} ({'from the card' if r.source == 'card' else 'set by ' + r.changed_by})",
+            "card" if r.threshold is None else f"{r.threshold:g}",
+            r.changed_at.isoformat(timespec="seconds") if r.changed_at else "-",
+        )
+    console.print(table)
+    if history:
+        for change in states.history():
+            console.print(
+                f"{change['at']} {change['by']}: {change['model']} {change['version']} at {site_label(change['site'])}"
+                f" {change['from']} -> {change['to']} ({change['action']}: {change['reason']})"
+            )
+
+
+def _operator() -> str:
+    """Who runs this command, for the audit log (the login name; TRIAGE_OPERATOR overrides)."""
+    import getpass
+
+    return os.environ.get("TRIAGE_OPERATOR") or f"cli:{getpass.getuser()}"
+
+
+@models_app.command("promote")
+def models_promote(
+    name: str,
+    site: SiteOption,
+    report: Annotated[Path, typer.Option(help="report.json from `triage models evaluate --site SITE`")],
+    version: Annotated[str | None, typer.Option(help="Default: the newest installed")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="The operating point for this site; default: the report's")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Make a model active at a site (its flags raise priority there) on a passing local validation report for
+    that site. Refused, with every reason, when the report falls short of the site's thresholds. Audited."""
+    from triage.worklist.model_states import ValidationRefused
+
+    _require_paths([report], "report.json from `triage models evaluate --site SITE`")
+    try:
+        document = json.loads(report.read_text())
+    except json.JSONDecodeError as exc:
+        _fail(f"{report} is not JSON: {exc}")
+    try:
+        state = _model_states(data_dir).promote(
+            name, site, document, _operator(), utcnow(), version=version, threshold=threshold
+        )
+    except ValidationRefused as exc:
+        _fail(f"refused: {exc}")
+    console.print(f"{state.model} {state.version} is active at site {state.site!r}: {state.reason}")
+
+
+@models_app.command("rollback")
+def models_rollback(
+    name: str,
+    site: SiteOption,
+    version: Annotated[str | None, typer.Option(help="Default: the newest installed")] = None,
+    why: Annotated[str, typer.Option(help="Why, for the audit log")] = "",
+    data_dir: DataDir = None,
+) -> None:
+    """Undo the last change of a model's state at a site (an activation goes back to shadow). Audited."""
+    state = _model_states(data_dir).rollback(name, site, _operator(), utcnow(), version=version, why=why)
+    console.print(f"{state.model} {state.version} is {state.state.value} at site {state.site!r}: {state.reason}")
+
+
+@models_app.command("set-state")
+def models_set_state(
+    name: str,
+    state: Annotated[str, typer.Argument(help="shadow or off (active takes `triage models promote`)")],
+    site: SiteOption,
+    version: Annotated[str | None, typer.Option(help="Default: the newest installed")] = None,
+    why: Annotated[str, typer.Option(help="Why, for the audit log")] = "",
+    data_dir: DataDir = None,
+) -> None:
+    """Put a model in shadow or turn it off at a site ('*': every site without its own setting). Audited."""
+    result = _model_states(data_dir).set_state(name, site, state, _operator(), utcnow(), why, version=version)
+    console.print(f"{result.model} {result.version} is {result.state.value} at site {result.site!r}")
 
 
 @models_app.command("bench")

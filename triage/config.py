@@ -214,11 +214,38 @@ class PrioritySettings(BaseModel):
     turnaround_min: dict[str, float] = Field(default_factory=lambda: {"stat": 60.0, "urgent": 240.0, "routine": 1440.0})
     # A study is promoted one level once this fraction of its turnaround target has elapsed.
     promote_at_fraction: float = 0.75
-    # Models whose card says they were trained on synthetic data (not validated for this site) show their
-    # findings, badged, but raise no priority, unless named here: e.g.
-    # TRIAGE_PRIORITY__UNVALIDATED_MODELS_MAY_RAISE='["xr-chest-pneumothorax"]'. Empty (the default): none may.
-    # Per-model on purpose, so that per-site model states (shadow, active) can replace it later.
-    unvalidated_models_may_raise: list[str] = Field(default_factory=list)
+
+
+class ValidationThresholds(BaseModel):
+    """What a site asks of a local validation report before a model may raise priority there.
+
+    Sensitivity and specificity are checked on the lower bound of their 95% bootstrap interval, not the point
+    estimate, so a small validation set cannot pass on luck.
+    """
+
+    min_cases: int = Field(default=100, ge=1)
+    min_positives: int = Field(default=20, ge=1)
+    min_negatives: int = Field(default=20, ge=1)
+    min_sensitivity_lower_ci: float = Field(default=0.80, ge=0, le=1)
+    min_specificity_lower_ci: float = Field(default=0.80, ge=0, le=1)
+    min_auc: float = Field(default=0.85, ge=0, le=1)
+
+
+class ModelSettings(BaseModel):
+    """What a model must show before its flags may raise priority at a site (see triage.models.states).
+
+    Models trained on synthetic data, cards that declare no validation and new versions always start in shadow.
+    With `require_local_validation` a model whose card declares only an external (published) validation starts
+    in shadow too, so that nothing raises priority at a site before a local validation report for that site was
+    accepted (`triage models promote`): set it for clinical use. Off by default so that the embedded default
+    triages head CTs with its externally validated model out of the box.
+    """
+
+    require_local_validation: bool = False
+    # What a local validation report must show, for every site ...
+    validation: ValidationThresholds = Field(default_factory=ValidationThresholds)
+    # ... unless the site sets its own: {"<institution>": {"min_cases": 200, ...}}.
+    site_thresholds: dict[str, ValidationThresholds] = Field(default_factory=dict)
 
 
 class Settings(BaseSettings):
@@ -251,6 +278,7 @@ class Settings(BaseSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
     priority: PrioritySettings = Field(default_factory=PrioritySettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
 
     @property

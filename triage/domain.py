@@ -93,6 +93,8 @@ class SkipReason(StrEnum):
     SLICE_THICKNESS = "slice-thickness-out-of-range"
     TOO_FEW_SLICES = "too-few-slices"
     MODEL_UNAVAILABLE = "model-unavailable"
+    MODEL_OFF = "model-off"
+    OUTSIDE_INTENDED_USE = "outside-intended-use"
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,9 @@ class Overlay:
 
 
 class Finding(Record):
-    """One study-level AI result. `synthetic` is true when the model was trained on synthetic data.
+    """One study-level AI result. `synthetic` is true when the model was trained on synthetic data; `shadow` is
+    true when the model ran in shadow at the study's site (kept and shown to admins, never raising the study,
+    never shown to its radiologists or sent out).
 
     The runner fills `overlay` (a mask in memory); it is never serialised: the analysis stores it and records
     its name in `overlay_file`. `overlay_sop_instance_uid` names the image the overlay is drawn on.
@@ -181,6 +185,7 @@ class Finding(Record):
     model: str
     model_version: str
     synthetic: bool
+    shadow: bool = False
     series_uid: str = ""
     details: dict[str, Any] = Field(default_factory=dict)
     overlay_sop_instance_uid: str | None = None

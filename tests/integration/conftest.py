@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -94,6 +95,32 @@ class Server:
         raise AssertionError(
             f"timed out waiting for {what}; studies:\n{study_lines(items)}\nlog:\n{self.log_path.read_text()[-4000:]}"
         )
+
+
+def promote_for_tests(data_dir: Path, model: str, site: str = "", version: str = "1.0.0") -> str:
+    """Activate `model` at `site` through the real gate (`triage models promote`), on a report that stands in for
+    a site's local validation: these tests' studies are synthetic and carry no institution (site "").
+
+    Returns:
+        What the command printed.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    report = data_dir.parent / f"validation-{model}.json"
+    report.write_text(
+        json.dumps(
+            {
+                "model": model, "version": version, "site": site, "threshold": None,
+                "note": "test fixture standing in for a local validation report",
+                "n": 200, "n_positive": 100, "roc_auc": 0.97, "sensitivity": 0.92, "sensitivity_ci95": [0.86, 0.96],
+                "specificity": 0.95, "specificity_ci95": [0.9, 0.98],
+            }
+        )
+    )  # fmt: skip
+    command = [sys.executable, "-m", "triage", "models", "promote", model, "--site", site, "--report", str(report),
+               "--data-dir", str(data_dir)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TRIAGE_OPERATOR": "tests"})
+    assert done.returncode == 0, done.stderr + done.stdout
+    return done.stdout
 
 
 def start_server(

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.integration.conftest import HEAD_CT, start_server, stop_server  # noqa: E402
+from tests.integration.conftest import HEAD_CT, promote_for_tests, start_server, stop_server  # noqa: E402
 from tests.integration.test_browser import add_radiologist, chrome, sign_in, wait_live, write_xray  # noqa: E402
 
 READER = ("dr-night", "reader-password-1")
@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"inserted {bleed.volume_ml:.1f} mL on slices {bleed.slices}", flush=True)
     for seed, positive in XRAYS:
         write_xray(work / "xr", seed, positive)
-    # As in `triage demo`: the synthetic X-ray model may raise priority on these synthetic studies.
-    allow = {"TRIAGE_PRIORITY__UNVALIDATED_MODELS_MAY_RAISE": '["xr-chest-pneumothorax"]'}
-    server = start_server(work / "data", allow, runner=args.runner)
+    # As in `triage demo`: the synthetic X-ray model is activated for these synthetic studies' site.
+    promote_for_tests(work / "data", "xr-chest-pneumothorax")
+    server = start_server(work / "data", runner=args.runner)
     try:
         add_radiologist(server, *READER)
         # The flagged CT arrives first: among studies of one level the longest-waiting comes first.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO, Server, start_server, stop_server
+from tests.integration.conftest import REPO, Server, promote_for_tests, start_server, stop_server
 from triage.worklist.accounts import Accounts
 from triage.worklist.db import create_engine_for
 
@@ -135,10 +135,10 @@ def wait_row(driver, study_uid: str, predicate, what: str, timeout_s: float = 18
 @pytest.fixture(scope="module")
 def web_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     data_dir = tmp_path_factory.mktemp("triage-web") / "data"
-    # As in `triage demo`: the synthetic X-ray model may raise priority here, so the flagged study jumps to the top
-    # (a site's service lets no synthetic-data model raise priority unless it names it).
-    allow = {"TRIAGE_PRIORITY__UNVALIDATED_MODELS_MAY_RAISE": '["xr-chest-pneumothorax"]'}
-    server = start_server(data_dir, allow, runner=RUNNER)
+    # As in `triage demo`: the synthetic X-ray model is activated for these studies' site, so the flagged study
+    # jumps to the top (it starts in shadow everywhere, where its flags move nothing).
+    promote_for_tests(data_dir, "xr-chest-pneumothorax")
+    server = start_server(data_dir, runner=RUNNER)
     try:
         yield server
     finally:

@@ -72,9 +72,13 @@ def _xrays(folder: Path, n: int, seed: int) -> list[pydicom.Dataset]:
 
 
 def _stow(server: Server, datasets: list[pydicom.Dataset]) -> httpx.Response:
-    body = b"".join(
-        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + to_bytes(ds) + b"\r\n" for ds in datasets
-    ) + f"--{BOUNDARY}--\r\n".encode()
+    body = (
+        b"".join(
+            f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + to_bytes(ds) + b"\r\n"
+            for ds in datasets
+        )
+        + f"--{BOUNDARY}--\r\n".encode()
+    )
     content_type = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
     return server.post("/dicomweb/studies", content=body, headers={"Content-Type": content_type})
 

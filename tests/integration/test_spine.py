@@ -3,7 +3,9 @@ ONNX Runtime, SQLite), and they come out on the worklist analysed, once, in prio
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -85,6 +87,18 @@ def test_chest_xray_is_analysed_by_the_synthetic_model_and_says_so(server: Serve
     assert finding["label"] == "pneumothorax"
     assert finding["synthetic"] is True
     assert finding["model"] == "xr-chest-pneumothorax"
+    # Its card says synthetic: it runs in shadow, so its flag (the film has a pneumothorax) raises nothing.
+    assert finding["flagged"] is True and finding["shadow"] is True
+    assert item["priority"]["level"] == "routine"
+    assert not any("pneumothorax" in r["text"] for r in item["priority"]["reasons"])
+    status = subprocess.run(
+        [sys.executable, "-m", "triage", "models", "status", "--json", "--data-dir", str(server.data_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    states = {(s["model"], s["site"]): s["state"] for s in json.loads(status.stdout)["states"]}
+    assert states[("xr-chest-pneumothorax", "*")] == "shadow" and states[("xr-chest-pneumothorax", "")] == "shadow"
 
 
 def test_corrupt_file_gets_a_failure_status_and_the_server_keeps_serving(server: Server, tmp_path: Path) -> None:

@@ -114,8 +114,9 @@ def test_worker_killed_during_inference_the_study_is_retried_and_done(server: Se
     result = server.storescu(HEAD_CT)
     assert result.returncode == 0, result.stderr
     study_uid = str(
-        pydicom.dcmread(next(p for p in sorted(HEAD_CT.iterdir()) if p.suffix == ".dcm"), stop_before_pixels=True)
-        .StudyInstanceUID
+        pydicom.dcmread(
+            next(p for p in sorted(HEAD_CT.iterdir()) if p.suffix == ".dcm"), stop_before_pixels=True
+        ).StudyInstanceUID
     )
     # Inference has started when the worker process itself burns CPU (preprocessing runs in another process).
     deadline = time.monotonic() + 300

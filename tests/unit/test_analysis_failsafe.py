@@ -151,6 +151,13 @@ def test_results_go_back_to_pacs_after_the_worklist_is_updated_and_a_dead_pacs_c
     settings.results.host, settings.results.port, settings.results.ae_title = "127.0.0.1", pacs.scp.port, "PACS"
     svc = TriageService(settings, runner_kind="inprocess", start_scp=False)
     svc.start()
+    # The synthetic X-ray model runs in shadow (nothing is sent) until a site activates it: these films carry no
+    # institution, so it is activated for site "" on a report that stands in for a local validation.
+    report = {
+        "model": "xr-chest-pneumothorax", "version": "1.0.0", "site": "", "n": 200, "n_positive": 100,
+        "roc_auc": 0.97, "sensitivity_ci95": [0.85, 0.95], "specificity_ci95": [0.9, 0.98],
+    }  # fmt: skip
+    svc.model_states.promote("xr-chest-pneumothorax", "", report, "tests", datetime.now(UTC))
     try:
         generate_dataset(tmp_path / "xr", n=1, positive_fraction=1.0, seed=3, fmt="dicom")
         ds = pydicom.dcmread(next((tmp_path / "xr").rglob("*.dcm")))
@@ -200,8 +207,9 @@ class ScriptedRunner:
             else:
                 error = "the model worker ran out of memory" if outcome == "transient" else "unreadable series"
                 results.append(
-                    SeriesResult(series.series_uid, decision.model, "1.0.0", False, [], error,
-                                 transient=outcome == "transient")
+                    SeriesResult(
+                        series.series_uid, decision.model, "1.0.0", False, [], error, transient=outcome == "transient"
+                    )
                 )
         return results
 

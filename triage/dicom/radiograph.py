@@ -88,9 +88,7 @@ def read_image_file(path: str | Path, source: InstanceSource | None = None) -> R
     return read_radiograph(path, source)
 
 
-def select_radiograph(
-    files: Sequence[str | Path], source: InstanceSource | None = None
-) -> tuple[str | Path, str]:
+def select_radiograph(files: Sequence[str | Path], source: InstanceSource | None = None) -> tuple[str | Path, str]:
     """Pick the image a frontal chest model reads from a series' files, and say why.
 
     The first file (in the given order) whose View Position is PA or AP wins; when no file states a frontal view,

@@ -44,6 +44,7 @@ def _takes_encoded(accept: Accept) -> bool:
     except (TypeError, ValueError):
         return False
 
+
 # A-ASSOCIATE-RJ (PS3.8 9.3.4, Table 9-21): (result, source, reason/diagnostic).
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # rejected permanent, service user: calling AE title not recognised
 _REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # rejected permanent, service user: called AE title not recognised

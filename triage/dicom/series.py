@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +154,48 @@ def read_series_attributes(path: str | Path, source: InstanceSource | None = Non
         attributes[keyword] = None if value is None else int(value)
     frames = ds.get("NumberOfFrames")
     attributes["NumberOfFrames"] = int(frames) if frames not in (None, "") else 1
+    # For intended-use checks: the age in years (the birth date is read for it and not kept) and the pixel
+    # spacing in mm (Pixel Spacing, else Imager Pixel Spacing of a projection radiograph; the finer of the two).
+    years, age_from = patient_age_years(ds.get("PatientAge"), ds.get("PatientBirthDate"), ds.get("StudyDate"))
+    attributes["PatientAgeYears"] = None if years is None else round(years, 2)
+    attributes["PatientAgeSource"] = age_from
+    spacing = _lookup(ds, "PixelSpacing") or ds.get("ImagerPixelSpacing")
+    try:
+        attributes["PixelSpacingMm"] = min(float(v) for v in spacing) if spacing else None
+    except (TypeError, ValueError):
+        attributes["PixelSpacingMm"] = None
+    for keyword in ("Manufacturer", "ManufacturerModelName"):
+        value = ds.get(keyword)
+        attributes[keyword] = None if value in (None, "") else _plain_str(value)
     return attributes
+
+
+def patient_age_years(patient_age: Any, birth_date: Any = None, study_date: Any = None) -> tuple[float | None, str]:
+    """The patient's age in years, from Patient's Age (AS, "045Y", "006M", "010W", "003D") or else from the birth
+    date and the study date, and which one it came from ("" when neither gives one).
+
+    The birth date is used here only and never kept.
+    """
+    text = str(patient_age or "").strip().upper()
+    match = re.fullmatch(r"(\d{1,3})\s*([DWMY]?)", text)
+    if match:
+        value, unit = int(match.group(1)), match.group(2) or "Y"
+        per_year = {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[unit]
+        return value / per_year, "Patient's Age"
+    born, seen = _da(birth_date), _da(study_date)
+    if born is not None and seen is not None and seen >= born:
+        return (seen - born).days / 365.25, "birth date and study date"
+    return None, ""
+
+
+def _da(value: Any) -> date | None:
+    text = str(value or "").strip()
+    if not re.fullmatch(r"\d{8}", text):
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return None
 
 
 def _to_float(value: Any) -> float | None:

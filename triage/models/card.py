@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from triage.errors import ModelLoadError
+from triage.models.intended_use import IntendedUse, UseCheck, check_intended_use
 
 
 class TensorSpec(BaseModel):
@@ -46,8 +47,13 @@ class Figure(BaseModel):
 
 
 class CardInputs(BaseModel):
+    """What the model takes: modalities and body parts (BodyPartExamined values) it was made for, the rest of its
+    intended use (view, age band, spacing, thickness; checked on each series before it runs), the graph input
+    and the preprocessing it expects."""
+
     modality: list[str]
     body_part: list[str] = Field(default_factory=list)
+    intended_use: IntendedUse = Field(default_factory=IntendedUse)
     tensor: TensorSpec
     preprocessing: dict[str, Any] = Field(default_factory=dict)
 
@@ -81,6 +87,19 @@ class RuntimeSpec(BaseModel):
     bf16_parity_reason: str = ""
 
 
+class Validation(BaseModel):
+    """What validation the model has had, as the card declares it.
+
+    status: "none" (never validated on labelled real studies: synthetic-data models, pipeline checks only),
+    "external" (its authors' or a third party's published evaluation, not on this service's sites) or "local"
+    (validated by this service's operators; the per-site reports live with the model's state, not here).
+    """
+
+    status: Literal["none", "external", "local"] = "none"
+    summary: str = ""
+    references: list[str] = Field(default_factory=list)
+
+
 class ModelCard(BaseModel):
     """A model's card. Code reads model facts from here; nothing about a model is hard-coded elsewhere."""
 
@@ -104,6 +123,7 @@ class ModelCard(BaseModel):
     evaluation_data: str
     figures: list[Figure] = Field(default_factory=list)
     limitations: list[str] = Field(default_factory=list)
+    validation: Validation = Field(default_factory=Validation)
     licence: str
     provenance: dict[str, Any] = Field(default_factory=dict)
     notice: str = ""
@@ -111,6 +131,10 @@ class ModelCard(BaseModel):
     @property
     def key(self) -> str:
         return f"{self.name}@{self.version}"
+
+    def check_use(self, attributes: dict[str, Any]) -> UseCheck:
+        """Whether a series (its header attributes) is within this model's intended use."""
+        return check_intended_use(self.inputs.modality, self.inputs.body_part, self.inputs.intended_use, attributes)
 
     def finding(self, label: str) -> FindingSpec:
         for spec in self.findings:

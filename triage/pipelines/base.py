@@ -88,7 +88,6 @@ class ModelPipeline(ABC):
             reduced += run_members(members, items[start : start + step], self.reduce_members)
         return self.assemble(prepared, context, reduced, members)
 
-
     @abstractmethod
     def postprocess(self, prepared: Any, raw: Any, series: SeriesInfo) -> list[Finding]:
         """Turn raw outputs into study-level findings with probability, location and model version."""

@@ -199,7 +199,11 @@ def sum_tile_members(outputs: list[dict[str, np.ndarray]], card: ModelCard) -> n
 
 
 def assemble_tiles(
-    layout: TileLayout, summed_tiles: list[np.ndarray], members: int, card: ModelCard, providers: list[str],
+    layout: TileLayout,
+    summed_tiles: list[np.ndarray],
+    members: int,
+    card: ModelCard,
+    providers: list[str],
     return_probabilities: bool = False,
 ) -> IchRaw:
     """Place each kept tile's member-summed probabilities and take the argmax class voxel by voxel."""

@@ -7,7 +7,7 @@ so a site changes routing without touching code.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import yaml
 
 from triage.domain import RoutingDecision, SeriesInfo, SkipReason
 from triage.errors import TriageError
+from triage.models.intended_use import UseCheck
 
 _MATCH_KEYS = {
     "modality",
@@ -164,29 +165,48 @@ def _unrouted_reason(series: SeriesInfo, rules: RoutingRules, near_misses: list[
 
 
 def route_study(
-    series_list: Sequence[SeriesInfo], rules: RoutingRules, installed_models: set[str]
+    series_list: Sequence[SeriesInfo],
+    rules: RoutingRules,
+    installed_models: set[str],
+    admit: Callable[[str, SeriesInfo], UseCheck | None] | None = None,
 ) -> list[RoutingDecision]:
     """Decide, for every series of a study, which model analyses it or why none does.
 
     Each model analyses at most one series per study (the best ranked by its rule); other candidates are recorded
-    as skipped with the series that was chosen instead. Returns one decision per series, in input order.
+    as skipped with the series that was chosen instead. With `admit` (the model's card's intended-use check), a
+    series a rule matches but the model was not made for is skipped with the card's reason in words, before the
+    candidates compete (a lateral film never displaces the frontal one), and what was assumed for missing header
+    attributes is added to the chosen series' reason. Returns one decision per series, in input order.
     """
     decisions: dict[str, RoutingDecision] = {}
     candidates: dict[str, list[tuple[Rule, SeriesInfo]]] = {}
+    assumed: dict[str, list[str]] = {}
     for series in series_list:
         excluded = next((e for e in rules.exclusions if not e.match.failures(series)), None)
         if excluded is not None:
             decisions[series.series_uid] = RoutingDecision(series_uid=series.series_uid, reason=excluded.reason)
             continue
         near_misses: list[str] = []
+        refused: RoutingDecision | None = None
         for rule in rules.rules:
             failed = rule.match.failures(series)
-            if not failed:
-                candidates.setdefault(rule.model, []).append((rule, series))
-                break
-            near_misses.append(f"{rule.name}: {failed[0]}")
+            if failed:
+                near_misses.append(f"{rule.name}: {failed[0]}")
+                continue
+            check = admit(rule.model, series) if admit is not None and rule.model in installed_models else None
+            if check is not None and not check.ok:
+                refused = refused or RoutingDecision(
+                    series_uid=series.series_uid,
+                    rule=rule.name,
+                    reason=f"{SkipReason.OUTSIDE_INTENDED_USE}: {check.text()}",
+                )
+                continue
+            if check is not None and check.assumptions:
+                assumed[series.series_uid] = check.assumptions
+            candidates.setdefault(rule.model, []).append((rule, series))
+            break
         else:
-            decisions[series.series_uid] = RoutingDecision(
+            decisions[series.series_uid] = refused or RoutingDecision(
                 series_uid=series.series_uid, reason=_unrouted_reason(series, rules, near_misses)
             )
     for model, pairs in candidates.items():
@@ -200,8 +220,12 @@ def route_study(
                     reason=f"{SkipReason.MODEL_UNAVAILABLE}: {model} is not installed",
                 )
             continue
+        notes = "".join(f"; {note}" for note in assumed.get(chosen.series_uid, []))
         decisions[chosen.series_uid] = RoutingDecision(
-            series_uid=chosen.series_uid, model=model, rule=chosen_rule.name, reason=f"matched rule {chosen_rule.name}"
+            series_uid=chosen.series_uid,
+            model=model,
+            rule=chosen_rule.name,
+            reason=f"matched rule {chosen_rule.name}{notes}",
         )
         for rule, series in ranked[1:]:
             decisions[series.series_uid] = RoutingDecision(

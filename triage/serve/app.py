@@ -33,6 +33,7 @@ PAGE_CSP = (
     "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
 )
 
+
 def open_accounts_for(service: TriageService) -> Accounts:
     """The accounts in the service's database; on first start creates `admin` and prints its password once."""
     settings = service.settings

@@ -53,6 +53,18 @@ class AuditEntryOut(BaseModel):
     detail: dict[str, Any]
 
 
+class ModelSiteState(BaseModel):
+    """A model version's state at one site."""
+
+    site: str = Field(description="Institution Name; '*' for every site without its own setting; '' for none")
+    state: str = Field(description="active (its flags raise priority), shadow (runs; changes nothing) or off")
+    reason: str
+    source: str = Field(description="card (the default from the card), site or all-sites (set by someone)")
+    threshold: float | None = Field(description="The site's operating point from its validation report, if set")
+    changed_by: str
+    changed_at: str | None
+
+
 class ModelInfo(BaseModel):
     """An installed model with the facts of its card that a site needs."""
 
@@ -60,10 +72,12 @@ class ModelInfo(BaseModel):
     version: str
     task: str
     synthetic: bool
+    validation: str = Field(description="What validation the card declares: none, external or local")
     raises_priority: bool = Field(
-        description="Whether its flags may raise a study's priority at this site (a synthetic-data model only "
-        "where the site names it in priority.unvalidated_models_may_raise)"
+        description="Whether its flags raise priority at sites without their own setting (its state at '*' is "
+        "active); each site's own state is in `states`"
     )
+    states: list[ModelSiteState] = Field(description="Its state at '*' and at every site seen or set")
     summary: str
     licence: str
     error: str | None = Field(description="Why the model cannot run now, if it cannot")

@@ -30,6 +30,7 @@ from triage.pipelines.runner import Runner, make_runner
 from triage.storage import LocalStore
 from triage.worklist.db import create_engine_for, migrate
 from triage.worklist.events import Broadcaster, relay_for
+from triage.worklist.model_states import ModelStates
 from triage.worklist.repository import Worklist
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class TriageService:
             index_many=self._index_many,
         )
         self.registry = ModelRegistry(settings.weights_dir)
+        self.model_states = ModelStates(self.worklist.engine, self.registry, settings.models)
         self.rules = RoutingRules.load(settings.routing_rules)
         self.runner_kind = runner_kind
         self.runner: Runner | None = None
@@ -299,6 +301,7 @@ class TriageService:
             unavailable_models=set(self.model_errors),
             retry=RetryPolicy(self.settings.inference.max_attempts, self.settings.inference.retry_backoff_s),
             generation=generation,
+            states=self.model_states,
         )
         with self._lock:
             self.outcomes.append(outcome)
@@ -310,13 +313,15 @@ class TriageService:
         """Send the analysis back to PACS when one is configured. After the worklist is updated, and a PACS that
         is down only costs a log line: it never touches the study's place on the worklist."""
         results = self.settings.results
-        if not results.host or outcome.ai_status != AIStatus.DONE or not outcome.findings:
+        # Shadow findings are never sent out: the hospital sees only what active models found.
+        findings = [f for f in outcome.findings if not f.shadow]
+        if not results.host or outcome.ai_status != AIStatus.DONE or not findings:
             return
         try:
             sent = export_study_results(
                 self.files,
                 outcome.study_uid,
-                outcome.findings,
+                findings,
                 str(outcome.ai_status),
                 outcome.reason,
                 (results.ae_title, results.host, results.port),

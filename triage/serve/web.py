@@ -36,6 +36,7 @@ from triage.serve.auth import (
 )
 from triage.serve.deps import get_service
 from triage.serve.service import TriageService
+from triage.serve.visibility import for_reader
 from triage.worklist.accounts import (
     Accounts,
     InvalidAccountError,
@@ -309,6 +310,7 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
         include_reported: bool = False,
     ) -> HTMLResponse:
         items, problem = worklist_items(request, status_, modality, level, site, accession, include_reported)
+        items = [for_reader(item, user) for item in items]
         filters = {
             "status": status_ or "",
             "modality": modality or "",
@@ -348,6 +350,7 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
         with the page's order in the X-Worklist-Order header: the page keeps its other rows and reorders them.
         """
         items, problem = worklist_items(request, status_, modality, level, site, accession, include_reported)
+        items = [for_reader(item, user) for item in items]
         if changed is None or problem:
             return render(request, "_rows.html", user, 400 if problem else 200, items=items, problem=problem)
         wanted = set(changed.replace(",", " ").split())
@@ -361,6 +364,7 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
             detail = await asyncio.to_thread(_worklist(request).get_study, study_uid, utcnow())
         except NotFoundError as exc:
             return render(request, "error.html", user, 404, title="Study not found", message=str(exc))
+        detail = for_reader(detail, user)
         await _audit(request, user, "view", study_uid, page="study")
         feedback = await asyncio.to_thread(accounts_of(request).feedback_entries, study_uid)
         service = _service(request)

@@ -39,6 +39,7 @@ def evaluate(
     seed: int = 0,
     *,
     command: str = "",
+    site: str | None = None,
 ) -> dict[str, Any]:
     """Run preprocess -> infer (ONNX members) -> postprocess on every labelled case and measure the model.
 
@@ -60,6 +61,8 @@ def evaluate(
         n_bootstrap: bootstrap resamples for the confidence intervals.
         seed: seed of the bootstrap.
         command: the command line that ran this, recorded in the report.
+        site: the site (institution) whose studies these are: a report for a site is what activating the model
+            there rests on (`triage models promote`). None: not a site's validation.
 
     Returns:
         The report dictionary.
@@ -104,6 +107,7 @@ def evaluate(
         "version": card.version,
         "synthetic": card.synthetic,
         "notice": card.notice if card.synthetic else "",
+        "site": site,
         "finding": label,
         "threshold": threshold,
         "data": {"folder": str(data_dir), "labels": str(labels_csv or Path(data_dir) / "labels.csv")},

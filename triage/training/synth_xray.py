@@ -343,6 +343,7 @@ def generate_dataset(
     fmt: Literal["png", "dicom"] = "png",
     size: int = 256,
     max_size: int | None = None,
+    institution: str = "",
 ) -> Path:
     """Write `n` synthetic radiographs and a labels.csv (columns: image, label) into `out_dir`.
 
@@ -351,7 +352,8 @@ def generate_dataset(
     resolutions and aspect ratios resampled by the preprocessing, as it will in service.
 
     For fmt="dicom" every image is its own DX or CR study (a random mix of MONOCHROME1/2, Window Center/Width,
-    some with Rescale Slope/Intercept, PA or AP), named so that storescu can send the folder as it is.
+    some with Rescale Slope/Intercept, PA or AP), named so that storescu can send the folder as it is; with
+    `institution`, each carries it as Institution Name (the site the service files it under).
 
     Returns:
         The path of labels.csv.
@@ -386,6 +388,8 @@ def generate_dataset(
             ds = make_chest_radiograph_dataset(
                 image_seed, bool(labels[index]), **_random_dicom_style(rng), image=drawn.image
             )
+            if institution:
+                ds.InstitutionName = institution
             ds.save_as(out / name, enforce_file_format=True)
         rows_out.append((name, int(labels[index])))
     labels_csv = out / "labels.csv"

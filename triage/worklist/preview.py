@@ -191,9 +191,7 @@ def study_preview(
     raise NotFoundError(f"study {study_uid!r} has no image that can be previewed")
 
 
-def preview_png(
-    worklist: Worklist, store: Store, study_uid: str, finding_index: int | None, now: datetime
-) -> bytes:
+def preview_png(worklist: Worklist, store: Store, study_uid: str, finding_index: int | None, now: datetime) -> bytes:
     """The study page's preview PNG of one study (see `study_preview`); it is an image of a patient: never cache it.
 
     Raises:

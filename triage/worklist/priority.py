@@ -20,8 +20,6 @@ CLINICAL = "clinical"
 AI_FINDING = "ai-finding"  # a flagged finding raised the level
 AI_FINDING_KEPT = "ai-finding-kept"  # a flagged finding whose site level is not above the current level
 AI_FINDING_UNMAPPED = "ai-finding-unmapped"  # a flagged finding the site gave no level to
-# A flagged finding from a model trained on synthetic data that the site has not allowed to raise priority.
-AI_FINDING_UNVALIDATED = "ai-finding-unvalidated"
 AI_NEGATIVE = "ai-negative"
 AI_FAILED = "ai-failed"
 AI_PENDING = "ai-pending"
@@ -90,8 +88,7 @@ def validate_settings(settings: PrioritySettings) -> None:
 
     Raises:
         ValueError: when a finding level or turnaround level is not a priority level, a target is not
-            positive, promote_at_fraction is outside (0, 1], or a name in unvalidated_models_may_raise is
-            empty or padded with spaces.
+            positive, or promote_at_fraction is outside (0, 1].
     """
     for label, value in settings.finding_levels.items():
         try:
@@ -104,9 +101,6 @@ def validate_settings(settings: PrioritySettings) -> None:
             raise ValueError(f"priority.turnaround_min[{key!r}] must be > 0 minutes, got {minutes!r}")
     if not 0 < settings.promote_at_fraction <= 1:
         raise ValueError(f"priority.promote_at_fraction must be in (0, 1], got {settings.promote_at_fraction!r}")
-    for name in settings.unvalidated_models_may_raise:
-        if not isinstance(name, str) or not name.strip() or name != name.strip():
-            raise ValueError(f"priority.unvalidated_models_may_raise: {name!r} is not a model name")
 
 
 def turnaround(level: PriorityLevel, received_at: datetime, now: datetime, settings: PrioritySettings) -> Turnaround:
@@ -121,24 +115,6 @@ def _finding_text(label: str, probability: float, model: str, version: str, synt
     if synthetic:
         source += ", synthetic model"
     return f"{label} flagged (p={probability:.2f}, {source})"
-
-
-def may_raise(model: str, synthetic: bool, settings: PrioritySettings) -> bool:
-    """Whether a flagged finding of `model` may raise a study's priority at this site.
-
-    A model whose card says it was trained on synthetic data is not validated for any site: on real chest
-    films the synthetic pneumothorax model flagged about a third of normal studies, so by default its flags
-    are shown but move nothing. A site opts a model in by name (`priority.unvalidated_models_may_raise`).
-    """
-    return not synthetic or model in settings.unvalidated_models_may_raise
-
-
-def _unvalidated_text(label: str, probability: float, model: str, version: str) -> str:
-    source = f"{model} {version}".strip() or "unknown model"
-    return (
-        f"{label} flagged by a synthetic-data model ({source}, p={probability:.2f}; not validated for this site):"
-        " priority not raised"
-    )
 
 
 def compute_priority(
@@ -156,8 +132,8 @@ def compute_priority(
 
     The clinical priority is the floor: AI only ever raises a study (an unflagged, failed or pending analysis
     leaves the level as it was). Each flagged finding raises the study to the level the site sets for that
-    finding, except a finding of a model trained on synthetic data, which raises nothing unless the site names
-    that model in `unvalidated_models_may_raise` (its reason says so). Once `promote_at_fraction` of the
+    finding, except a shadow finding (its model is not active at the study's site: not validated there, or a new
+    version on trial), which is left out of the priority and its reasons altogether. Once `promote_at_fraction` of the
     turnaround target of the level reached so far has elapsed, the study goes up one level (never above stat)
     so routine studies are not starved.
 
@@ -199,25 +175,25 @@ def compute_priority(
     site_levels = {label: level_of(value) for label, value in settings.finding_levels.items()}
     flagged = 0
     for finding in findings:
-        if not finding.flagged:
+        # A shadow model's flag never moves the study and is not a reason: the radiologist's worklist is as if
+        # the model had not run.
+        if not finding.flagged or finding.shadow:
             continue
         label, probability, model, version, synthetic = (
-            finding.label, finding.probability, finding.model, finding.model_version, finding.synthetic
+            finding.label,
+            finding.probability,
+            finding.model,
+            finding.model_version,
+            finding.synthetic,
         )
         flagged += 1
         text = _finding_text(label, probability, model, version, synthetic)
         site_level = site_levels.get(label)
-        if not may_raise(model, synthetic, settings):
-            # Shown on the worklist (badged) but never moves the study: the model is not validated here.
-            reasons.append(
-                PriorityReason(AI_FINDING_UNVALIDATED, _unvalidated_text(label, probability, model, version), level)
-            )
-        elif site_level is None:
+        if site_level is None:
             reasons.append(PriorityReason(AI_FINDING_UNMAPPED, f"{text}; the site sets no level for it", level))
         elif site_level.rank > level.rank:
             level = site_level
-            allowed = "; the site lets this unvalidated model raise priority" if synthetic else ""
-            reasons.append(PriorityReason(AI_FINDING, f"{text} -> {site_level.value}{allowed}", site_level))
+            reasons.append(PriorityReason(AI_FINDING, f"{text} -> {site_level.value}", site_level))
         else:
             # A finding never lowers: the site's level for it is at or below the level already reached.
             reasons.append(

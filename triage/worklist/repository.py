@@ -1074,9 +1074,7 @@ class Worklist:
                 if wanted and routed and not routed & wanted:
                     continue
                 study.auto_requeues = int(study.auto_requeues or 0) + 1
-                self._requeue(
-                    session, study, now, None, "the model can run again after a transient failure; re-queued"
-                )
+                self._requeue(session, study, now, None, "the model can run again after a transient failure; re-queued")
                 taken.append(study.study_uid)
         for uid in taken:
             self._publish(uid, "re-queued")

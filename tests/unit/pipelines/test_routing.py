@@ -9,6 +9,7 @@ import pytest
 from triage.config import Settings
 from triage.domain import SeriesInfo
 from triage.errors import TriageError
+from triage.models.registry import ModelRegistry
 from triage.pipelines.routing import RoutingRules, route_study
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -66,9 +67,23 @@ def test_slice_thickness_outside_limits_is_not_analysed_and_says_why(rules: Rout
 
 @pytest.mark.parametrize(("view", "routed"), [("PA", True), ("AP", True), ("", True), ("LL", False)])
 def test_chest_radiograph_frontal_views(rules: RoutingRules, view: str, routed: bool) -> None:
+    # The view is the card's to check (its intended use), not the routing file's.
+    card = ModelRegistry(Settings().weights_dir).get("xr-chest-pneumothorax").card
     dx = series("dx", modality="DX", sop=DX, n=1, BodyPartExamined="CHEST", ViewPosition=view)
-    (decision,) = route_study([dx], rules, MODELS)
+    (decision,) = route_study([dx], rules, MODELS, admit=lambda model, s: card.check_use(s.attributes))
     assert (decision.model == "xr-chest-pneumothorax") is routed
+    if not routed:
+        assert decision.reason == (
+            "outside-intended-use: outside the model's intended use: view left lateral, model is for PA, AP views"
+        )
+
+
+def test_a_film_outside_intended_use_does_not_displace_one_within_it(rules: RoutingRules) -> None:
+    card = ModelRegistry(Settings().weights_dir).get("xr-chest-pneumothorax").card
+    lateral = series("lat", modality="DX", sop=DX, n=1, BodyPartExamined="CHEST", ViewPosition="LL")
+    frontal = series("pa", modality="DX", sop=DX, n=1, BodyPartExamined="CHEST", ViewPosition="PA")
+    decisions = route_study([lateral, frontal], rules, MODELS, admit=lambda model, s: card.check_use(s.attributes))
+    assert [d.model for d in decisions] == [None, "xr-chest-pneumothorax"]
 
 
 def test_modality_no_model_handles_is_recorded(rules: RoutingRules) -> None:

@@ -28,10 +28,13 @@ def flagged_ct(site: Site, accession: str = "ACC-CT-1") -> str:
     return study_uid
 
 
-def flagged_xray(site: Site, accession: str = "ACC-XR-1") -> str:
+def flagged_xray(site: Site, accession: str = "ACC-XR-1", shadow: bool = True) -> str:
+    """A study flagged by the synthetic-data X-ray model: in shadow (its default state at any site), or active
+    (a site activated it on a validation report)."""
     study_uid, ds = site.add_xray(accession)
     name = site.overlay(study_uid, "xr-ptx.npz", str(ds.SOPInstanceUID), (32, 32), stride=4)
-    site.finish(study_uid, [pneumothorax_finding(str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), name)])
+    finding = pneumothorax_finding(str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), name)
+    site.finish(study_uid, [{**finding, "shadow": shadow}])
     return study_uid
 
 
@@ -169,14 +172,14 @@ def test_worklist_page_in_priority_order_with_flags_badges_and_status(site: Site
     site.sign_in()
     html = site.client.get("/worklist").text
     order = row_order(html)
-    # The synthetic-data model's flag is shown (badged) but does not raise the X-ray above routine.
+    # The synthetic-data model runs in shadow: its flag is shown to the admin (badged) but raises nothing.
     assert order[0] == ct_uid and set(order[1:]) == {xray_uid, routine_uid}
     ct_row = html[html.index(f'data-study="{ct_uid}"') :].split("</tr>")[0]
     assert "level-stat" in ct_row and "intracranial haemorrhage" in ct_row and "93%" in ct_row
     assert "ct-head-ich 1.0.0" in ct_row and "synthetic model" not in ct_row and "ACC-CT-1" in ct_row
     xray_row = html[html.index(f'data-study="{xray_uid}"') :].split("</tr>")[0]
     assert "synthetic model" in xray_row and "xr-chest-pneumothorax 0.1.0" in xray_row
-    assert "level-routine" in xray_row and "not validated for this site): priority not raised" in xray_row
+    assert "level-routine" in xray_row and 'class="badge shadow"' in xray_row and "pneumothorax flagged" not in xray_row
     routine_row = html[html.index(f'data-study="{routine_uid}"') :].split("</tr>")[0]
     assert "not analysed" in routine_row and "no series matched a model" in routine_row
     assert "level-routine" in routine_row and "unclaimed" in routine_row
@@ -250,7 +253,7 @@ def test_only_the_claimant_or_an_admin_releases_a_claim(site: Site) -> None:
 
 def test_feedback_is_stored_with_the_model_version_and_exported_as_training_labels(site: Site) -> None:
     ct_uid = flagged_ct(site)
-    xray_uid = flagged_xray(site)
+    xray_uid = flagged_xray(site, shadow=False)
     site.add_radiologist()
     csrf = site.sign_in("reader", RADIOLOGIST_PASSWORD)
     site.client.post(f"/studies/{ct_uid}/feedback", data={"csrf_token": csrf, "verdict": "agree", "finding": "0"})

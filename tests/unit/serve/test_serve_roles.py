@@ -112,7 +112,7 @@ def test_the_bridge_setting_comes_from_the_environment(monkeypatch) -> None:  # 
     assert Settings().ris_bridge_may_report is True
 
 
-def test_models_api_says_whether_a_synthetic_model_may_raise_priority(tmp_path, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+def test_models_api_gives_each_models_state_per_site(tmp_path, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     import shutil
 
     from fastapi.testclient import TestClient as Client
@@ -123,15 +123,17 @@ def test_models_api_says_whether_a_synthetic_model_may_raise_priority(tmp_path, 
 
     shutil.copytree(Settings().weights_dir / "xr-chest-pneumothorax", settings.weights_dir / "xr-chest-pneumothorax")
     settings.admin_password = ADMIN_PASSWORD
-    for allowed, expected in (([], False), (["xr-chest-pneumothorax"], True)):
-        settings.priority.unvalidated_models_may_raise = allowed
-        settings.data_dir = tmp_path / f"data-{expected}"
-        service = TriageService(settings, runner_kind="inprocess", start_scp=False)
-        with Client(create_app(settings, runner_kind="inprocess", service=service)) as client:
-            _, token = client.app.state.accounts.add_user("exporter", "service", None, utcnow())  # type: ignore[attr-defined]
-            (model,) = client.get("/api/v1/models", headers={"Authorization": f"Bearer {token}"}).json()
-        assert model["name"] == "xr-chest-pneumothorax" and model["synthetic"] is True
-        assert model["raises_priority"] is expected
+    settings.data_dir = tmp_path / "data"
+    service = TriageService(settings, runner_kind="inprocess", start_scp=False)
+    with Client(create_app(settings, runner_kind="inprocess", service=service)) as client:
+        _, token = client.app.state.accounts.add_user("exporter", "service", None, utcnow())  # type: ignore[attr-defined]
+        service.model_states.set_state("xr-chest-pneumothorax", "North", "off", "admin", utcnow(), "not wanted")
+        (model,) = client.get("/api/v1/models", headers={"Authorization": f"Bearer {token}"}).json()
+    assert model["name"] == "xr-chest-pneumothorax" and model["synthetic"] is True
+    assert model["validation"] == "none" and model["raises_priority"] is False
+    states = {s["site"]: s for s in model["states"]}
+    assert states["*"]["state"] == "shadow" and states["*"]["source"] == "card"
+    assert states["North"]["state"] == "off" and states["North"]["changed_by"] == "admin"
 
 
 def test_refused_role_actions_are_in_the_audit_log(site: Site) -> None:

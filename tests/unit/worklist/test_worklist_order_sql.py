@@ -29,17 +29,17 @@ SETTINGS = PrioritySettings(
     turnaround_min={"stat": 60, "urgent": 240, "routine": 1440},
     promote_at_fraction=0.75,
 )
-# Another site's policy: no routine target (routine studies never promote), other fractions, and the
-# synthetic model allowed to raise.
+# Another site's policy: no routine target (routine studies never promote), other fractions.
 OTHER = PrioritySettings(
     finding_levels={"intracranial_haemorrhage": "urgent", "fracture": "stat"},
     turnaround_min={"stat": 45, "urgent": 100},
     promote_at_fraction=0.5,
-    unvalidated_models_may_raise=["xr-chest-pneumothorax"],
 )
 
 
-def finding(label: str, flagged: bool, model: str = "ct-head-ich", synthetic: bool = False) -> dict:
+def finding(
+    label: str, flagged: bool, model: str = "ct-head-ich", synthetic: bool = False, shadow: bool = False
+) -> dict:
     return {
         "label": label,
         "probability": 0.9 if flagged else 0.1,
@@ -47,6 +47,7 @@ def finding(label: str, flagged: bool, model: str = "ct-head-ich", synthetic: bo
         "model": model,
         "model_version": "1.0.0",
         "synthetic": synthetic,
+        "shadow": shadow,
         "details": {},
     }
 
@@ -57,6 +58,7 @@ FINDINGS = [
     [finding("intracranial_haemorrhage", False)],
     [finding("fracture", True, "xr-fracture")],
     [finding("nodule", True, "ct-chest-nodule")],  # the site gives it no level
+    [finding("pneumothorax", True, "xr-chest-pneumothorax", synthetic=True, shadow=True)],
     [finding("pneumothorax", True, "xr-chest-pneumothorax", synthetic=True)],
     [finding("fracture", True, "xr-fracture"), finding("intracranial_haemorrhage", True)],
 ]

@@ -33,9 +33,13 @@ def finding(
 
 
 ICH, FRACTURE, NODULE = finding("intracranial_haemorrhage"), finding("fracture"), finding("nodule")
-# A flag from a model whose card says it was trained on synthetic data (not validated for any site).
-SYNTH_PTX = finding("pneumothorax", 0.97, synthetic=True, model="xr-chest-pneumothorax")
-SYNTH_ICH = finding("intracranial_haemorrhage", 0.95, synthetic=True, model="ct-head-ich-synthetic")
+# A flag from a model in shadow at the study's site (its card says synthetic: not validated there), and the same
+# model's flag at a site that activated it on a local validation report.
+SYNTH_PTX = finding("pneumothorax", 0.97, synthetic=True, model="xr-chest-pneumothorax").model_copy(
+    update={"shadow": True}
+)
+ACTIVE_SYNTH_PTX = finding("pneumothorax", 0.97, synthetic=True, model="xr-chest-pneumothorax")
+SHADOW_ICH = finding("intracranial_haemorrhage", 0.95, model="ct-head-ich").model_copy(update={"shadow": True})
 
 # id, clinical, findings, AI status, minutes waited -> expected level, expected reason codes in order
 GOLDEN = [
@@ -122,35 +126,35 @@ GOLDEN = [
     ),
     ("ai-stat-not-promoted-further", ROUTINE, [ICH], "done", 50, STAT, ["clinical", "ai-finding"]),
     ("failed-study-still-promoted", ROUTINE, [], "failed", 1100, URGENT, ["clinical", "ai-failed", "waiting-promoted"]),
-    # Synthetic-data models: their flags are listed with a reason but raise nothing by default.
-    ("synthetic-flag-does-not-raise", ROUTINE, [SYNTH_PTX], "done", 5, ROUTINE, ["clinical", "ai-finding-unvalidated"]),
-    ("synthetic-flag-under-urgent", URGENT, [SYNTH_PTX], "done", 5, URGENT, ["clinical", "ai-finding-unvalidated"]),
+    # Shadow models (synthetic-data models start so): their flags raise nothing and are no reason.
+    ("shadow-flag-does-not-raise", ROUTINE, [SYNTH_PTX], "done", 5, ROUTINE, ["clinical", "ai-negative"]),
+    ("shadow-flag-under-urgent", URGENT, [SYNTH_PTX], "done", 5, URGENT, ["clinical", "ai-negative"]),
     (
-        "synthetic-flag-beside-real-finding",
+        "shadow-flag-beside-real-finding",
         ROUTINE,
         [SYNTH_PTX, FRACTURE],
         "done",
         5,
         URGENT,
-        ["clinical", "ai-finding-unvalidated", "ai-finding"],
+        ["clinical", "ai-finding"],
     ),
     (
-        "synthetic-flag-still-promoted-by-waiting",
+        "shadow-flag-still-promoted-by-waiting",
         ROUTINE,
         [SYNTH_PTX],
         "done",
         1080,
         URGENT,
-        ["clinical", "ai-finding-unvalidated", "waiting-promoted"],
+        ["clinical", "ai-negative", "waiting-promoted"],
     ),
     (
-        "synthetic-flag-kept-while-requeued",
+        "shadow-flag-while-requeued",
         ROUTINE,
         [SYNTH_PTX],
         "pending",
         5,
         ROUTINE,
-        ["clinical", "ai-pending", "ai-finding-unvalidated"],
+        ["clinical", "ai-pending"],
     ),
     (
         "synthetic-unflagged-is-negative",
@@ -191,63 +195,35 @@ def test_failure_reason_quotes_the_failure_and_keeps_clinical():
 
 
 def test_finding_reason_names_finding_probability_model_version_and_synthetic():
-    allowed = PrioritySettings(**{**SETTINGS.model_dump(), "unvalidated_models_may_raise": ["ct-head-ich"]})
-    flag = finding("intracranial_haemorrhage", 0.934, synthetic=True)
-    text = compute_priority(ROUTINE, [flag], "done", T0, T0, allowed).reasons[1].text
-    for part in ("intracranial_haemorrhage", "p=0.93", "ct-head-ich", "1.2.0", "synthetic model", "stat"):
+    text = compute_priority(ROUTINE, [ACTIVE_SYNTH_PTX], "done", T0, T0, SETTINGS).reasons[1].text
+    for part in ("pneumothorax", "p=0.97", "xr-chest-pneumothorax", "1.2.0", "synthetic model", "stat"):
         assert part in text
-    assert "the site lets this unvalidated model raise priority" in text
     real = compute_priority(ROUTINE, [finding("fracture", synthetic=False)], "done", T0, T0, SETTINGS)
-    assert "synthetic" not in real.reasons[1].text and "unvalidated" not in real.reasons[1].text
+    assert "synthetic" not in real.reasons[1].text
 
 
-def test_synthetic_model_reason_says_plainly_that_priority_was_not_raised():
-    priority = compute_priority(ROUTINE, [SYNTH_PTX], "done", T0, T0, SETTINGS)
-    assert priority.reasons[1].text == (
-        "pneumothorax flagged by a synthetic-data model (xr-chest-pneumothorax 1.2.0, p=0.97; not validated for"
-        " this site): priority not raised"
-    )
-    assert priority.reasons[1].level is ROUTINE
-
-
-def with_allowed(*names: str) -> PrioritySettings:
-    return PrioritySettings(**{**SETTINGS.model_dump(), "unvalidated_models_may_raise": list(names)})
-
-
-# Only the models a site names may raise priority although trained on synthetic data; real models always may.
-# id, allowed models, findings -> expected level, expected reason codes
-UNVALIDATED_GOLDEN = [
-    ("default-none-allowed", (), [SYNTH_PTX], ROUTINE, ["clinical", "ai-finding-unvalidated"]),
-    ("named-model-raises", ("xr-chest-pneumothorax",), [SYNTH_PTX], STAT, ["clinical", "ai-finding"]),
-    ("other-model-named", ("ct-head-ich-synthetic",), [SYNTH_PTX], ROUTINE, ["clinical", "ai-finding-unvalidated"]),
+# A shadow finding is left out of the priority and of its reasons: the worklist is as if its model had not run.
+# id, findings -> expected level, expected reason codes
+SHADOW_GOLDEN = [
+    ("shadow-flag-raises-nothing", [SYNTH_PTX], ROUTINE, ["clinical", "ai-negative"]),
+    ("active-synthetic-model-raises", [ACTIVE_SYNTH_PTX], STAT, ["clinical", "ai-finding"]),
+    ("shadow-real-model-raises-nothing", [SHADOW_ICH], ROUTINE, ["clinical", "ai-negative"]),
+    ("active-beside-shadow", [SYNTH_PTX, ICH], STAT, ["clinical", "ai-finding"]),
     (
-        "one-of-two-synthetic-named",
-        ("ct-head-ich-synthetic",),
-        [SYNTH_PTX, SYNTH_ICH],
-        STAT,
-        ["clinical", "ai-finding-unvalidated", "ai-finding"],
+        "shadow-beside-active-negative",
+        [finding("fracture", flagged=False), SHADOW_ICH],
+        ROUTINE,
+        ["clinical", "ai-negative"],
     ),
-    ("real-model-needs-no-name", (), [ICH], STAT, ["clinical", "ai-finding"]),
-    ("names-are-exact", ("XR-CHEST-PNEUMOTHORAX",), [SYNTH_PTX], ROUTINE, ["clinical", "ai-finding-unvalidated"]),
 ]
 
 
-@pytest.mark.parametrize(
-    ("allowed", "findings", "level", "codes"), [pytest.param(*row[1:], id=row[0]) for row in UNVALIDATED_GOLDEN]
-)
-def test_unvalidated_models_golden_table(allowed, findings, level, codes):
-    priority = compute_priority(ROUTINE, findings, "done", T0, T0, with_allowed(*allowed))
+@pytest.mark.parametrize(("findings", "level", "codes"), [pytest.param(*row[1:], id=row[0]) for row in SHADOW_GOLDEN])
+def test_shadow_findings_golden_table(findings, level, codes):
+    priority = compute_priority(ROUTINE, findings, "done", T0, T0, SETTINGS)
     assert priority.level is level
     assert [r.code for r in priority.reasons] == codes
-
-
-def test_unvalidated_setting_comes_from_the_environment(monkeypatch):
-    from triage.config import Settings
-
-    monkeypatch.setenv("TRIAGE_PRIORITY__UNVALIDATED_MODELS_MAY_RAISE", '["xr-chest-pneumothorax"]')
-    assert Settings().priority.unvalidated_models_may_raise == ["xr-chest-pneumothorax"]
-    monkeypatch.delenv("TRIAGE_PRIORITY__UNVALIDATED_MODELS_MAY_RAISE")
-    assert Settings().priority.unvalidated_models_may_raise == []
+    assert not any("pneumothorax" in r.text or "0.95" in r.text for r in priority.reasons if level is ROUTINE)
 
 
 def test_waiting_reason_says_minutes_of_target():
@@ -264,8 +240,8 @@ def test_stored_findings_of_the_previous_release_are_read_as_records():
               "model_version": "1.2.0", "synthetic": False, "details": {}, "legacy": 1}  # fmt: skip
     priority = compute_priority(ROUTINE, [Finding.model_validate(stored)], "done", T0, T0, SETTINGS)
     assert priority.level is STAT
-    synthetic = finding("pneumothorax", synthetic=True, model="xr-chest-pneumothorax")
-    assert compute_priority(ROUTINE, [synthetic], "done", T0, T0, SETTINGS).level is ROUTINE
+    # A release before model states stored no `shadow`: its findings read as active, as they were then.
+    assert Finding.model_validate(stored).shadow is False
 
 
 def test_score_sorts_level_then_closeness_to_breach_then_age():
@@ -308,8 +284,6 @@ def test_malformed_finding_is_refused_where_it_is_read():
         (PrioritySettings(turnaround_min={"soon": 10}), "'soon'"),
         (PrioritySettings(turnaround_min={"stat": 0}), "must be > 0"),
         (PrioritySettings(promote_at_fraction=1.5), "promote_at_fraction"),
-        (PrioritySettings(unvalidated_models_may_raise=[" xr-chest-pneumothorax"]), "unvalidated_models_may_raise"),
-        (PrioritySettings(unvalidated_models_may_raise=[""]), "not a model name"),
     ],
 )
 def test_invalid_policy_is_refused_quoting_the_value(settings, message):

@@ -588,7 +588,13 @@ def test_transient_failures_are_requeued_once_the_model_runs_and_only_a_bounded_
     for n in range(2):
         gen = wl.begin_analysis(uid("t"), T0 + timedelta(minutes=2 + n))
         wl.finish_analysis(
-            uid("t"), gen, [], routing, AIStatus.FAILED, "worker died", T0 + timedelta(minutes=2 + n),
+            uid("t"),
+            gen,
+            [],
+            routing,
+            AIStatus.FAILED,
+            "worker died",
+            T0 + timedelta(minutes=2 + n),
             failure_kind="transient",
         )
         wl.requeue_transient_failures(T0 + timedelta(minutes=3 + n), 2)

@@ -11,6 +11,7 @@ from triage.domain import utcnow
 from triage.serve.auth import RIS_BRIDGE
 from triage.serve.deps import Admin, Audit, Claimant, CurrentUser, Reporter, Service, WorklistDep
 from triage.serve.schemas import ActionResult
+from triage.serve.visibility import for_reader
 from triage.worklist.accounts import Role
 from triage.worklist.preview import preview_png
 from triage.worklist.repository import StudyDetail
@@ -22,7 +23,7 @@ router = APIRouter(prefix="/studies", tags=["worklist"])
 def study(study_uid: str, worklist: WorklistDep, user: CurrentUser, audit: Audit) -> StudyDetail:
     detail = worklist.get_study(study_uid, utcnow())
     audit(user, "view", study_uid, via="api")
-    return detail
+    return for_reader(detail, user)
 
 
 @router.get(

@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 
 from triage.domain import utcnow
-from triage.serve.deps import WorklistDep
+from triage.serve.deps import CurrentUser, WorklistDep
+from triage.serve.visibility import for_reader
 from triage.worklist.repository import WorklistItem
 
 router = APIRouter(tags=["worklist"])
@@ -16,6 +17,7 @@ router = APIRouter(tags=["worklist"])
 @router.get("/worklist", response_model=list[WorklistItem], summary="The worklist, highest priority first")
 def list_worklist(
     worklist: WorklistDep,
+    user: CurrentUser,
     status: Annotated[
         str | None, Query(description="AI status: pending, analysing, done, failed, not-applicable")
     ] = None,
@@ -28,7 +30,7 @@ def list_worklist(
     offset: Annotated[int, Query(ge=0, description="Skip this many studies of the order first")] = 0,
 ) -> list[WorklistItem]:
     try:
-        return worklist.list_worklist(
+        items = worklist.list_worklist(
             utcnow(),
             status=status,
             modality=modality,
@@ -41,3 +43,4 @@ def list_worklist(
         )
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from exc
+    return [for_reader(item, user) for item in items]

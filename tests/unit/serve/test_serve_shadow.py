@@ -1,0 +1,67 @@
+"""Shadow findings: admins and service accounts see them marked shadow; radiologists' worklist, study page and API
+never show them, and they never raise a study."""
+
+from __future__ import annotations
+
+from serve_site import RADIOLOGIST_PASSWORD, Site, ich_finding, pneumothorax_finding, utcnow
+
+
+def shadow(finding: dict) -> dict:
+    return {**finding, "shadow": True}
+
+
+def flagged_xray_in_shadow(site: Site) -> str:
+    study_uid, ds = site.add_xray()
+    site.finish(study_uid, [shadow(pneumothorax_finding(str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), None))])
+    return study_uid
+
+
+def test_a_shadow_flag_raises_nothing_and_is_no_reason(site: Site) -> None:
+    study_uid = flagged_xray_in_shadow(site)
+    item = site.service.worklist.get_study(study_uid, utcnow())
+    assert item.priority.level == "routine"
+    assert [r.code for r in item.priority.reasons] == ["clinical", "ai-negative"]
+    assert not any("pneumothorax" in r.text for r in item.priority.reasons)
+    assert [f.shadow for f in item.findings] == [True]
+
+
+def test_the_api_shows_shadow_findings_to_admins_and_services_marked_and_hides_them_from_radiologists(
+    site: Site,
+) -> None:
+    study_uid = flagged_xray_in_shadow(site)
+    _, token = site.accounts.add_user("ml-script", "service", None, utcnow())
+    machine = {"Authorization": f"Bearer {token}"}
+    (item,) = site.client.get("/api/v1/worklist", headers=machine).json()
+    assert [(f["label"], f["shadow"]) for f in item["findings"]] == [("pneumothorax", True)]
+    detail = site.client.get(f"/api/v1/studies/{study_uid}", headers=machine).json()
+    assert detail["findings"][0]["shadow"] is True
+
+    site.add_radiologist("reader")
+    site.sign_in("reader", RADIOLOGIST_PASSWORD)
+    (item,) = site.client.get("/api/v1/worklist").json()
+    assert item["findings"] == [] and item["priority"]["level"] == "routine"
+    assert site.client.get(f"/api/v1/studies/{study_uid}").json()["findings"] == []
+    worklist = site.client.get("/worklist").text
+    assert 'class="finding ' not in worklist and "shadow" not in worklist
+    study = site.client.get(f"/studies/{study_uid}").text
+    assert "finding-card" not in study and "No AI findings." in study and "shadow" not in study
+
+
+def test_the_admin_pages_badge_shadow_findings(site: Site) -> None:
+    study_uid = flagged_xray_in_shadow(site)
+    site.sign_in()
+    for page in ("/worklist", f"/studies/{study_uid}"):
+        html = site.client.get(page).text
+        assert 'class="badge shadow"' in html, page
+
+
+def test_an_active_finding_keeps_its_place_when_shadow_findings_are_hidden(site: Site) -> None:
+    study_uid, datasets = site.add_ct()
+    sop, series = str(datasets[0].SOPInstanceUID), str(datasets[0].SeriesInstanceUID)
+    # Stored active first, shadow after (as the analysis stores them): index 0 is the same finding in both views.
+    site.finish(study_uid, [ich_finding(sop, series, None), shadow(ich_finding(sop, series, None, flagged=False))])
+    site.add_radiologist("reader")
+    site.sign_in("reader", RADIOLOGIST_PASSWORD)
+    (finding,) = site.client.get(f"/api/v1/studies/{study_uid}").json()["findings"]
+    assert finding["shadow"] is False and finding["flagged"] is True
+    assert site.client.get("/api/v1/worklist").json()[0]["priority"]["level"] == "stat"

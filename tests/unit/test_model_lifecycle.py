@@ -1,0 +1,135 @@
+"""The synthetic X-ray model on the service's real in-process runner: in shadow by default (runs, stored, marked,
+raises nothing, sends nothing), active only at the site that validated it, off where a site turned it off."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from triage.config import Settings
+from triage.domain import AIStatus, utcnow
+from triage.serve.service import TriageService
+from triage.training.synth_xray import make_chest_radiograph_dataset
+
+XR = "xr-chest-pneumothorax"
+
+
+@pytest.fixture
+def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    settings = Settings()
+    settings.data_dir = tmp_path / "data"
+    settings.results.host = "127.0.0.1"  # a PACS to send results to (recorded below, not contacted)
+    sent: list[tuple[str, list]] = []
+    monkeypatch.setattr(
+        "triage.serve.service.export_study_results",
+        lambda store, study_uid, findings, *args, **kwargs: sent.append((study_uid, list(findings))) or 1,
+    )
+    svc = TriageService(settings, runner_kind="inprocess", start_scp=False)
+    svc.start()
+    svc.sent = sent  # type: ignore[attr-defined]
+    yield svc
+    svc.stop()
+
+
+def flagged_film(service: TriageService, site: str, seed: int = 3, **header: object) -> str:
+    """A synthetic pneumothorax film from `site` that the model flags (checked, not assumed)."""
+    ds = make_chest_radiograph_dataset(seed, positive=True, shape=(256, 256), view=str(header.pop("view", "PA")))
+    ds.InstitutionName = site
+    for keyword, value in header.items():
+        setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)  # as a sender would encode it
+    buffer.seek(0)
+    service.accept(pydicom.dcmread(buffer), "XR_ROOM")
+    return str(ds.StudyInstanceUID)
+
+
+def passing_report(site: str) -> dict:
+    return {
+        "model": XR, "version": "1.0.0", "site": site, "finding": "pneumothorax", "threshold": 0.8722,
+        "n": 200, "n_positive": 100, "roc_auc": 0.97, "sensitivity": 0.9, "sensitivity_ci95": [0.84, 0.95],
+        "specificity": 0.95, "specificity_ci95": [0.9, 0.98],
+    }  # fmt: skip
+
+
+def test_in_shadow_the_model_runs_and_its_flag_is_stored_marked_but_moves_and_sends_nothing(service) -> None:
+    study_uid = flagged_film(service, "North")
+    outcome = service._analyse(study_uid)
+    assert outcome.ai_status is AIStatus.DONE
+    (finding,) = outcome.findings
+    assert finding.flagged and finding.shadow, "precondition: the model flags this film"
+    item = service.worklist.get_study(study_uid, utcnow())
+    assert item.findings[0].shadow is True
+    assert item.priority.level == "routine"
+    assert not any("pneumothorax" in r.text for r in item.priority.reasons)
+    assert service.sent == []  # a shadow finding is never sent to the PACS
+
+
+def test_active_at_the_site_that_validated_it_and_in_shadow_elsewhere(service) -> None:
+    service.model_states.promote(XR, "North", passing_report("North"), "ml", utcnow())
+    north, south = flagged_film(service, "North", seed=3), flagged_film(service, "South", seed=5)
+    for study_uid in (north, south):
+        service._analyse(study_uid)
+    north_item = service.worklist.get_study(north, utcnow())
+    assert north_item.priority.level == "stat" and north_item.findings[0].shadow is False
+    assert [r.code for r in north_item.priority.reasons][-1] == "ai-finding"
+    south_item = service.worklist.get_study(south, utcnow())
+    assert south_item.findings[0].flagged and south_item.findings[0].shadow
+    assert south_item.priority.level == "routine"
+    assert [uid for uid, _ in service.sent] == [north]
+
+
+def test_the_sites_operating_point_decides_the_flag(service) -> None:
+    service.model_states.promote(XR, "North", passing_report("North"), "ml", utcnow(), threshold=0.99999)
+    study_uid = flagged_film(service, "North")
+    service._analyse(study_uid)
+    (finding,) = service.worklist.get_study(study_uid, utcnow()).findings
+    assert finding.details["site_threshold"] == 0.99999
+    assert finding.flagged is (finding.probability >= 0.99999)
+
+
+def test_off_at_a_site_the_model_does_not_run_there(service) -> None:
+    service.model_states.set_state(XR, "North", "off", "admin", utcnow(), "this site reads films itself")
+    study_uid = flagged_film(service, "North")
+    outcome = service._analyse(study_uid)
+    assert outcome.ai_status is AIStatus.NOT_APPLICABLE and outcome.findings == []
+    (decision,) = outcome.routing
+    assert decision.model is None and decision.reason == f"model-off: {XR} is off for site North"
+    assert service.worklist.get_study(study_uid, utcnow()).priority.level == "routine"
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (
+            {"PatientAge": "006Y"},
+            "outside the model's intended use: patient age 6 y, model is for adults (18 y and over)",
+        ),
+        ({"view": "LL"}, "outside the model's intended use: view left lateral, model is for PA, AP views"),
+        (
+            {"BodyPartExamined": "ABDOMEN"},
+            "outside the model's intended use: body part ABDOMEN, model is for CHEST, THORAX, LUNG",
+        ),
+    ],
+)
+def test_a_film_outside_the_models_intended_use_is_not_analysed_and_the_worklist_says_why(
+    service, header, reason
+) -> None:
+    study_uid = flagged_film(service, "North", **header)
+    outcome = service._analyse(study_uid)
+    assert outcome.ai_status is AIStatus.NOT_APPLICABLE and outcome.findings == []
+    item = service.worklist.get_study(study_uid, utcnow())
+    assert item.ai_reason == reason
+    assert any(reason in r.text for r in item.priority.reasons)
+
+
+def test_a_film_without_age_or_view_is_analysed_and_the_assumption_recorded(service) -> None:
+    study_uid = flagged_film(service, "North", view="")
+    outcome = service._analyse(study_uid)
+    assert outcome.ai_status is AIStatus.DONE
+    (decision,) = outcome.routing
+    assert "view position not in the header: analysed, as the card allows" in decision.reason
+    assert "patient age not in the header: analysed, as the card allows" in decision.reason

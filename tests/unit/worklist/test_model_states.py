@@ -1,0 +1,138 @@
+"""Model states per site in the database: defaults from the card, activation only on a passing report, audited,
+rollback, new versions in shadow. On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from triage.config import ModelSettings, Settings, ValidationThresholds
+from triage.errors import ConflictError
+from triage.models.registry import ModelRegistry
+from triage.models.states import ANY_SITE, ModelState
+from triage.worklist.accounts import Accounts
+from triage.worklist.db import create_engine_for, migrate
+from triage.worklist.model_states import ModelStates, ValidationRefused
+
+T0 = datetime(2026, 12, 4, 9, 0, tzinfo=UTC)
+XR = "xr-chest-pneumothorax"
+
+
+def passing_report(site: str = "North", version: str = "1.0.0") -> dict:
+    return {
+        "model": XR,
+        "version": version,
+        "site": site,
+        "finding": "pneumothorax",
+        "threshold": 0.8722,
+        "n": 150,
+        "n_positive": 50,
+        "roc_auc": 0.95,
+        "roc_auc_ci95": [0.92, 0.98],
+        "sensitivity": 0.92,
+        "sensitivity_ci95": [0.84, 0.98],
+        "specificity": 0.9,
+        "specificity_ci95": [0.84, 0.95],
+    }
+
+
+@pytest.fixture
+def states(fresh_db_url: str, tmp_path: Path) -> ModelStates:
+    url = fresh_db_url
+    migrate(url)
+    weights = tmp_path / "weights"
+    shutil.copytree(Settings().weights_dir / XR, weights / XR)
+    engine = create_engine_for(url)
+    yield ModelStates(engine, ModelRegistry(weights), ModelSettings(validation=ValidationThresholds(min_cases=100)))
+    engine.dispose()
+
+
+def test_the_synthetic_model_starts_in_shadow_at_every_site(states: ModelStates) -> None:
+    for site in ("North", "", ANY_SITE):
+        state = states.states(site)[XR]
+        assert state.state is ModelState.SHADOW and state.source == "card"
+
+
+def test_activation_without_a_passing_report_is_refused_and_changes_nothing(states: ModelStates) -> None:
+    with pytest.raises(ValidationRefused, match="cannot be set active directly"):
+        states.set_state(XR, "North", "active", "ml", T0, "trust me")
+    for report, message in (
+        (passing_report(site="South"), "for site 'South'"),
+        ({**passing_report(), "n": 60}, "60 cases"),
+        ({**passing_report(), "specificity_ci95": [0.5, 0.9]}, "specificity lower 95% bound 0.5"),
+    ):
+        with pytest.raises(ValidationRefused, match=message):
+            states.promote(XR, "North", report, "ml", T0)
+    with pytest.raises(ValidationRefused, match="one site at a time"):
+        states.promote(XR, ANY_SITE, passing_report(site=ANY_SITE), "ml", T0)
+    assert states.states("North")[XR].state is ModelState.SHADOW
+    assert states.history() == []
+
+
+def test_activation_on_a_passing_report_is_per_site_and_audited(states: ModelStates) -> None:
+    state = states.promote(XR, "North", passing_report(), "ml-engineer", T0, threshold=0.9)
+    assert state.state is ModelState.ACTIVE and state.threshold == 0.9
+    assert states.states("North")[XR].state is ModelState.ACTIVE
+    assert states.states("South")[XR].state is ModelState.SHADOW  # validated for North only
+    (change,) = states.history()
+    assert (change["from"], change["to"], change["by"], change["action"]) == (
+        "shadow",
+        "active",
+        "ml-engineer",
+        "model-promote",
+    )
+    digest = states.states("North")[XR].report
+    assert digest is not None and len(digest["sha256"]) == 64 and digest["n"] == 150
+    (entry,) = Accounts(states.engine).audit_entries(action="model-promote")
+    assert entry.user == "ml-engineer" and entry.detail["site"] == "North" and entry.detail["to"] == "active"
+    assert entry.detail["report_sha256"] == digest["sha256"]
+    json.dumps(entry.detail)  # JSON-ready for the audit page
+
+
+def test_rollback_undoes_the_last_change_and_is_audited(states: ModelStates) -> None:
+    states.promote(XR, "North", passing_report(), "ml", T0, threshold=0.9)
+    states.set_state(XR, "North", "off", "admin", T0, "too many flags")
+    assert states.states("North")[XR].state is ModelState.OFF
+    back = states.rollback(XR, "North", "admin", T0, why="off by mistake")
+    assert back.state is ModelState.ACTIVE and back.threshold == 0.9  # the activation's operating point returns
+    again = states.rollback(XR, "North", "admin", T0)
+    assert again.state is ModelState.SHADOW and again.threshold is None
+    with pytest.raises(ConflictError, match="no change to roll back"):
+        states.rollback(XR, "North", "admin", T0)
+    actions = [(c["action"], c["to"]) for c in states.history()]
+    assert actions == [
+        ("model-promote", "active"),
+        ("model-state", "off"),
+        ("model-rollback", "active"),
+        ("model-rollback", "shadow"),
+    ]
+    assert len(Accounts(states.engine).audit_entries(action="model-rollback")) == 2
+
+
+def test_a_site_setting_overrides_the_every_site_one(states: ModelStates) -> None:
+    states.set_state(XR, ANY_SITE, "off", "admin", T0, "not at our sites")
+    assert states.states("South")[XR].state is ModelState.OFF
+    assert states.states("South")[XR].source == "all-sites"
+    states.promote(XR, "North", passing_report(), "ml", T0)
+    assert states.states("North")[XR].state is ModelState.ACTIVE
+
+
+def test_a_new_version_starts_in_shadow_even_where_the_old_one_was_active(states: ModelStates, tmp_path: Path) -> None:
+    states.promote(XR, "North", passing_report(), "ml", T0)
+    old = states.registry.get(XR).directory
+    new = old.parent / "1.1.0"
+    shutil.copytree(old, new)
+    card = json.loads((new / "card.json").read_text())
+    # Even a version whose card would start active on its own (real data, external validation) starts in shadow.
+    card.update(version="1.1.0", synthetic=False, validation={"status": "external", "summary": "published"})
+    (new / "card.json").write_text(json.dumps(card))
+    states.registry.refresh()
+    state = states.states("North")[XR]
+    assert (state.version, state.state) == ("1.1.0", ModelState.SHADOW)
+    assert "new version" in state.reason
+    status = {(s.version, s.site): s.state for s in states.status(["North"])}
+    assert status[("1.0.0", "North")] is ModelState.ACTIVE and status[("1.1.0", "North")] is ModelState.SHADOW

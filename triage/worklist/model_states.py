@@ -1,0 +1,421 @@
+"""Each installed model's state per site (active, shadow, off), kept in the worklist database with its history.
+
+A state nobody has set comes from the card (`triage.models.states.default_state`). Setting one is audited: who,
+when, why and, for an activation, the digest and figures of the validation report it rests on. Activation is the
+only way a model's flags come to raise priority at a site, and it needs a passing local validation report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Engine, Float, Integer, String, Text, false, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from triage.config import ModelSettings
+from triage.errors import ConflictError, TriageError
+from triage.models.card import ModelCard
+from triage.models.registry import ModelRegistry
+from triage.models.states import (
+    ANY_SITE,
+    ModelState,
+    SiteState,
+    ValidationThresholds,
+    default_state,
+    report_problems,
+    site_label,
+)
+from triage.worklist.accounts import AuditRow
+from triage.worklist.db import WRITE_OPTION
+from triage.worklist.tables import Base, Study, UTCDateTime
+
+log = logging.getLogger(__name__)
+
+# Audit actions (the audit log's `action` column).
+PROMOTE = "model-promote"
+ROLLBACK = "model-rollback"
+SET_STATE = "model-state"
+
+
+class ValidationRefused(TriageError):
+    """A state change that is not allowed: an activation without a passing validation report, or no such state."""
+
+
+class ModelStateRow(Base):
+    """The state set for one model version at one site ("*": every site without its own)."""
+
+    __tablename__ = "model_states"
+
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    site: Mapped[str] = mapped_column(String(256), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    # The operating point chosen for this site from its validation report; None: the card's threshold.
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # What the report behind an activation showed: its sha256, n, AUC, sensitivity, specificity with CIs.
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    changed_by: Mapped[str] = mapped_column(String(64))
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ModelStateChange(Base):
+    """Every change of a model's state at a site, oldest first: what rollback undoes, and the audit trail."""
+
+    __tablename__ = "model_state_changes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(128), index=True)
+    version: Mapped[str] = mapped_column(String(64))
+    site: Mapped[str] = mapped_column(String(256))
+    action: Mapped[str] = mapped_column(String(32))
+    from_state: Mapped[str] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    changed_by: Mapped[str] = mapped_column(String(64))
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Set when a rollback undid this change (a second rollback undoes the change before it).
+    undone: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+def report_digest(report: Mapping[str, Any]) -> dict[str, Any]:
+    """What is kept of a validation report with a state: its sha256 and the figures a reviewer looks at first."""
+    text = json.dumps(report, sort_keys=True)
+    keep = ("model", "version", "site", "finding", "threshold", "n", "n_positive", "roc_auc", "sensitivity")
+    digest = {key: report.get(key) for key in keep if key in report}
+    for key in ("sensitivity_ci95", "specificity", "specificity_ci95", "roc_auc_ci95", "data"):
+        if key in report:
+            digest[key] = report[key]
+    digest["sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    return digest
+
+
+class ModelStates:
+    """The states of the installed models per site.
+
+    Args:
+        engine: The worklist database's engine, migrated to head.
+        registry: The installed models (a state is for an installed version).
+        settings: Whether local validation is required before a model raises priority, and the thresholds a
+            validation report must meet, per site.
+    """
+
+    def __init__(self, engine: Engine, registry: ModelRegistry, settings: ModelSettings | None = None) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.settings = settings or ModelSettings()
+
+    @contextmanager
+    def _session(self, write: bool = False) -> Iterator[Session]:
+        engine = self.engine.execution_options(**{WRITE_OPTION: True}) if write else self.engine
+        with Session(engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    # ------------------------------------------------------------------------------------------------ reading
+    def thresholds(self, site: str) -> ValidationThresholds:
+        """What a validation report must show for `site` (the site's own, else the service's default)."""
+        return self.settings.site_thresholds.get(site, self.settings.validation)
+
+    def _earlier_version(self, session: Session, card: ModelCard) -> str | None:
+        """A version of the same model older than `card`'s, installed now or recorded in a state, if any."""
+        from triage.models.registry import _version_key
+
+        mine = _version_key(card.version)
+        versions = {m.card.version for m in self.registry.all() if m.card.name == card.name}
+        versions |= set(session.scalars(select(ModelStateRow.version).where(ModelStateRow.model == card.name)))
+        older = [v for v in versions if _version_key(v) < mine]
+        return max(older, key=_version_key) if older else None
+
+    def state_of(self, card: ModelCard, site: str) -> SiteState:
+        """The state of `card`'s version at `site`: set for the site, else for every site, else from the card."""
+        with self._session() as session:
+            return self._state_of(session, card, site)
+
+    def _state_of(self, session: Session, card: ModelCard, site: str) -> SiteState:
+        rows = {
+            row.site: row
+            for row in session.scalars(
+                select(ModelStateRow).where(
+                    ModelStateRow.model == card.name,
+                    ModelStateRow.version == card.version,
+                    ModelStateRow.site.in_([site, ANY_SITE]),
+                )
+            )
+        }
+        row = rows.get(site) or rows.get(ANY_SITE)
+        if row is not None:
+            return SiteState(
+                model=row.model,
+                version=row.version,
+                site=site,
+                state=ModelState.parse(row.state),
+                source="site" if row.site == site and site != ANY_SITE else "all-sites",
+                reason=row.reason,
+                threshold=row.threshold,
+                report=row.report,
+                changed_by=row.changed_by,
+                changed_at=row.changed_at,
+            )
+        state, reason = default_state(
+            card, self._earlier_version(session, card), self.settings.require_local_validation
+        )
+        return SiteState(card.name, card.version, site, state, "card", reason)
+
+    def states(self, site: str) -> dict[str, SiteState]:
+        """The state of each installed model's newest version at `site`, by model name."""
+        with self._session() as session:
+            return {name: self._state_of(session, self.registry.get(name).card, site) for name in self.registry.names()}
+
+    def known_sites(self) -> list[str]:
+        """The sites studies came from and the sites a state was set for (without "*"), sorted."""
+        with self._session() as session:
+            sites = set(session.scalars(select(Study.site).distinct()))
+            sites |= set(session.scalars(select(ModelStateRow.site).distinct()))
+        sites.discard(ANY_SITE)
+        return sorted(sites)
+
+    def status(self, sites: Iterable[str] | None = None) -> list[SiteState]:
+        """Every installed model version's state at every known site, and at "*" (any other site)."""
+        wanted = [ANY_SITE, *(self.known_sites() if sites is None else sites)]
+        with self._session() as session:
+            return [
+                self._state_of(session, model.card, site)
+                for model in self.registry.all()
+                for site in dict.fromkeys(wanted)
+            ]
+
+    def history(self, model: str | None = None, site: str | None = None) -> list[dict[str, Any]]:
+        """Every recorded change, oldest first."""
+        query = select(ModelStateChange).order_by(ModelStateChange.id)
+        if model:
+            query = query.where(ModelStateChange.model == model)
+        if site is not None:
+            query = query.where(ModelStateChange.site == site)
+        with self._session() as session:
+            return [
+                {
+                    "model": c.model,
+                    "version": c.version,
+                    "site": c.site,
+                    "action": c.action,
+                    "from": c.from_state,
+                    "to": c.to_state,
+                    "reason": c.reason,
+                    "threshold": c.threshold,
+                    "report": c.report,
+                    "by": c.changed_by,
+                    "at": c.changed_at.isoformat(),
+                }
+                for c in session.scalars(query)
+            ]
+
+    # ------------------------------------------------------------------------------------------------ changing
+    def _card(self, model: str, version: str | None) -> ModelCard:
+        return self.registry.get(model, version).card
+
+    def _write(
+        self,
+        session: Session,
+        card: ModelCard,
+        site: str,
+        state: ModelState,
+        action: str,
+        reason: str,
+        user: str,
+        now: datetime,
+        threshold: float | None = None,
+        report: dict[str, Any] | None = None,
+    ) -> SiteState:
+        before = self._state_of(session, card, site)
+        row = session.get(ModelStateRow, (card.name, card.version, site))
+        if row is None:
+            row = ModelStateRow(model=card.name, version=card.version, site=site)
+            session.add(row)
+        row.state, row.reason, row.threshold, row.report = state.value, reason, threshold, report
+        row.changed_by, row.changed_at = user[:64], now
+        session.add(
+            ModelStateChange(
+                model=card.name,
+                version=card.version,
+                site=site,
+                action=action,
+                from_state=before.state.value,
+                to_state=state.value,
+                reason=reason,
+                threshold=threshold,
+                report=report,
+                changed_by=user[:64],
+                changed_at=now,
+            )
+        )
+        self._audit(session, user, action, now, card, site, before.state, state, reason, report)
+        log.info("model %s: %s -> %s at site %s by %s", card.key, before.state, state, site_label(site), user)
+        return SiteState(card.name, card.version, site, state, "site", reason, threshold, report, user, now)
+
+    @staticmethod
+    def _audit(
+        session: Session,
+        user: str,
+        action: str,
+        now: datetime,
+        card: ModelCard,
+        site: str,
+        before: ModelState,
+        after: ModelState,
+        reason: str,
+        report: Mapping[str, Any] | None,
+    ) -> None:
+        detail: dict[str, Any] = {"model": card.name, "version": card.version, "site": site}
+        detail.update({"from": before.value, "to": after.value, "reason": reason})
+        if report:
+            detail["report_sha256"] = report.get("sha256")
+        session.add(AuditRow(at=now, user_name=user[:64], action=action, study_uid=None, detail=detail))
+
+    def set_state(
+        self,
+        model: str,
+        site: str,
+        state: ModelState | str,
+        user: str,
+        now: datetime,
+        reason: str,
+        version: str | None = None,
+    ) -> SiteState:
+        """Put a model in shadow or off at a site (or "*": every site without its own setting).
+
+        Raises:
+            ValidationRefused: for `active`: that takes `promote` with a passing validation report.
+            NotFoundError: when the model or version is not installed.
+        """
+        try:
+            state = ModelState.parse(str(state))
+        except ValueError as exc:
+            raise ValidationRefused(str(exc)) from None
+        if state is ModelState.ACTIVE:
+            raise ValidationRefused(
+                f"{model} cannot be set active directly: use `triage models promote {model} --site SITE --report"
+                " report.json` with a passing local validation report for that site"
+            )
+        card = self._card(model, version)
+        with self._session(write=True) as session:
+            return self._write(session, card, site, state, SET_STATE, reason or f"set {state.value}", user, now)
+
+    def promote(
+        self,
+        model: str,
+        site: str,
+        report: Mapping[str, Any],
+        user: str,
+        now: datetime,
+        version: str | None = None,
+        threshold: float | None = None,
+    ) -> SiteState:
+        """Make a model version active at a site on a passing local validation report for that site.
+
+        Args:
+            report: `report.json` from `triage models evaluate --site SITE`.
+            threshold: The operating point for this site (from the report's table of thresholds); None: the one
+                the report was evaluated at.
+
+        Raises:
+            ValidationRefused: quoting every way the report falls short of the site's thresholds, or when `site`
+                is "*" (a report validates a model for one site).
+            NotFoundError: when the model or version is not installed.
+        """
+        card = self._card(model, version)
+        if site == ANY_SITE:
+            raise ValidationRefused("a model is validated for one site at a time: name the site, not '*'")
+        problems = report_problems(report, card.name, card.version, site, self.thresholds(site))
+        if problems:
+            raise ValidationRefused(
+                f"{card.key} stays as it is at site {site_label(site)}: the validation report does not pass: "
+                + "; ".join(problems)
+            )
+        operating = threshold if threshold is not None else report.get("threshold")
+        kept = report_digest(report)
+        reason = (
+            f"promoted on local validation report {kept['sha256'][:12]} ({kept.get('n')} studies, AUC "
+            f"{_fmt(kept.get('roc_auc'))}, sensitivity {_fmt(kept.get('sensitivity'))}, specificity "
+            f"{_fmt(kept.get('specificity'))} at threshold {_fmt(operating)})"
+        )
+        with self._session(write=True) as session:
+            return self._write(
+                session,
+                card,
+                site,
+                ModelState.ACTIVE,
+                PROMOTE,
+                reason,
+                user,
+                now,
+                None if operating is None else float(operating),
+                kept,
+            )
+
+    def rollback(
+        self, model: str, site: str, user: str, now: datetime, version: str | None = None, why: str = ""
+    ) -> SiteState:
+        """Undo the last change of a model version's state at a site: it returns to the state (and operating
+        point and report) it had before; a model never changed there goes to shadow.
+
+        Raises:
+            ConflictError: when the version is already in shadow or off there with nothing to undo.
+            NotFoundError: when the model or version is not installed.
+        """
+        card = self._card(model, version)
+        with self._session(write=True) as session:
+            changes = list(
+                session.scalars(
+                    select(ModelStateChange)
+                    .where(
+                        ModelStateChange.model == card.name,
+                        ModelStateChange.version == card.version,
+                        ModelStateChange.site == site,
+                        ModelStateChange.action != ROLLBACK,
+                        ModelStateChange.undone.is_(False),
+                    )
+                    .order_by(ModelStateChange.id)
+                )
+            )
+            current = self._state_of(session, card, site)
+            threshold: float | None = None
+            report: dict[str, Any] | None = None
+            if changes:
+                last = changes[-1]
+                last.undone = True
+                target = ModelState.parse(last.from_state)
+                earlier = [c for c in changes[:-1] if c.to_state == target.value]
+                if earlier and target is ModelState.ACTIVE:
+                    threshold, report = earlier[-1].threshold, earlier[-1].report
+            elif current.state is ModelState.ACTIVE:
+                target = ModelState.SHADOW
+            else:
+                raise ConflictError(
+                    f"{card.key} is {current.state.value} at site {site_label(site)} with no change to roll back"
+                )
+            reason = f"rolled back from {current.state.value}" + (f": {why}" if why else "")
+            return self._write(session, card, site, target, ROLLBACK, reason, user, now, threshold, report)
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.3f}"
+
+
+__all__ = [
+    "PROMOTE",
+    "ROLLBACK",
+    "SET_STATE",
+    "ModelStateChange",
+    "ModelStateRow",
+    "ModelStates",
+    "ValidationRefused",
+    "report_digest",
+]
