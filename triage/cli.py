@@ -721,6 +721,14 @@ def models_evaluate(
             " there (`triage models promote --site`)"
         ),
     ] = None,
+    prevalence: Annotated[
+        float | None, typer.Option(help="The site's prevalence of the finding for PPV/NPV (default: the set's)")
+    ] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Score the cases with Ray Data on a Ray cluster")] = False,
+    ray_address: Annotated[
+        str | None, typer.Option(help="The cluster for --ray (default: TRIAGE_RAY__ADDRESS, else a local Ray)")
+    ] = None,
+    ray_actors: Annotated[int, typer.Option(help="Ray Data actors for --ray (each loads the model once)")] = 1,
 ) -> None:
     """Run the service's pipeline on a labelled set: ROC AUC, sensitivity, specificity with 95% bootstrap CIs,
     confusion matrix and ROC curve, written to a report folder (JSON + PNG + Markdown)."""
@@ -733,14 +741,29 @@ def models_evaluate(
     settings = Settings()
     model = ModelRegistry(settings.weights_dir).get(name, version)
     command = " ".join(["triage", "models", "evaluate", *sys.argv[3:]])
+    batch = None
+    if ray:
+        from triage.training.evaluate import RayBatch
+
+        batch = RayBatch(ray_address or settings.ray.address or None, max(1, ray_actors))
     with err.status(f"evaluating {model.card.key} on {data} ..."):
         report = evaluate(
-            model, data, labels, out, settings.inference.providers, members, bootstrap, command=command, site=site
+            model,
+            data,
+            labels,
+            out,
+            settings.inference.providers,
+            members,
+            bootstrap,
+            command=command,
+            site=site,
+            prevalence=prevalence,
+            ray=batch,
         )
     if model.card.synthetic:
         err.print(f"[yellow]{model.card.key} is a {SYNTHETIC_NOTICE}[/yellow]")
     console.print((out / "summary.md").read_text())
-    console.print(f"report: {out / 'report.json'}, {out / 'roc.png'}, {out / 'summary.md'}")
+    console.print(f"report: {out / 'report.html'} ({out / 'report.json'}, {out / 'summary.md'})")
     if record:
         from triage.training.evaluate import record_evaluation
 
@@ -820,7 +843,11 @@ def models_promote(
     report: Annotated[Path, typer.Option(help="report.json from `triage models evaluate --site SITE`")],
     version: Annotated[str | None, typer.Option(help="Default: the newest installed")] = None,
     threshold: Annotated[
-        float | None, typer.Option(help="The operating point for this site; default: the report's")
+        float | None, typer.Option(help="The operating point for this site, one of the report's; default: its own")
+    ] = None,
+    operating_point: Annotated[
+        str | None,
+        typer.Option(help="One of the report's operating points by name, e.g. 'sensitivity >= 0.95'"),
     ] = None,
     data_dir: DataDir = None,
 ) -> None:
@@ -835,7 +862,14 @@ def models_promote(
         _fail(f"{report} is not JSON: {exc}")
     try:
         state = _model_states(data_dir).promote(
-            name, site, document, _operator(), utcnow(), version=version, threshold=threshold
+            name,
+            site,
+            document,
+            _operator(),
+            utcnow(),
+            version=version,
+            threshold=threshold,
+            operating_point=operating_point,
         )
     except ValidationRefused as exc:
         _fail(f"refused: {exc}")

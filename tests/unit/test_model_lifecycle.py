@@ -83,7 +83,12 @@ def test_active_at_the_site_that_validated_it_and_in_shadow_elsewhere(service) -
 
 
 def test_the_sites_operating_point_decides_the_flag(service) -> None:
-    service.model_states.promote(XR, "North", passing_report("North"), "ml", utcnow(), threshold=0.99999)
+    report = passing_report("North")
+    report["operating_points"] = [
+        {"name": "specificity first", "threshold": 0.99999, "sensitivity": 0.9, "sensitivity_ci95": [0.84, 0.95],
+         "specificity": 0.99, "specificity_ci95": [0.96, 1.0]},
+    ]  # fmt: skip
+    service.model_states.promote(XR, "North", report, "ml", utcnow(), operating_point="specificity first")
     study_uid = flagged_film(service, "North")
     service._analyse(study_uid)
     (finding,) = service.worklist.get_study(study_uid, utcnow()).findings

@@ -51,6 +51,7 @@ _STRING_ATTRIBUTES = (
     "ConvolutionKernel",
     "ViewPosition",
     "PhotometricInterpretation",
+    "InstitutionName",
 )
 _LIST_STRING_ATTRIBUTES = ("ImageType", "PatientOrientation")
 # Functional group sequences (and the attribute in them) that carry an attribute in enhanced objects.

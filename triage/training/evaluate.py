@@ -4,25 +4,31 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from triage.dicom.series import read_series_attributes
 from triage.domain import SeriesInfo
 from triage.errors import TriageError
 from triage.models.card import Figure, read_card, write_card
 from triage.models.registry import InstalledModel
 from triage.models.runtime import load_members
 from triage.pipelines.base import pipeline_for
+from triage.training import validation_report as vr
 from triage.training.datasets import IMAGE_SUFFIXES, DatasetError, LabelledCase, read_labels_csv, series_in_folder
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
 ROC_FILE = "roc.png"
+CALIBRATION_FILE = "calibration.png"
+HTML_FILE = "report.html"
 SUMMARY_FILE = "summary.md"
 PREDICTIONS_FILE = "predictions.csv"
 FIGURE_PREFIX = "heldout_"
@@ -40,6 +46,8 @@ def evaluate(
     *,
     command: str = "",
     site: str | None = None,
+    prevalence: float | None = None,
+    ray: RayBatch | None = None,
 ) -> dict[str, Any]:
     """Run preprocess -> infer (ONNX members) -> postprocess on every labelled case and measure the model.
 
@@ -48,8 +56,11 @@ def evaluate(
     probability of the card's first finding over its series. A case whose analysis fails is counted and listed,
     and left out of the figures.
 
-    Writes out_dir/report.json (ROC AUC, sensitivity and specificity at the card's threshold with 95% percentile
-    bootstrap intervals, confusion matrix, n), out_dir/roc.png, out_dir/summary.md and out_dir/predictions.csv.
+    Writes out_dir/report.json (ROC AUC, sensitivity, specificity, PPV and NPV at the site's prevalence at the
+    card's threshold with 95% percentile bootstrap intervals, confusion matrix, n; operating points per target
+    sensitivity; calibration; subgroups by manufacturer, scanner, site, view, slice thickness and age band; the
+    worst errors), out_dir/report.html (with roc.png, calibration.png and gallery/ thumbnails), out_dir/summary.md
+    and out_dir/predictions.csv.
 
     Args:
         model: the installed model (card + weights folder).
@@ -63,6 +74,8 @@ def evaluate(
         command: the command line that ran this, recorded in the report.
         site: the site (institution) whose studies these are: a report for a site is what activating the model
             there rests on (`triage models promote`). None: not a site's validation.
+        prevalence: the site's prevalence of the finding, for PPV and NPV (default: the labelled set's).
+        ray: score the cases with Ray Data on this cluster (thousands of studies) instead of in this process.
 
     Returns:
         The report dictionary.
@@ -79,22 +92,25 @@ def evaluate(
     threshold = float(card.findings[0].threshold)
     cases = read_labels_csv(data_dir, labels_csv)
     pipeline = pipeline_for(card)
+    # On Ray the actors load their own sessions; here one is loaded for the report's provider list either way.
     sessions = load_members(model, providers, members)
 
     case_ids: list[str] = []
     truths: list[int] = []
     scores: list[float] = []
+    headers: list[dict[str, Any]] = []
+    paths: dict[str, Path] = {}
     failures: list[dict[str, str]] = []
-    for case in cases:
-        try:
-            probability = _score_case(case, pipeline, sessions, card.inputs.modality, label)
-        except TriageError as exc:
-            failures.append({"case": case.case_id, "error": str(exc)})
-            log.warning("case %s not analysed: %s", case.case_id, exc)
+    for case, probability, error in _scored(cases, model, pipeline, sessions, providers, members, ray):
+        if probability is None:
+            failures.append({"case": case.case_id, "error": error})
+            log.warning("case %s not analysed: %s", case.case_id, error)
             continue
         case_ids.append(case.case_id)
         truths.append(case.label)
         scores.append(probability)
+        headers.append(case_attributes(case.path))
+        paths[case.case_id] = case.path
     if not scores:
         raise DatasetError(f"none of the {len(cases)} cases could be analysed; first error: {failures[0]['error']}")
 
@@ -124,19 +140,106 @@ def evaluate(
         "specificity_ci95": intervals["specificity"],
         "confusion_matrix": metrics["confusion_matrix"],
         "bootstrap": {"resamples": n_bootstrap, "seed": seed, "method": "percentile, cases resampled"},
+        **_site_figures(case_ids, y, p, threshold, headers, prevalence, n_bootstrap, seed),
         "providers": list(sessions[0].providers) if sessions else [],
         "members": len(sessions),
+        "scored_with": f"Ray Data ({ray.concurrency} actor(s), cluster {ray.address or 'local'})"
+        if ray
+        else "in process",
         "seconds": round(time.perf_counter() - started, 1),
         "command": command,
     }
+    for index, row in enumerate(report["worst_errors"]):
+        name = f"gallery/{index:02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', row['case'])[:60]}.png"
+        row["thumbnail"] = name if vr.thumbnail(paths[row["case"]], out / name) else None
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     _write_predictions(out / PREDICTIONS_FILE, case_ids, y, p, threshold)
     _plot_roc(out / ROC_FILE, y, p, report)
+    vr.plot_calibration(out / CALIBRATION_FILE, report["calibration"], f"{card.name} {card.version} (n={len(y)})")
+    vr.write_html(out / HTML_FILE, report)
     (out / SUMMARY_FILE).write_text(_summary_markdown(report))
     return report
 
 
-def _score_case(case: LabelledCase, pipeline: Any, sessions: list[Any], modalities: Sequence[str], label: str) -> float:
+def case_attributes(path: Path) -> dict[str, Any]:
+    """The header attributes subgroups are drawn from (manufacturer, scanner, site, view, thickness, age), read from
+    the first DICOM file of a case; empty for a PNG or an unreadable case."""
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if file.suffix.lower() in IMAGE_SUFFIXES:
+            return {}
+        try:
+            return read_series_attributes(file)
+        except TriageError:
+            continue
+    return {}
+
+
+def _site_figures(
+    case_ids: list[str],
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    headers: list[dict[str, Any]],
+    prevalence: float | None,
+    n_bootstrap: int,
+    seed: int,
+) -> dict[str, Any]:
+    """PPV/NPV at the prevalence, operating points, calibration, subgroups and the worst errors."""
+    if prevalence is not None and not 0.0 < prevalence < 1.0:
+        raise DatasetError(f"prevalence {prevalence!r} must be between 0 and 1 (exclusive)")
+    used = float(prevalence) if prevalence is not None else float(y.mean())
+    se, sp = vr.se_sp(y, p, threshold)
+    ppv, npv = vr.predictive_values(se, sp, used)
+    at_card = vr.bootstrap_at(y, p, threshold, used, n_bootstrap, seed)
+    return {
+        "prevalence": used,
+        "prevalence_source": "given for the site" if prevalence is not None else "the labelled set's",
+        "ppv": ppv,
+        "ppv_ci95": at_card["ppv"],
+        "npv": npv,
+        "npv_ci95": at_card["npv"],
+        "flag_rate": float(np.mean(p >= threshold)),
+        "operating_points": vr.operating_points(y, p, used, n_bootstrap, seed, [("card threshold", threshold)]),
+        "calibration": vr.calibration(y, p),
+        "subgroups": vr.subgroups(y, p, headers, threshold, min(n_bootstrap, vr.SUBGROUP_BOOTSTRAP), seed),
+        "worst_errors": vr.worst_errors(case_ids, y, p, threshold),
+    }
+
+
+@dataclass(frozen=True)
+class RayBatch:
+    """Where and how wide to run a Ray Data evaluation: `address` None starts a local Ray instance."""
+
+    address: str | None = None
+    concurrency: int = 1
+
+
+def _scored(
+    cases: Sequence[LabelledCase],
+    model: InstalledModel,
+    pipeline: Any,
+    sessions: list[Any],
+    providers: Sequence[str],
+    members: int,
+    ray: RayBatch | None,
+) -> Iterator[tuple[LabelledCase, float | None, str]]:
+    """Each case with its probability (None when it could not be analysed) and the error, in order."""
+    if ray is not None:
+        from triage.training.ray_batch import score_on_ray
+
+        results = score_on_ray(model, cases, providers, members, ray.address, ray.concurrency)
+        yield from ((case, probability, error) for case, (_, probability, error) in zip(cases, results, strict=True))
+        return
+    label = model.card.findings[0].label
+    for case in cases:
+        try:
+            yield case, score_case(case, pipeline, sessions, model.card.inputs.modality, label), ""
+        except TriageError as exc:
+            yield case, None, str(exc)
+
+
+def score_case(case: LabelledCase, pipeline: Any, sessions: list[Any], modalities: Sequence[str], label: str) -> float:
     series = _case_series(case, modalities)
     probabilities: list[float] = []
     for one in series:

@@ -86,12 +86,37 @@ class ModelStateChange(Base):
     undone: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
+def figures_at(report: Mapping[str, Any], threshold: float | None, operating_point: str | None) -> dict[str, Any]:
+    """The report with its headline figures taken at the chosen operating point.
+
+    Raises:
+        ValidationRefused: when the report has no operating point of that name or threshold.
+    """
+    if threshold is None and operating_point is None:
+        return dict(report)
+    rows = list(report.get("operating_points") or [])
+    if operating_point is not None:
+        chosen = [r for r in rows if r.get("name") == operating_point]
+    else:
+        wanted_t = float(threshold or 0.0)
+        chosen = [r for r in rows if r.get("threshold") is not None and abs(float(r["threshold"]) - wanted_t) < 1e-6]
+        if not chosen and report.get("threshold") is not None and abs(float(report["threshold"]) - wanted_t) < 1e-6:
+            return dict(report)
+    if not chosen:
+        names = ", ".join(f"{r.get('name')!r} (threshold {r.get('threshold')})" for r in rows) or "none"
+        wanted = f"operating point {operating_point!r}" if operating_point is not None else f"threshold {threshold}"
+        raise ValidationRefused(f"the report has no figures at {wanted}; its operating points: {names}")
+    row = chosen[0]
+    keys = ("threshold", "sensitivity", "sensitivity_ci95", "specificity", "specificity_ci95", "ppv", "npv")
+    return {**report, **{key: row.get(key) for key in keys}, "operating_point": row.get("name")}
+
+
 def report_digest(report: Mapping[str, Any]) -> dict[str, Any]:
     """What is kept of a validation report with a state: its sha256 and the figures a reviewer looks at first."""
     text = json.dumps(report, sort_keys=True)
-    keep = ("model", "version", "site", "finding", "threshold", "n", "n_positive", "roc_auc", "sensitivity")
+    keep = ("model", "version", "site", "finding", "threshold", "operating_point", "n", "n_positive", "roc_auc")
     digest = {key: report.get(key) for key in keep if key in report}
-    for key in ("sensitivity_ci95", "specificity", "specificity_ci95", "roc_auc_ci95", "data"):
+    for key in ("sensitivity", "sensitivity_ci95", "specificity", "specificity_ci95", "roc_auc_ci95", "ppv", "npv"):
         if key in report:
             digest[key] = report[key]
     digest["sha256"] = hashlib.sha256(text.encode()).hexdigest()
@@ -317,13 +342,18 @@ class ModelStates:
         now: datetime,
         version: str | None = None,
         threshold: float | None = None,
+        operating_point: str | None = None,
     ) -> SiteState:
         """Make a model version active at a site on a passing local validation report for that site.
 
+        The site's thresholds are checked against the report's figures at the operating point chosen: the report's
+        own threshold by default, or one of the report's operating points (by name, "sensitivity >= 0.95", or by
+        its threshold); a threshold the report has no figures for is refused.
+
         Args:
             report: `report.json` from `triage models evaluate --site SITE`.
-            threshold: The operating point for this site (from the report's table of thresholds); None: the one
-                the report was evaluated at.
+            threshold: The operating point for this site, one of the report's; None: the report's threshold.
+            operating_point: The name of one of the report's operating points (instead of `threshold`).
 
         Raises:
             ValidationRefused: quoting every way the report falls short of the site's thresholds, or when `site`
@@ -333,14 +363,15 @@ class ModelStates:
         card = self._card(model, version)
         if site == ANY_SITE:
             raise ValidationRefused("a model is validated for one site at a time: name the site, not '*'")
-        problems = report_problems(report, card.name, card.version, site, self.thresholds(site))
+        at = figures_at(report, threshold, operating_point)
+        problems = report_problems(at, card.name, card.version, site, self.thresholds(site))
         if problems:
             raise ValidationRefused(
-                f"{card.key} stays as it is at site {site_label(site)}: the validation report does not pass: "
-                + "; ".join(problems)
+                f"{card.key} stays as it is at site {site_label(site)}: the validation report does not pass"
+                f" at threshold {at.get('threshold')}: " + "; ".join(problems)
             )
-        operating = threshold if threshold is not None else report.get("threshold")
-        kept = report_digest(report)
+        operating = at.get("threshold")
+        kept = report_digest(at)
         reason = (
             f"promoted on local validation report {kept['sha256'][:12]} ({kept.get('n')} studies, AUC "
             f"{_fmt(kept.get('roc_auc'))}, sensitivity {_fmt(kept.get('sensitivity'))}, specificity "

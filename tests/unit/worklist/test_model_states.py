@@ -37,6 +37,16 @@ def passing_report(site: str = "North", version: str = "1.0.0") -> dict:
         "sensitivity_ci95": [0.84, 0.98],
         "specificity": 0.9,
         "specificity_ci95": [0.84, 0.95],
+        "operating_points": [
+            {
+                "name": "sensitivity >= 0.90",
+                "threshold": 0.9,
+                "sensitivity": 0.9,
+                "sensitivity_ci95": [0.83, 0.96],
+                "specificity": 0.93,
+                "specificity_ci95": [0.88, 0.97],
+            },
+        ],  # fmt: skip
     }
 
 
@@ -136,3 +146,20 @@ def test_a_new_version_starts_in_shadow_even_where_the_old_one_was_active(states
     assert "new version" in state.reason
     status = {(s.version, s.site): s.state for s in states.status(["North"])}
     assert status[("1.0.0", "North")] is ModelState.ACTIVE and status[("1.1.0", "North")] is ModelState.SHADOW
+
+
+def test_promotion_at_an_operating_point_checks_the_figures_there(states: ModelStates) -> None:
+    report = passing_report()
+    report["operating_points"] = [
+        {"name": "sensitivity >= 0.95", "threshold": 0.41, "sensitivity": 0.96, "sensitivity_ci95": [0.9, 0.99],
+         "specificity": 0.7, "specificity_ci95": [0.62, 0.78]},
+        {"name": "sensitivity >= 0.80", "threshold": 0.93, "sensitivity": 0.85, "sensitivity_ci95": [0.81, 0.9],
+         "specificity": 0.97, "specificity_ci95": [0.94, 0.99]},
+    ]  # fmt: skip
+    with pytest.raises(ValidationRefused, match="threshold 0.41.*specificity lower 95% bound 0.62"):
+        states.promote(XR, "North", report, "ml", T0, operating_point="sensitivity >= 0.95")
+    with pytest.raises(ValidationRefused, match="no figures at threshold 0.5"):
+        states.promote(XR, "North", report, "ml", T0, threshold=0.5)
+    state = states.promote(XR, "North", report, "ml", T0, operating_point="sensitivity >= 0.80")
+    assert state.threshold == 0.93 and state.report["operating_point"] == "sensitivity >= 0.80"
+    assert state.report["specificity_ci95"] == [0.94, 0.99]
