@@ -37,6 +37,7 @@ from triage.pipelines.routing import RoutingRules, route_study
 from triage.pipelines.runner import Runner, classify_failure
 from triage.storage import InstanceSource, Store, overlay_bytes
 from triage.worklist.model_states import ModelStates
+from triage.worklist.monitoring import INPUT_DETAIL, input_facts
 from triage.worklist.repository import Worklist
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,15 @@ def apply_states(findings: list[Finding], states: dict[str, SiteState]) -> list[
     return sorted(marked, key=lambda f: f.shadow)
 
 
+def _with_inputs(finding: Finding, series: dict[str, SeriesInfo]) -> Finding:
+    """The finding with the header facts of its series (manufacturer, kernel, thickness, view, age band) that
+    drift watch follows; bands only, no identifiers."""
+    analysed = series.get(finding.series_uid)
+    if analysed is None:
+        return finding
+    return finding.model_copy(update={"details": {**finding.details, INPUT_DETAIL: input_facts(analysed.attributes)}})
+
+
 def _is_reported_finding(state: SiteState, finding: Finding) -> bool:
     """Whether `finding` is the one the site's validation report chose its operating point for."""
     label = (state.report or {}).get("finding")
@@ -256,7 +266,7 @@ def analyse_study(
             for result in results
             for finding in result.findings
         ]
-        findings = apply_states(findings, site_states)
+        findings = apply_states([_with_inputs(f, by_uid) for f in findings], site_states)
         failed_models = {r.model for r in results if not r.ok}
         if failed_models and status is not AIStatus.FAILED:
             # A model that failed this time keeps its earlier findings: an AI failure never lowers a priority.

@@ -836,6 +836,64 @@ def _operator() -> str:
     return os.environ.get("TRIAGE_OPERATOR") or f"cli:{getpass.getuser()}"
 
 
+@models_app.command("monitor")
+def models_monitor(
+    data_dir: DataDir = None,
+    window_h: Annotated[float | None, typer.Option(help="Recent window in hours (default: the drift setting)")] = None,
+    baseline_days: Annotated[float | None, typer.Option(help="Baseline before it, in days")] = None,
+    site: Annotated[str | None, typer.Option(help="Only this site")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Each model's live behaviour per site: flag rate, probabilities, agreement of shadow versions with the
+    active model and with radiologists' feedback, latency, and drift alerts against the baseline or the
+    validation report. Exit code 3 when a drift alert is open."""
+    from triage.models.states import site_label
+    from triage.worklist.monitoring import activity, drift, windows
+
+    settings = _settings(data_dir)
+    states = _model_states(data_dir)
+    models = settings.models
+    recent, baseline = windows(utcnow(), window_h or models.drift_window_h, baseline_days or models.drift_baseline_days)
+    current = activity(states.engine, *recent, site=site)
+    alerts = drift(
+        current, activity(states.engine, *baseline, site=site), states.expected_flag_rates(), models.drift_min_studies
+    )
+    if as_json:
+        window = {"recent": [t.isoformat() for t in recent], "baseline": [t.isoformat() for t in baseline]}
+        data = {"window": window, "activity": [a.to_dict() for a in current], "alerts": [a.to_dict() for a in alerts]}
+        console.print_json(json.dumps(data))
+    else:
+        table = Table(title=f"models on live traffic, {recent[0]:%Y-%m-%d %H:%M} to {recent[1]:%H:%M} UTC")
+        for column in ("model", "site", "state", "studies", "flag rate", "p50", "agrees with active",
+                       "agrees with readers", "inference s"):  # fmt: skip
+            table.add_column(column)
+
+        def pct(value: float | None, n: int = 0) -> str:
+            return "-" if value is None else f"{value:.0%}" + (f" (n={n})" if n else "")
+
+        for a in current:
+            row = a.to_dict()
+            quantiles = row["probability_quantiles"] or {}
+            table.add_row(
+                f"{a.model} {a.version}",
+                site_label(a.site),
+                "shadow" if a.shadow else "active",
+                str(a.studies),
+                pct(a.flag_rate),
+                f"{quantiles['p50']:.2f}" if quantiles else "-",
+                pct(row["agreement_with_active"], row["studies_with_active"]),
+                pct(row["agreement_with_radiologists"], row["studies_with_feedback"]),
+                "-" if row["inference_s_median"] is None else f"{row['inference_s_median']:.2f}",
+            )
+        console.print(table)
+        for alert in alerts:
+            console.print(f"[bold red]drift[/bold red] {escape(alert.message)}")
+        if not alerts:
+            console.print("no drift alert")
+    if alerts:
+        raise typer.Exit(3)
+
+
 @models_app.command("promote")
 def models_promote(
     name: str,

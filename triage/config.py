@@ -246,6 +246,13 @@ class ModelSettings(BaseModel):
     validation: ValidationThresholds = Field(default_factory=ValidationThresholds)
     # ... unless the site sets its own: {"<institution>": {"min_cases": 200, ...}}.
     site_thresholds: dict[str, ValidationThresholds] = Field(default_factory=dict)
+    # Drift watch (triage.worklist.monitoring): every drift_interval_s the analysis role compares each model's last
+    # drift_window_h hours per site with the drift_baseline_days before them (or with its validation report's
+    # expected flag rate); windows with fewer than drift_min_studies studies are not judged.
+    drift_interval_s: float = Field(default=3600.0, gt=0)
+    drift_window_h: float = Field(default=24.0, gt=0)
+    drift_baseline_days: float = Field(default=28.0, gt=0)
+    drift_min_studies: int = Field(default=20, ge=1)
 
 
 class Settings(BaseSettings):

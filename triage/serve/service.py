@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
 from pydicom import Dataset
@@ -27,10 +28,13 @@ from triage.errors import TriageError
 from triage.models.registry import ModelRegistry
 from triage.pipelines.routing import RoutingRules
 from triage.pipelines.runner import Runner, make_runner
+from triage.serve.metrics import ModelMetrics
 from triage.storage import LocalStore
+from triage.worklist.accounts import Accounts
 from triage.worklist.db import create_engine_for, migrate
 from triage.worklist.events import Broadcaster, relay_for
 from triage.worklist.model_states import ModelStates
+from triage.worklist.monitoring import Activity, DriftAlert, activity, drift, windows
 from triage.worklist.repository import Worklist
 
 log = logging.getLogger(__name__)
@@ -97,6 +101,12 @@ class TriageService:
         self.model_errors: dict[str, str] = {}
         self.ready = False
         self._reindexing = False
+        # Drift watch: the last check's alerts and each model's activity per site in the recent window.
+        self.metrics = ModelMetrics()
+        self.drift_alerts: list[DriftAlert] = []
+        self.model_activity: list[dict[str, Any]] = []
+        self._alerted: set[tuple[str, str, str, str]] = set()
+        self._drift_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ ingest
     def _index(self, meta: InstanceMeta) -> bool:
@@ -163,6 +173,8 @@ class TriageService:
         self._watcher.start()
         self._health_thread = threading.Thread(target=self._watch_models, name="model-health", daemon=True)
         self._health_thread.start()
+        self._drift_thread = threading.Thread(target=self._watch_drift, name="model-drift", daemon=True)
+        self._drift_thread.start()
 
     def stop(self) -> None:
         self.ready = False
@@ -174,11 +186,55 @@ class TriageService:
             self._watcher.join(timeout=5)
         if self._health_thread is not None:
             self._health_thread.join(timeout=5)
+        if self._drift_thread is not None:
+            self._drift_thread.join(timeout=5)
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self.runner is not None:
             self.runner.close()
         if self.events_relay is not None:
             self.events_relay.stop()
+
+    # ------------------------------------------------------------------ drift watch
+    def _watch_drift(self) -> None:
+        while not self._stop.wait(self.settings.models.drift_interval_s):
+            try:
+                self.check_drift()
+            except Exception:  # noqa: BLE001 - the watch must outlive any single failure
+                log.exception("model drift check failed")
+
+    def measure_models(self, now: datetime) -> tuple[list[Activity], list[DriftAlert]]:
+        """Each model's activity per site in the recent window and the drift alerts (no side effects)."""
+        models = self.settings.models
+        recent, baseline = windows(now, models.drift_window_h, models.drift_baseline_days)
+        current = activity(self.worklist.engine, *recent)
+        alerts = drift(
+            current,
+            activity(self.worklist.engine, *baseline),
+            self.model_states.expected_flag_rates(),
+            models.drift_min_studies,
+        )
+        return current, alerts
+
+    def check_drift(self, now: datetime | None = None) -> list[DriftAlert]:
+        """Compare each model's recent window per site with its baseline and its validation report.
+
+        A new alert is logged (no patient data: model, site and rates only), written to the audit log as
+        `model-drift` and counted in the metrics; it is raised again only after it cleared.
+        """
+        now = now or utcnow()
+        current, alerts = self.measure_models(now)
+        keys = {(a.model, a.version, a.site, a.kind) for a in alerts}
+        accounts = Accounts(self.worklist.engine)
+        for alert in alerts:
+            if (alert.model, alert.version, alert.site, alert.kind) in self._alerted:
+                continue
+            log.warning("model drift: %s", alert.message)
+            accounts.audit("triage", "model-drift", now, detail=alert.to_dict())
+        self._alerted = keys
+        self.drift_alerts = alerts
+        self.model_activity = [a.to_dict() for a in current]
+        self.metrics.update(self.model_activity, alerts)
+        return alerts
 
     # ------------------------------------------------------------------ model health
     def _watch_models(self) -> None:

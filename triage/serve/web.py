@@ -23,7 +23,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
 from triage.domain import AIStatus, PriorityLevel, utcnow
-from triage.errors import ConflictError, NotFoundError
+from triage.errors import ConflictError, NotFoundError, TriageError
+from triage.models.states import site_label
 from triage.serve.auth import (
     CSRF_FIELD,
     HUMAN_ROLES,
@@ -526,6 +527,36 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
         return Response(
             body, media_type="text/csv", headers={"Content-Disposition": 'attachment; filename="triage-audit.csv"'}
         )
+
+    @router.get("/admin/models", response_class=HTMLResponse)
+    def models_page(request: Request, user: AdminPage) -> HTMLResponse:
+        service = _service(request)
+        current, alerts = service.measure_models(utcnow())
+        return render(
+            request,
+            "models.html",
+            user,
+            states=service.model_states.status(),
+            activity=[a.to_dict() for a in current],
+            alerts=alerts,
+            window_h=service.settings.models.drift_window_h,
+            site_label=site_label,
+        )
+
+    @router.post("/admin/models/state")
+    async def model_state_page(request: Request, user: AdminPage) -> Response:
+        form = await request.form()
+        model, version, site = str(form.get("model", "")), str(form.get("version", "")), str(form.get("site", ""))
+        state, why = str(form.get("state", "")), str(form.get("why", "")).strip()
+        states = _service(request).model_states
+        try:
+            if state == "rollback":
+                await asyncio.to_thread(states.rollback, model, site, user.name, utcnow(), version or None, why)
+            else:
+                await asyncio.to_thread(states.set_state, model, site, state, user.name, utcnow(), why, version or None)
+        except TriageError as exc:
+            return _redirect(_with_message("/admin/models", error=str(exc)))
+        return _redirect(_with_message("/admin/models", notice=f"{model} {version} at {site_label(site)}: done"))
 
     @router.get("/admin/users", response_class=HTMLResponse)
     def users_page(request: Request, user: AdminPage) -> HTMLResponse:

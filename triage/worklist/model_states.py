@@ -116,7 +116,10 @@ def report_digest(report: Mapping[str, Any]) -> dict[str, Any]:
     text = json.dumps(report, sort_keys=True)
     keep = ("model", "version", "site", "finding", "threshold", "operating_point", "n", "n_positive", "roc_auc")
     digest = {key: report.get(key) for key in keep if key in report}
-    for key in ("sensitivity", "sensitivity_ci95", "specificity", "specificity_ci95", "roc_auc_ci95", "ppv", "npv"):
+    for key in (
+        "sensitivity", "sensitivity_ci95", "specificity", "specificity_ci95", "roc_auc_ci95", "ppv", "npv",
+        "prevalence", "flag_rate",
+    ):  # fmt: skip
         if key in report:
             digest[key] = report[key]
     digest["sha256"] = hashlib.sha256(text.encode()).hexdigest()
@@ -198,6 +201,21 @@ class ModelStates:
         """The state of each installed model's newest version at `site`, by model name."""
         with self._session() as session:
             return {name: self._state_of(session, self.registry.get(name).card, site) for name in self.registry.names()}
+
+    def expected_flag_rates(self) -> dict[tuple[str, str, str], float]:
+        """Per (model, version, site) activated on a report: the flag rate its report predicts there,
+        Se x prevalence + (1 - Sp) x (1 - prevalence) at the site's prevalence given to the evaluation."""
+        rates: dict[tuple[str, str, str], float] = {}
+        with self._session() as session:
+            for row in session.scalars(select(ModelStateRow).where(ModelStateRow.state == ModelState.ACTIVE.value)):
+                report = row.report or {}
+                se, sp, prevalence = report.get("sensitivity"), report.get("specificity"), report.get("prevalence")
+                if se is not None and sp is not None and prevalence is not None:
+                    prevalence = float(prevalence)
+                    rates[(row.model, row.version, row.site)] = float(se) * prevalence + (1 - float(sp)) * (
+                        1 - prevalence
+                    )
+        return rates
 
     def known_sites(self) -> list[str]:
         """The sites studies came from and the sites a state was set for (without "*"), sorted."""

@@ -14,7 +14,7 @@ from serve_site import Site
 from starlette.routing import Mount
 
 PUBLIC = {("/healthz", "GET"), ("/readyz", "GET"), ("/login", "GET"), ("/login", "POST")}
-API_PREFIXES = ("/api/", "/dicomweb/", "/openapi.json")
+API_PREFIXES = ("/api/", "/dicomweb/", "/openapi.json", "/metrics")
 
 
 def concrete(path: str) -> str:

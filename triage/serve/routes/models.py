@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 
+from triage.domain import utcnow
 from triage.models.card import ModelCard
 from triage.models.states import ANY_SITE, ModelState
-from triage.serve.deps import Service
+from triage.serve.deps import Exporter, Service
 from triage.serve.schemas import ModelInfo, ModelSiteState
 
 router = APIRouter(tags=["models"])
@@ -50,3 +53,17 @@ def models(service: Service) -> list[ModelInfo]:
 
 def _key(card: ModelCard) -> tuple[str, str]:
     return card.name, card.version
+
+
+@router.get(
+    "/models/monitor",
+    summary="Each model's live behaviour per site (flag rate, agreement, latency) and the open drift alerts",
+)
+def monitor(service: Service, user: Exporter) -> dict[str, Any]:
+    current, alerts = service.measure_models(utcnow())
+    return {
+        "activity": [a.to_dict() for a in current],
+        "alerts": [a.to_dict() for a in alerts],
+        "window_h": service.settings.models.drift_window_h,
+        "baseline_days": service.settings.models.drift_baseline_days,
+    }

@@ -10,10 +10,11 @@ from pathlib import Path
 import fastapi_offline
 from fastapi import APIRouter, Depends, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from triage.serve.auth import current_user, page_user
 from triage.serve.deps import Service
+from triage.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 # Swagger UI's files, served from the installed fastapi-offline package: a hospital network is often offline, and
 # /docs must not load scripts from a CDN. Mounted before /static, which would otherwise match the prefix.
@@ -71,6 +72,16 @@ def readyz(service: Service) -> JSONResponse:
         info["database"] = f"error: {type(exc).__name__}"
         info["ready"] = False
     return JSONResponse(info, status_code=200 if info["ready"] else 503)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics: each model's flag rate and studies per site, open drift alerts",
+    dependencies=[Depends(current_user)],
+    response_class=Response,
+)
+def metrics(service: Service) -> Response:
+    return Response(service.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
 @router.get("/openapi.json", include_in_schema=False, dependencies=[Depends(current_user)])
