@@ -836,6 +836,29 @@ def _operator() -> str:
     return os.environ.get("TRIAGE_OPERATOR") or f"cli:{getpass.getuser()}"
 
 
+@models_app.command("labels")
+def models_labels(
+    name: str,
+    out: Annotated[Path, typer.Option(help="The label CSV to write (image,label,...)")] = Path("labels.csv"),
+    data_dir: DataDir = None,
+) -> None:
+    """Radiologists' feedback on NAME's findings as a label CSV for `triage train` and `triage models evaluate`
+    (images are store keys: pass --data DATA_DIR/dicom to them)."""
+    from triage.worklist.accounts import Accounts
+    from triage.worklist.feedback import export_labels
+    from triage.worklist.repository import Worklist
+
+    settings = _settings(data_dir)
+    worklist = Worklist.open(settings.resolved_database_url, settings.priority)
+    try:
+        text = export_labels(Accounts(worklist.engine), worklist, model=name)
+    finally:
+        worklist.close()
+    out.write_text(text)
+    rows = max(0, len(text.splitlines()) - 1)
+    console.print(f"{rows} labelled image(s) from feedback on {name} -> {out}; images under {settings.store_dir}")
+
+
 @models_app.command("monitor")
 def models_monitor(
     data_dir: DataDir = None,

@@ -22,6 +22,7 @@ from triage.models.card import (
     WeightsFile,
     write_card,
 )
+from triage.models.intended_use import IntendedUse, Range
 from triage.models.registry import sha256_file
 from triage.models.xray_net import build_xray_net, heatmap_stride, network_params
 from triage.pipelines.radiograph import SYNTHETIC_NOTICE, RadiographPreprocess, prepare_files
@@ -228,7 +229,9 @@ def _card(
         ),
         inputs=CardInputs(
             modality=["CR", "DX"],
-            body_part=["CHEST"],
+            body_part=["CHEST", "THORAX", "LUNG"],
+            # What every version of this model kind is made for: frontal adult chest films (checked per series).
+            intended_use=IntendedUse(views=["PA", "AP"], age_years=Range(min=18), age_words="adults (18 y and over)"),
             tensor=TensorSpec(name="image", shape=[None, 1, rows, cols]),
             preprocessing=record["preprocessing"],
         ),
