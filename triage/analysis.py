@@ -133,7 +133,7 @@ def _record(
             time.sleep(0.5 * attempt)
 
 
-def apply_states(findings: list[Finding], states: dict[str, SiteState]) -> list[Finding]:
+def apply_states(findings: list[Finding], states: dict[tuple[str, str], SiteState]) -> list[Finding]:
     """Mark each finding shadow or not from its model's state at the study's site, and apply the site's operating
     point where a validation report chose one. Findings of active models come first, so that the position of
     every finding a radiologist sees is the same whether or not shadow findings are shown.
@@ -142,7 +142,7 @@ def apply_states(findings: list[Finding], states: dict[str, SiteState]) -> list[
     """
     marked: list[Finding] = []
     for finding in findings:
-        state = states.get(finding.model)
+        state = states.get((finding.model, finding.model_version))
         update: dict[str, Any] = {"shadow": state is not None and state.state is not ModelState.ACTIVE}
         if state is not None and state.threshold is not None and _is_reported_finding(state, finding):
             update["flagged"] = finding.probability >= state.threshold
@@ -176,10 +176,23 @@ def save_overlay(store: Store | None, study_uid: str, finding: Finding) -> str |
     return name
 
 
-def _unless_off(decision: RoutingDecision, states: dict[str, SiteState], site: str) -> RoutingDecision:
-    """The decision, or a skip when its model is off for the study's site."""
-    state = states.get(decision.model or "")
-    if state is None or state.state is not ModelState.OFF:
+def _versions(plan: dict[str, list[SiteState]] | None, model: str) -> list[str | None]:
+    """The versions of `model` to run, primary first (None: the newest installed)."""
+    if plan is None or model not in plan:
+        return [None]
+    return [state.version for state in plan[model]]
+
+
+def _is_primary(plan: dict[str, list[SiteState]] | None, result: SeriesResult) -> bool:
+    """Whether `result` is from the version whose outcome is the study's (not a shadow version on trial)."""
+    if plan is None or result.model not in plan or not result.model_version:
+        return True
+    return result.model_version == plan[result.model][0].version
+
+
+def _unless_off(decision: RoutingDecision, plan: dict[str, list[SiteState]] | None, site: str) -> RoutingDecision:
+    """The decision, or a skip when no version of its model runs at the study's site (it is off there)."""
+    if plan is None or decision.model is None or decision.model in plan:
         return decision
     return decision.model_copy(
         update={"model": None, "reason": f"{SkipReason.MODEL_OFF}: {decision.model} is off for site {site_label(site)}"}
@@ -247,25 +260,40 @@ def analyse_study(
         timings.add("database", time.perf_counter() - started)
         installed = set(registry.names()) - (unavailable_models or set())
         site = worklist.get_study(study_uid, now()).site
-        site_states = states.states(site) if states is not None else {}
+        # Which versions of each model run here: the primary one (active, else the newest in shadow) and newer
+        # versions on trial in shadow beside it. Without states (tests) the newest version of each runs.
+        plan = states.plan(site) if states is not None else None
         decisions = [
-            _unless_off(d, site_states, site)
+            _unless_off(d, plan, site)
             for d in route_study(
                 series_list, rules, installed, admit=lambda name, s: registry.get(name).card.check_use(s.attributes)
             )
         ]
         by_uid = {s.series_uid: s for s in series_list}
-        work = [(by_uid[d.series_uid], d) for d in decisions if d.model is not None]
-        log.info("study %s: %d series, %d routed to a model", study_uid, len(series_list), len(work))
-        results = runner.analyse(study_uid, work) if work else []
-        for result in results:
+        work = [
+            (by_uid[d.series_uid], d.model_copy(update={"model_version": version}))
+            for d in decisions
+            if d.model is not None
+            for version in _versions(plan, d.model)
+        ]
+        log.info("study %s: %d series, %d model runs", study_uid, len(series_list), len(work))
+        everything = runner.analyse(study_uid, work) if work else []
+        for result in everything:
             timings.merge(result.timings)
+        # Only the primary versions decide the study's AI status and retries: a shadow version on trial that
+        # fails is logged and costs nothing else.
+        results = [r for r in everything if _is_primary(plan, r)]
+        for trial in everything:
+            if not trial.ok and not _is_primary(plan, trial):
+                log.warning("study %s: shadow version %s %s failed: %s", study_uid, trial.model, trial.model_version,
+                            trial.error)  # fmt: skip
         status, reason = summarise(results, decisions)
         findings = [
             finding.model_copy(update={"overlay_file": save_overlay(store, study_uid, finding)})
-            for result in results
+            for result in everything
             for finding in result.findings
         ]
+        site_states = {(st.model, st.version): st for versions in (plan or {}).values() for st in versions}
         findings = apply_states([_with_inputs(f, by_uid) for f in findings], site_states)
         failed_models = {r.model for r in results if not r.ok}
         if failed_models and status is not AIStatus.FAILED:
@@ -273,7 +301,7 @@ def analyse_study(
             findings = sorted(
                 findings + _earlier_findings(worklist, study_uid, failed_models, now()), key=lambda f: f.shadow
             )
-        ran = {r.series_uid: r for r in results}
+        ran = {r.series_uid: r for r in results}  # the primary version's outcome per series
         routing = [_routing_record(by_uid[d.series_uid], d, ran.get(d.series_uid)) for d in decisions]
     except Exception as exc:  # noqa: BLE001 - fail safe: the study stays listed at its clinical priority
         log.exception("study %s: analysis failed outside the models", study_uid)

@@ -97,7 +97,9 @@ class Server:
         )
 
 
-def promote_for_tests(data_dir: Path, model: str, site: str = "", version: str = "1.0.0") -> str:
+def promote_for_tests(
+    data_dir: Path, model: str, site: str = "", version: str = "1.0.0", env: dict[str, str] | None = None
+) -> str:
     """Activate `model` at `site` through the real gate (`triage models promote`), on a report that stands in for
     a site's local validation: these tests' studies are synthetic and carry no institution (site "").
 
@@ -117,8 +119,10 @@ def promote_for_tests(data_dir: Path, model: str, site: str = "", version: str =
         )
     )  # fmt: skip
     command = [sys.executable, "-m", "triage", "models", "promote", model, "--site", site, "--report", str(report),
-               "--data-dir", str(data_dir)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TRIAGE_OPERATOR": "tests"})
+               "--data-dir", str(data_dir), "--version", version]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, **(env or {}), "TRIAGE_OPERATOR": "tests"}
+    )
     assert done.returncode == 0, done.stderr + done.stdout
     return done.stdout
 

@@ -138,3 +138,56 @@ def test_a_film_without_age_or_view_is_analysed_and_the_assumption_recorded(serv
     (decision,) = outcome.routing
     assert "view position not in the header: analysed, as the card allows" in decision.reason
     assert "patient age not in the header: analysed, as the card allows" in decision.reason
+
+
+def install_version(service: TriageService, tmp_path: Path, version: str) -> None:
+    """Install a copy of the X-ray model as another version (same weights, its own card) in a private weights dir."""
+    import json
+    import shutil
+
+    weights = tmp_path / "weights"
+    if not (weights / XR / "1.0.0").exists():
+        shutil.copytree(service.registry.weights_dir / XR, weights / XR)
+        shutil.copytree(service.registry.weights_dir / "ct-head-ich", weights / "ct-head-ich")
+    target = weights / XR / version
+    shutil.copytree(weights / XR / "1.0.0", target)
+    card = json.loads((target / "card.json").read_text())
+    card["version"] = version
+    (target / "card.json").write_text(json.dumps(card))
+    service.registry.weights_dir = weights
+    service.registry.refresh()
+
+
+def test_a_new_version_runs_in_shadow_beside_the_active_one_and_promotion_swaps_them(service, tmp_path) -> None:
+    service.model_states.promote(XR, "North", passing_report("North"), "ml", utcnow(), version="1.0.0")
+    install_version(service, tmp_path, "1.1.0")
+    first = flagged_film(service, "North", seed=3)
+    outcome = service._analyse(first)
+    assert sorted((f.model_version, f.shadow) for f in outcome.findings) == [("1.0.0", False), ("1.1.0", True)]
+    item = service.worklist.get_study(first, utcnow())
+    assert item.priority.level == "stat"
+    assert [f.model_version for f in item.findings] == ["1.0.0", "1.1.0"]  # active first, shadow after
+    assert [uid for uid, findings in service.sent if all(not f.shadow for f in findings)] == [first]
+    assert all(f.model_version == "1.0.0" for _, findings in service.sent for f in findings)
+
+    service.model_states.promote(XR, "North", passing_report("North") | {"version": "1.1.0"}, "ml", utcnow())
+    states = {s.version: s.state.value for s in service.model_states.versions_at("North")[XR]}
+    assert states == {"1.1.0": "active", "1.0.0": "shadow"}  # one active version per site
+    second = flagged_film(service, "North", seed=5)
+    assert [(f.model_version, f.shadow) for f in service._analyse(second).findings] == [("1.1.0", False)]
+
+    service.model_states.rollback(XR, "North", "ml", utcnow(), why="more false positives")
+    states = {s.version: s.state.value for s in service.model_states.versions_at("North")[XR]}
+    assert states == {"1.1.0": "shadow", "1.0.0": "active"}  # the superseded version is back
+
+
+def test_a_shadow_version_that_fails_changes_nothing_for_the_study(service, tmp_path) -> None:
+    service.model_states.promote(XR, "North", passing_report("North"), "ml", utcnow(), version="1.0.0")
+    install_version(service, tmp_path, "1.1.0")
+    onnx = next((tmp_path / "weights" / XR / "1.1.0").glob("*.onnx"))
+    onnx.write_bytes(b"broken")  # its sha256 no longer matches the card: it cannot load
+    study_uid = flagged_film(service, "North")
+    outcome = service._analyse(study_uid)
+    assert outcome.ai_status is AIStatus.DONE and not outcome.retrying
+    assert outcome.reason == f"analysed by {XR} 1.0.0"
+    assert [(f.model_version, f.shadow) for f in outcome.findings] == [("1.0.0", False)]

@@ -18,7 +18,8 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _version_key(version: str) -> tuple[int | str, ...]:
+def version_key(version: str) -> tuple[int | str, ...]:
+    """A sort key for version strings: numeric parts compare as numbers ("1.10.0" after "1.9.0")."""
     return tuple(int(p) if p.isdigit() else p for p in version.replace("-", ".").split("."))
 
 
@@ -50,7 +51,9 @@ class InstalledModel:
 
 
 class ModelRegistry:
-    """Installed models under one weights directory. The newest version of each name is the active one."""
+    """Installed models under one weights directory. `get(name)` gives the newest version of a name; which versions
+    run at a site, and whether their flags raise priority there, is each version's state at that site
+    (`triage.worklist.model_states`)."""
 
     def __init__(self, weights_dir: Path) -> None:
         self.weights_dir = Path(weights_dir)
@@ -82,7 +85,7 @@ class ModelRegistry:
         return sorted(self._models)
 
     def all(self) -> list[InstalledModel]:
-        return [self._models[n][v] for n in self.names() for v in sorted(self._models[n], key=_version_key)]
+        return [self._models[n][v] for n in self.names() for v in sorted(self._models[n], key=version_key)]
 
     def get(self, name: str, version: str | None = None) -> InstalledModel:
         """The named model, at `version` or the newest installed.
@@ -94,7 +97,7 @@ class ModelRegistry:
         if not versions:
             raise NotFoundError(f"no model named {name!r} is installed; installed: {self.names()}")
         if version is None:
-            version = max(versions, key=_version_key)
+            version = max(versions, key=version_key)
         if version not in versions:
             raise NotFoundError(f"model {name!r} has no version {version!r}; installed: {sorted(versions)}")
         return versions[version]

@@ -182,11 +182,15 @@ class InProcessRunner:
         self._loaded: dict[str, tuple[ModelPipeline, list[OnnxModel]]] = {}
         self._lock = threading.Lock()
 
-    def _load(self, name: str, timings: StageTimings) -> tuple[ModelPipeline, list[OnnxModel]]:
+    def _load(
+        self, name: str, timings: StageTimings, version: str | None = None
+    ) -> tuple[ModelPipeline, list[OnnxModel]]:
+        """The pipeline and sessions of `name` at `version` (the newest installed when None), loaded once."""
         with self._lock:
-            if name not in self._loaded:
+            model = self.registry.get(name, version)
+            key = model.card.key
+            if key not in self._loaded:
                 started = time.perf_counter()
-                model = self.registry.get(name)
                 members = load_members(
                     model,
                     self.inference.providers,
@@ -196,9 +200,9 @@ class InProcessRunner:
                     trt_cache_dir=self.inference.trt_cache_dir,
                     bf16=self.inference.bf16,
                 )
-                self._loaded[name] = (pipeline_for(model.card), members)
+                self._loaded[key] = (pipeline_for(model.card), members)
                 timings.add("model-load", time.perf_counter() - started)
-            return self._loaded[name]
+            return self._loaded[key]
 
     def warm_up(self) -> None:
         for name in self.registry.names():
@@ -214,7 +218,7 @@ class InProcessRunner:
             timings = StageTimings()
             card: ModelCard | None = None
             try:
-                pipeline, members = self._load(decision.model, timings)
+                pipeline, members = self._load(decision.model, timings, decision.model_version)
                 card = pipeline.card
                 started = time.perf_counter()
                 loaded = pipeline.load(series, self.source)
@@ -244,7 +248,7 @@ class InProcessRunner:
                     SeriesResult(
                         series.series_uid,
                         decision.model,
-                        card.version if card else "",
+                        card.version if card else (decision.model_version or ""),
                         False,
                         [],
                         reason,
@@ -425,6 +429,8 @@ class RayRunner:
         self._task_slots = max(1, int(resources.get("CPU", 0) // max(ray_settings.cpus_per_task, 0.01)))
         self.timeout_s = inference.timeout_s
         self._deployments: dict[str, _Deployment] = {}
+        # Deployments of versions other than the newest of their model, by "name@version".
+        self._other_versions: dict[str, _Deployment] = {}
         self._lock = threading.RLock()
         self.load_errors: dict[str, str] = {}
         # Each model's state at the last health check: None when it can run, else why not.
@@ -470,6 +476,29 @@ class RayRunner:
             state = self._deployments.get(name)
             if state is None or state.handle is None:
                 state = self._deploy(name)
+            return state.handle
+
+    def _handle_for(self, card: ModelCard) -> Any:
+        """The deployment handle of `card`'s version: the newest installed goes through the health-managed path;
+        an older version running beside it (the one in use while a new one is in shadow, or the reverse) is
+        deployed on first use, and Serve replaces its dead replicas the same way."""
+        if card.version == self.registry.get(card.name).card.version:
+            return self._handle(card.name)
+        from triage.pipelines.serving import application_name, build_application
+
+        with self._lock:
+            state = self._other_versions.setdefault(card.key, _Deployment(application_name(card)))
+            if state.handle is None:
+                model = self.registry.get(card.name, card.version)
+                model.verify()
+                running = self._serve.status().applications.get(state.app)
+                if running is not None and str(running.status).endswith("RUNNING"):
+                    state.handle = self._serve.get_app_handle(state.app)
+                else:
+                    app = build_application(
+                        self.registry.weights_dir, model.card, self.inference, self.ray_settings, self.has_gpu
+                    )
+                    state.handle = self._serve.run(app, name=state.app, route_prefix=None)
             return state.handle
 
     def _warm_task_workers(self, count: int) -> list[Any]:
@@ -615,7 +644,7 @@ class RayRunner:
         for series, decision in work:
             assert decision.model is not None
             try:
-                model = self.registry.get(decision.model)
+                model = self.registry.get(decision.model, decision.model_version)
                 card_json = model.card.model_dump(mode="json")
                 pending.append((series, decision, model.card, card_json, self._submit(card_json, series), None))
             except Exception as exc:  # noqa: BLE001
@@ -633,7 +662,7 @@ class RayRunner:
         error: Exception | None,
     ) -> SeriesResult:
         timings = StageTimings()
-        version = card.version if card else ""
+        version = card.version if card else (decision.model_version or "")
         stage = "preprocess"  # the task reads and preprocesses the series
         try:
             if error is not None:
@@ -649,7 +678,7 @@ class RayRunner:
             if problem and "cannot load" in problem:
                 # Serve would queue the request until a replica starts: fail it now, to be retried later.
                 raise ModelUnavailableError(problem)
-            response = self._handle(decision.model or "").infer.remote(prepared_ref)
+            response = self._handle_for(card).infer.remote(prepared_ref)  # type: ignore[arg-type]
             try:
                 raw, seconds, node = response.result(timeout_s=self.timeout_s)
             except TimeoutError:
@@ -679,6 +708,7 @@ class RayRunner:
     def close(self) -> None:
         # On a shared cluster the deployments stay for the other analysis processes; a local instance ends here.
         self._deployments.clear()
+        self._other_versions.clear()
         if not self.ray_settings.address:
             with contextlib.suppress(Exception):
                 self._serve.shutdown()

@@ -38,10 +38,9 @@ class ModelReplica:
     def __init__(self, weights_dir: str, name: str, version: str, inference: dict[str, Any], batch: dict[str, Any]):
         settings = InferenceSettings.model_validate(inference)
         started = time.perf_counter()
-        model = ModelRegistry(Path(weights_dir)).get(name)
-        if model.card.version != version:
-            # The deployment is for one version; a different one installed under the name is a new deployment.
-            raise RuntimeError(f"{name}: installed version {model.card.version}, this deployment serves {version}")
+        # The deployment serves one version (two versions of a model can run side by side: the one in use and a
+        # new one in shadow); raises NotFoundError when that version is not installed on this node.
+        model = ModelRegistry(Path(weights_dir)).get(name, version)
         self.card = model.card
         self.pipeline = pipeline_for(model.card)
         self.members = load_members(

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 PROMOTE = "model-promote"
 ROLLBACK = "model-rollback"
 SET_STATE = "model-state"
+SUPERSEDED = "model-superseded"
 
 
 class ValidationRefused(TriageError):
@@ -154,13 +155,13 @@ class ModelStates:
 
     def _earlier_version(self, session: Session, card: ModelCard) -> str | None:
         """A version of the same model older than `card`'s, installed now or recorded in a state, if any."""
-        from triage.models.registry import _version_key
+        from triage.models.registry import version_key
 
-        mine = _version_key(card.version)
+        mine = version_key(card.version)
         versions = {m.card.version for m in self.registry.all() if m.card.name == card.name}
         versions |= set(session.scalars(select(ModelStateRow.version).where(ModelStateRow.model == card.name)))
-        older = [v for v in versions if _version_key(v) < mine]
-        return max(older, key=_version_key) if older else None
+        older = [v for v in versions if version_key(v) < mine]
+        return max(older, key=version_key) if older else None
 
     def state_of(self, card: ModelCard, site: str) -> SiteState:
         """The state of `card`'s version at `site`: set for the site, else for every site, else from the card."""
@@ -201,6 +202,38 @@ class ModelStates:
         """The state of each installed model's newest version at `site`, by model name."""
         with self._session() as session:
             return {name: self._state_of(session, self.registry.get(name).card, site) for name in self.registry.names()}
+
+    def versions_at(self, site: str) -> dict[str, list[SiteState]]:
+        """Every installed version's state at `site`, per model name, newest version first."""
+        from triage.models.registry import version_key
+
+        out: dict[str, list[SiteState]] = {}
+        with self._session() as session:
+            for model in self.registry.all():
+                out.setdefault(model.card.name, []).append(self._state_of(session, model.card, site))
+        for states in out.values():
+            states.sort(key=lambda s: version_key(s.version), reverse=True)
+        return out
+
+    def plan(self, site: str) -> dict[str, list[SiteState]]:
+        """Which versions of each model run for a study of `site`, the primary one first.
+
+        The primary version is the newest active one (its flags raise priority), else the newest in shadow; the
+        others that run beside it are shadow versions newer than an active primary (a new version on trial
+        against the one in use). Older versions in shadow and versions that are off do not run. A model with no
+        version to run is absent (it is off there).
+        """
+        plan: dict[str, list[SiteState]] = {}
+        for name, states in self.versions_at(site).items():
+            active = [s for s in states if s.state is ModelState.ACTIVE]
+            shadow = [s for s in states if s.state is ModelState.SHADOW]
+            if active:
+                primary = active[0]
+                newer = [s for s in shadow if _newer(s.version, primary.version)]
+                plan[name] = [primary, *newer]
+            elif shadow:
+                plan[name] = [shadow[0]]
+        return plan
 
     def expected_flag_rates(self) -> dict[tuple[str, str, str], float]:
         """Per (model, version, site) activated on a report: the flag rate its report predicts there,
@@ -396,6 +429,16 @@ class ModelStates:
             f"{_fmt(kept.get('specificity'))} at threshold {_fmt(operating)})"
         )
         with self._session(write=True) as session:
+            # One version of a model is active at a site: the one in use before steps back to shadow (a rollback
+            # of this promotion brings it back).
+            for other in self.registry.all():
+                if other.card.name != card.name or other.card.version == card.version:
+                    continue
+                if self._state_of(session, other.card, site).state is ModelState.ACTIVE:
+                    self._write(
+                        session, other.card, site, ModelState.SHADOW, SUPERSEDED,
+                        f"superseded by version {card.version} (promoted)", user, now,
+                    )  # fmt: skip
             return self._write(
                 session,
                 card,
@@ -412,46 +455,94 @@ class ModelStates:
     def rollback(
         self, model: str, site: str, user: str, now: datetime, version: str | None = None, why: str = ""
     ) -> SiteState:
-        """Undo the last change of a model version's state at a site: it returns to the state (and operating
-        point and report) it had before; a model never changed there goes to shadow.
+        """Undo the last change of a model's state at a site (of `version` only, when given): the version goes
+        back to the state, operating point and report it had before; undoing a promotion also brings back the
+        version it superseded. A version never changed there that is active goes to shadow.
 
         Raises:
-            ConflictError: when the version is already in shadow or off there with nothing to undo.
+            ConflictError: when there is nothing to undo and the version is not active.
             NotFoundError: when the model or version is not installed.
         """
-        card = self._card(model, version)
+        card = self._card(model, version)  # checks the model (and version) is installed
         with self._session(write=True) as session:
-            changes = list(
-                session.scalars(
-                    select(ModelStateChange)
-                    .where(
-                        ModelStateChange.model == card.name,
-                        ModelStateChange.version == card.version,
-                        ModelStateChange.site == site,
-                        ModelStateChange.action != ROLLBACK,
-                        ModelStateChange.undone.is_(False),
-                    )
-                    .order_by(ModelStateChange.id)
-                )
+            query = select(ModelStateChange).where(
+                ModelStateChange.model == card.name,
+                ModelStateChange.site == site,
+                ModelStateChange.action.not_in([ROLLBACK, SUPERSEDED]),
+                ModelStateChange.undone.is_(False),
             )
-            current = self._state_of(session, card, site)
-            threshold: float | None = None
-            report: dict[str, Any] | None = None
-            if changes:
-                last = changes[-1]
-                last.undone = True
-                target = ModelState.parse(last.from_state)
-                earlier = [c for c in changes[:-1] if c.to_state == target.value]
-                if earlier and target is ModelState.ACTIVE:
-                    threshold, report = earlier[-1].threshold, earlier[-1].report
-            elif current.state is ModelState.ACTIVE:
-                target = ModelState.SHADOW
-            else:
-                raise ConflictError(
-                    f"{card.key} is {current.state.value} at site {site_label(site)} with no change to roll back"
+            if version is not None:
+                query = query.where(ModelStateChange.version == card.version)
+            changes = list(session.scalars(query.order_by(ModelStateChange.id)))
+            if not changes:
+                current = self._state_of(session, card, site)
+                if current.state is not ModelState.ACTIVE:
+                    raise ConflictError(
+                        f"{card.key} is {current.state.value} at site {site_label(site)} with no change to roll back"
+                    )
+                return self._write(
+                    session, card, site, ModelState.SHADOW, ROLLBACK, _rollback_reason(current.state, why), user, now
                 )
-            reason = f"rolled back from {current.state.value}" + (f": {why}" if why else "")
-            return self._write(session, card, site, target, ROLLBACK, reason, user, now, threshold, report)
+            last = changes[-1]
+            undone = [last]
+            if last.action == PROMOTE:
+                undone += list(
+                    session.scalars(
+                        select(ModelStateChange).where(
+                            ModelStateChange.model == card.name,
+                            ModelStateChange.site == site,
+                            ModelStateChange.action == SUPERSEDED,
+                            ModelStateChange.changed_at == last.changed_at,
+                            ModelStateChange.undone.is_(False),
+                        )
+                    )
+                )
+            result: SiteState | None = None
+            for change in undone:
+                change.undone = True
+                target = ModelState.parse(change.from_state)
+                earlier = list(
+                    session.scalars(
+                        select(ModelStateChange)
+                        .where(
+                            ModelStateChange.model == change.model,
+                            ModelStateChange.version == change.version,
+                            ModelStateChange.site == site,
+                            ModelStateChange.id < change.id,
+                            ModelStateChange.to_state == target.value,
+                            ModelStateChange.undone.is_(False),
+                        )
+                        .order_by(ModelStateChange.id)
+                    )
+                )
+                restore = earlier[-1] if earlier and target is ModelState.ACTIVE else None
+                changed_card = self._card(change.model, change.version)
+                reason = _rollback_reason(ModelState.parse(change.to_state), why)
+                state = self._write(
+                    session,
+                    changed_card,
+                    site,
+                    target,
+                    ROLLBACK,
+                    reason,
+                    user,
+                    now,
+                    restore.threshold if restore else None,
+                    restore.report if restore else None,
+                )
+                result = result or state
+            assert result is not None
+            return result
+
+
+def _rollback_reason(from_state: ModelState, why: str) -> str:
+    return f"rolled back from {from_state.value}" + (f": {why}" if why else "")
+
+
+def _newer(version: str, than: str) -> bool:
+    from triage.models.registry import version_key
+
+    return version_key(version) > version_key(than)
 
 
 def _fmt(value: Any) -> str:
