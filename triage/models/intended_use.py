@@ -127,19 +127,15 @@ def check_intended_use(
             band = use.age_words or f"patients aged {use.age_years.words('y')}"
             refusals.append(f"patient age {_age_words(float(years))}, model is for {band}")
 
-    if use.pixel_spacing_mm is not None:
-        spacing = attributes.get("PixelSpacingMm")
-        if spacing is None:
-            missing("pixel_spacing", "pixel spacing")
-        elif not use.pixel_spacing_mm.holds(float(spacing)):
-            refusals.append(f"pixel spacing {float(spacing):.3g} mm, model is for {use.pixel_spacing_mm.words('mm')}")
-
-    if use.slice_thickness_mm is not None:
-        thickness = attributes.get("SliceThickness")
-        if thickness is None:
-            missing("slice_thickness", "slice thickness")
-        elif not use.slice_thickness_mm.holds(float(thickness)):
-            refusals.append(
-                f"slice thickness {float(thickness):.3g} mm, model is for {use.slice_thickness_mm.words('mm')}"
-            )
+    for check, what, rng, key in (
+        ("pixel_spacing", "pixel spacing", use.pixel_spacing_mm, "PixelSpacingMm"),
+        ("slice_thickness", "slice thickness", use.slice_thickness_mm, "SliceThickness"),
+    ):
+        if rng is None:
+            continue
+        value = attributes.get(key)
+        if value is None:
+            missing(check, what)
+        elif not rng.holds(float(value)):
+            refusals.append(f"{what} {float(value):.3g} mm, model is for {rng.words('mm')}")
     return UseCheck(refusals, assumptions)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from triage.worklist.monitoring import age_band, thickness_band
+
 # Sensitivities a site commonly wants to hold, and the operating point the report lists for each.
 TARGET_SENSITIVITIES = (0.80, 0.90, 0.95, 0.98)
 CALIBRATION_BINS = 10
@@ -125,28 +127,6 @@ def calibration(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> d
             {"bin": [float(edges[b]), float(edges[b + 1])], "n": count, "predicted": predicted, "observed": observed}
         )
     return {"bins": table, "expected_calibration_error": ece}
-
-
-def age_band(years: float | None) -> str:
-    if years is None:
-        return "unknown"
-    if years < 18:
-        return "under 18"
-    if years < 40:
-        return "18-39"
-    if years < 65:
-        return "40-64"
-    return "65 and over"
-
-
-def thickness_band(mm: float | None) -> str:
-    if mm is None:
-        return "unknown"
-    if mm <= 1.5:
-        return "<= 1.5 mm"
-    if mm <= 3.0:
-        return "1.5-3 mm"
-    return "> 3 mm"
 
 
 # Subgroup name -> how a case's header attributes give its value.
