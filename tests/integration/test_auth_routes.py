@@ -25,7 +25,7 @@ from triage.serve.app import create_app
 pytestmark = pytest.mark.integration
 
 PUBLIC = {("/healthz", "GET"), ("/readyz", "GET"), ("/login", "GET"), ("/login", "POST")}
-API_PREFIXES = ("/api/", "/dicomweb/", "/openapi.json")
+API_PREFIXES = ("/api/", "/dicomweb/", "/openapi.json", "/metrics")
 
 
 def app_routes() -> list[tuple[str, str]]:
