@@ -31,6 +31,7 @@ from triage.domain import (
     utcnow,
 )
 from triage.errors import ConflictError, NotFoundError
+from triage.models.card import ModelCard
 from triage.models.registry import ModelRegistry
 from triage.models.states import ModelState, SiteState, site_label
 from triage.pipelines.routing import RoutingRules, route_study
@@ -176,6 +177,13 @@ def save_overlay(store: Store | None, study_uid: str, finding: Finding) -> str |
     return name
 
 
+def _card_in_use(registry: ModelRegistry, plan: dict[str, list[SiteState]] | None, name: str) -> ModelCard:
+    """The card of the version whose outcome is the study's (its intended use decides whether a series is
+    analysed), else the newest installed."""
+    version = plan[name][0].version if plan and plan.get(name) else None
+    return registry.get(name, version).card
+
+
 def _versions(plan: dict[str, list[SiteState]] | None, model: str) -> list[str | None]:
     """The versions of `model` to run, primary first (None: the newest installed)."""
     if plan is None or model not in plan:
@@ -188,6 +196,13 @@ def _is_primary(plan: dict[str, list[SiteState]] | None, result: SeriesResult) -
     if plan is None or result.model not in plan or not result.model_version:
         return True
     return result.model_version == plan[result.model][0].version
+
+
+def _is_active(plan: dict[str, list[SiteState]] | None, result: SeriesResult) -> bool:
+    """Whether `result` comes from a version active at the site (without states: yes)."""
+    if plan is None or result.model not in plan:
+        return True
+    return any(s.version == result.model_version and s.state is ModelState.ACTIVE for s in plan[result.model])
 
 
 def _unless_off(decision: RoutingDecision, plan: dict[str, list[SiteState]] | None, site: str) -> RoutingDecision:
@@ -266,7 +281,10 @@ def analyse_study(
         decisions = [
             _unless_off(d, plan, site)
             for d in route_study(
-                series_list, rules, installed, admit=lambda name, s: registry.get(name).card.check_use(s.attributes)
+                series_list,
+                rules,
+                installed,
+                admit=lambda name, s: _card_in_use(registry, plan, name).check_use(s.attributes),
             )
         ]
         by_uid = {s.series_uid: s for s in series_list}
@@ -288,6 +306,8 @@ def analyse_study(
                 log.warning("study %s: shadow version %s %s failed: %s", study_uid, trial.model, trial.model_version,
                             trial.error)  # fmt: skip
         status, reason = summarise(results, decisions)
+        if status is AIStatus.DONE and results and all(not _is_active(plan, r) for r in results):
+            reason = "no model in use at this site for this study (" + reason.replace("analysed by", "on trial:") + ")"
         findings = [
             finding.model_copy(update={"overlay_file": save_overlay(store, study_uid, finding)})
             for result in everything

@@ -7,6 +7,7 @@ but its findings change nothing a radiologist or a hospital sees; an `off` model
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -141,12 +142,34 @@ def report_problems(
     auc = report.get("roc_auc")
     if auc is None or float(auc) < thresholds.min_auc:
         problems.append(f"ROC AUC {auc}, the site asks for at least {thresholds.min_auc}")
-    for name, floor in (
-        ("sensitivity", thresholds.min_sensitivity_lower_ci),
-        ("specificity", thresholds.min_specificity_lower_ci),
+    counts = report.get("confusion_matrix") or {}
+    for name, floor, hits, total in (
+        ("sensitivity", thresholds.min_sensitivity_lower_ci, counts.get("tp"), _sum(counts, "tp", "fn")),
+        ("specificity", thresholds.min_specificity_lower_ci, counts.get("tn"), _sum(counts, "tn", "fp")),
     ):
         interval = report.get(f"{name}_ci95")
         lower = float(interval[0]) if interval else None
+        if lower is not None and hits is not None and total:
+            # A percentile bootstrap collapses to [1, 1] when every case is right (20 of 20): the Wilson score
+            # bound of the same counts does not, so the gate takes the lower of the two.
+            lower = min(lower, wilson_lower(int(hits), int(total)))
         if lower is None or lower < floor:
             problems.append(f"{name} lower 95% bound {lower}, the site asks for at least {floor}")
     return problems
+
+
+def _sum(counts: Mapping[str, Any], *keys: str) -> int | None:
+    values = [counts.get(k) for k in keys]
+    if any(v is None for v in values):
+        return None
+    return sum(int(v) for v in values if v is not None)
+
+
+def wilson_lower(successes: int, n: int, z: float = 1.959964) -> float:
+    """The lower end of the Wilson score 95% interval of a proportion (0 for n = 0)."""
+    if n <= 0:
+        return 0.0
+    p = successes / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)

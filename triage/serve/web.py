@@ -37,7 +37,7 @@ from triage.serve.auth import (
 )
 from triage.serve.deps import get_service
 from triage.serve.service import TriageService
-from triage.serve.visibility import for_reader
+from triage.serve.visibility import for_reader, sees_shadow
 from triage.worklist.accounts import (
     Accounts,
     InvalidAccountError,
@@ -482,6 +482,7 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
                 comment,
                 model_version,
                 now=utcnow(),
+                include_shadow=sees_shadow(user),
             )
         except (InvalidAccountError, NotFoundError, ConflictError, ValueError) as exc:
             return _redirect(_with_message(url, error=f"Feedback not saved: {exc}"))

@@ -95,7 +95,9 @@ def operating_points(
             {
                 "name": name,
                 "target_sensitivity": target,
-                "threshold": round(threshold, 6),
+                # Not rounded: a "sensitivity >= x" threshold is a positive case's exact score, and rounding it up
+                # would lose that case at the stored operating point.
+                "threshold": threshold,
                 "sensitivity": se,
                 "sensitivity_ci95": ci["sensitivity"],
                 "specificity": sp,
@@ -105,9 +107,20 @@ def operating_points(
                 "npv": npv,
                 "npv_ci95": ci["npv"],
                 "flag_rate": float(np.mean(p >= threshold)),
+                "confusion_matrix": _counts(y, p, threshold),
             }
         )
     return table
+
+
+def _counts(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, int]:
+    flagged = p >= threshold
+    return {
+        "tp": int(np.sum(flagged & (y == 1))),
+        "fn": int(np.sum(~flagged & (y == 1))),
+        "tn": int(np.sum(~flagged & (y == 0))),
+        "fp": int(np.sum(flagged & (y == 0))),
+    }
 
 
 def calibration(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> dict[str, Any]:

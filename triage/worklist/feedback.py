@@ -55,6 +55,7 @@ def record_feedback(
     model_version: str = "",
     *,
     now: datetime,
+    include_shadow: bool = True,
 ) -> FeedbackEntry:
     """Store one piece of feedback with the model name and version it is about, and audit it.
 
@@ -66,10 +67,14 @@ def record_feedback(
         NotFoundError: unknown study or finding index.
         ConflictError: the finding changed since it was shown.
         InvalidAccountError: a bad verdict, label or comment.
+
+    `include_shadow` False (a radiologist): the findings of models in shadow do not exist for this feedback.
     """
     detail = worklist.get_study(study_uid, now)
     parsed = Verdict.parse(verdict)
-    findings = detail.findings
+    # A radiologist (include_shadow False) neither sees nor judges a shadow model's findings; they are stored after
+    # the active ones, so the numbers of the others are the same.
+    findings = detail.findings if include_shadow else [f for f in detail.findings if not f.shadow]
     if parsed == Verdict.MISSED:
         series_uid, model, version = _missed_by(detail, model)
         entry = accounts.add_feedback(

@@ -108,18 +108,20 @@ def figures_at(report: Mapping[str, Any], threshold: float | None, operating_poi
         wanted = f"operating point {operating_point!r}" if operating_point is not None else f"threshold {threshold}"
         raise ValidationRefused(f"the report has no figures at {wanted}; its operating points: {names}")
     row = chosen[0]
-    keys = ("threshold", "sensitivity", "sensitivity_ci95", "specificity", "specificity_ci95", "ppv", "npv")
+    keys = ("threshold", "sensitivity", "sensitivity_ci95", "specificity", "specificity_ci95", "ppv", "npv",
+            "confusion_matrix")  # fmt: skip
     return {**report, **{key: row.get(key) for key in keys}, "operating_point": row.get("name")}
 
 
-def report_digest(report: Mapping[str, Any]) -> dict[str, Any]:
-    """What is kept of a validation report with a state: its sha256 and the figures a reviewer looks at first."""
-    text = json.dumps(report, sort_keys=True)
+def report_digest(report: Mapping[str, Any], original: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What is kept of a validation report with a state: the sha256 of the report as given (`original`, else
+    `report`) and the figures a reviewer looks at first (at the chosen operating point)."""
+    text = json.dumps(original if original is not None else report, sort_keys=True)
     keep = ("model", "version", "site", "finding", "threshold", "operating_point", "n", "n_positive", "roc_auc")
     digest = {key: report.get(key) for key in keep if key in report}
     for key in (
         "sensitivity", "sensitivity_ci95", "specificity", "specificity_ci95", "roc_auc_ci95", "ppv", "npv",
-        "prevalence", "flag_rate",
+        "prevalence", "prevalence_source", "flag_rate", "confusion_matrix",
     ):  # fmt: skip
         if key in report:
             digest[key] = report[key]
@@ -243,6 +245,10 @@ class ModelStates:
             for row in session.scalars(select(ModelStateRow).where(ModelStateRow.state == ModelState.ACTIVE.value)):
                 report = row.report or {}
                 se, sp, prevalence = report.get("sensitivity"), report.get("specificity"), report.get("prevalence")
+                # Only a prevalence given for the site predicts its live flag rate; a labelled set's own (often
+                # half positive) would set off false alerts: then the baseline weeks are the expectation.
+                if report.get("prevalence_source") != "given for the site":
+                    continue
                 if se is not None and sp is not None and prevalence is not None:
                     prevalence = float(prevalence)
                     rates[(row.model, row.version, row.site)] = float(se) * prevalence + (1 - float(sp)) * (
@@ -422,7 +428,7 @@ class ModelStates:
                 f" at threshold {at.get('threshold')}: " + "; ".join(problems)
             )
         operating = at.get("threshold")
-        kept = report_digest(at)
+        kept = report_digest(at, report)
         reason = (
             f"promoted on local validation report {kept['sha256'][:12]} ({kept.get('n')} studies, AUC "
             f"{_fmt(kept.get('roc_auc'))}, sensitivity {_fmt(kept.get('sensitivity'))}, specificity "
@@ -499,40 +505,73 @@ class ModelStates:
                 )
             result: SiteState | None = None
             for change in undone:
-                change.undone = True
-                target = ModelState.parse(change.from_state)
-                earlier = list(
-                    session.scalars(
-                        select(ModelStateChange)
-                        .where(
-                            ModelStateChange.model == change.model,
-                            ModelStateChange.version == change.version,
-                            ModelStateChange.site == site,
-                            ModelStateChange.id < change.id,
-                            ModelStateChange.to_state == target.value,
-                            ModelStateChange.undone.is_(False),
-                        )
-                        .order_by(ModelStateChange.id)
-                    )
-                )
-                restore = earlier[-1] if earlier and target is ModelState.ACTIVE else None
                 changed_card = self._card(change.model, change.version)
-                reason = _rollback_reason(ModelState.parse(change.to_state), why)
-                state = self._write(
-                    session,
-                    changed_card,
-                    site,
-                    target,
-                    ROLLBACK,
-                    reason,
-                    user,
-                    now,
-                    restore.threshold if restore else None,
-                    restore.report if restore else None,
-                )
+                current = self._state_of(session, changed_card, site)
+                if current.state.value != change.to_state:
+                    # Changed again since (superseded, or set off after being superseded): left as it is.
+                    if change is last:
+                        raise ConflictError(
+                            f"{changed_card.key} is {current.state.value} at site {site_label(site)} since a later"
+                            f" change; its {change.action} cannot be rolled back"
+                        )
+                    continue
+                change.undone = True
+                state = self._undo(session, changed_card, site, change, user, now, why)
                 result = result or state
-            assert result is not None
+            if result is None:
+                raise ConflictError(f"{card.name} at site {site_label(site)}: nothing to roll back")
             return result
+
+    def _undo(
+        self, session: Session, card: ModelCard, site: str, change: ModelStateChange, user: str, now: datetime, why: str
+    ) -> SiteState:
+        """Return a version to where it was before `change`: the setting before it, or (none) the card's default.
+        An activation is restored only with a report that still passes the site's thresholds; else shadow."""
+        reason = _rollback_reason(ModelState.parse(change.to_state), why)
+        earlier = list(
+            session.scalars(
+                select(ModelStateChange)
+                .where(
+                    ModelStateChange.model == card.name,
+                    ModelStateChange.version == card.version,
+                    ModelStateChange.site == site,
+                    ModelStateChange.id < change.id,
+                    ModelStateChange.action.not_in([ROLLBACK]),
+                    ModelStateChange.undone.is_(False),
+                )
+                .order_by(ModelStateChange.id)
+            )
+        )
+        if not earlier:
+            # Nobody had set it before: forget the site's setting, so the card decides again (and with it the
+            # service's require_local_validation).
+            before = self._state_of(session, card, site)
+            row = session.get(ModelStateRow, (card.name, card.version, site))
+            if row is not None:
+                session.delete(row)
+                session.flush()
+            after = self._state_of(session, card, site)
+            session.add(
+                ModelStateChange(
+                    model=card.name, version=card.version, site=site, action=ROLLBACK, from_state=before.state.value,
+                    to_state=after.state.value, reason=f"{reason}; the card decides again ({after.reason})",
+                    changed_by=user[:64], changed_at=now,
+                )
+            )  # fmt: skip
+            self._audit(session, user, ROLLBACK, now, card, site, before.state, after.state, reason, None)
+            return after
+        target = ModelState.parse(change.from_state)
+        restore = next((c for c in reversed(earlier) if c.to_state == target.value), None)
+        threshold = restore.threshold if restore is not None else None
+        report = restore.report if restore is not None else None
+        if target is ModelState.ACTIVE and (
+            report is None or report_problems(report, card.name, card.version, site, self.thresholds(site))
+        ):
+            target, threshold, report = ModelState.SHADOW, None, None
+            reason += "; its validation report does not pass the site's thresholds now: shadow"
+        elif target is not ModelState.ACTIVE:
+            threshold, report = None, None
+        return self._write(session, card, site, target, ROLLBACK, reason, user, now, threshold, report)
 
 
 def _rollback_reason(from_state: ModelState, why: str) -> str:

@@ -191,8 +191,18 @@ def study_preview(
     raise NotFoundError(f"study {study_uid!r} has no image that can be previewed")
 
 
-def preview_png(worklist: Worklist, store: Store, study_uid: str, finding_index: int | None, now: datetime) -> bytes:
+def preview_png(
+    worklist: Worklist,
+    store: Store,
+    study_uid: str,
+    finding_index: int | None,
+    now: datetime,
+    include_shadow: bool = False,
+) -> bytes:
     """The study page's preview PNG of one study (see `study_preview`); it is an image of a patient: never cache it.
+
+    Without `include_shadow` (a radiologist) the findings of models in shadow at the study's site do not exist
+    here: they are stored after the active ones, so the numbers of the others are the same in both views.
 
     Raises:
         NotFoundError: unknown study or finding, or nothing to preview.
@@ -202,7 +212,8 @@ def preview_png(worklist: Worklist, store: Store, study_uid: str, finding_index:
     # A series not routed yet counts as one no model analyses.
     routing = [s.routing or RoutingDecision(series_uid=s.series_uid) for s in detail.series]
     try:
-        return study_preview(worklist.engine, store, study_uid, detail.findings, routing, finding_index)
+        findings = detail.findings if include_shadow else [f for f in detail.findings if not f.shadow]
+        return study_preview(worklist.engine, store, study_uid, findings, routing, finding_index)
     except TriageError:
         raise
     except Exception as exc:  # noqa: BLE001 - a preview failure must not look like a server crash

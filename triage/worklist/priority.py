@@ -21,6 +21,7 @@ AI_FINDING = "ai-finding"  # a flagged finding raised the level
 AI_FINDING_KEPT = "ai-finding-kept"  # a flagged finding whose site level is not above the current level
 AI_FINDING_UNMAPPED = "ai-finding-unmapped"  # a flagged finding the site gave no level to
 AI_NEGATIVE = "ai-negative"
+AI_SHADOW_ONLY = "ai-shadow-only"  # analysed only by models in shadow at the site: not a negative
 AI_FAILED = "ai-failed"
 AI_PENDING = "ai-pending"
 AI_NOT_APPLICABLE = "ai-not-applicable"
@@ -200,7 +201,13 @@ def compute_priority(
                 PriorityReason(AI_FINDING_KEPT, f"{text}; site level {site_level.value}, {level.value} kept", level)
             )
     if status is AIStatus.DONE and flagged == 0:
-        reasons.append(PriorityReason(AI_NEGATIVE, "AI analysis flagged nothing; clinical priority kept", level))
+        if findings and all(f.shadow for f in findings):
+            # Not a negative: no model that may speak at this site looked at the study (only one on trial did),
+            # and a radiologist must not read "flagged nothing" as reassurance.
+            text = "no AI model is in use at this site for this study; clinical priority kept"
+            reasons.append(PriorityReason(AI_SHADOW_ONLY, text, level))
+        else:
+            reasons.append(PriorityReason(AI_NEGATIVE, "AI analysis flagged nothing; clinical priority kept", level))
 
     wait = turnaround(level, received_at, now, settings)
     final = level

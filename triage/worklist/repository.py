@@ -945,7 +945,8 @@ class Worklist:
                     generation=generation,
                     status=status.value,
                     reason=reason,
-                    flagged=[f.label for f in records if f.flagged],
+                    # What raised (or could raise) the study; a shadow model's flags are not part of its story.
+                    flagged=[f.label for f in records if f.flagged and not f.shadow],
                 )
                 self._close_run(session, study_uid, generation, status.value, now, reason, stages)
                 stored = True

@@ -83,3 +83,14 @@ def test_the_lower_ci_bound_counts_not_the_point_estimate():
     lucky = report(sensitivity=0.9, sensitivity_ci95=[0.7, 0.98])  # a small set: a fine estimate, a wide interval
     problems = report_problems(lucky, "xr-chest-pneumothorax", "1.0.0", "North", ValidationThresholds())
     assert problems == ["sensitivity lower 95% bound 0.7, the site asks for at least 0.8"]
+
+
+def test_a_perfect_small_set_is_judged_on_the_wilson_bound_not_the_collapsed_bootstrap():
+    from triage.models.states import wilson_lower
+
+    assert wilson_lower(20, 20) == pytest.approx(0.8389, abs=1e-3)  # by the formula; the bootstrap gives 1.0
+    perfect = report(n=40, n_positive=20, sensitivity_ci95=[1.0, 1.0], specificity_ci95=[1.0, 1.0],
+                     confusion_matrix={"tp": 20, "fn": 0, "tn": 20, "fp": 0})  # fmt: skip
+    strict = ValidationThresholds(min_cases=40, min_sensitivity_lower_ci=0.9, min_specificity_lower_ci=0.5)
+    problems = report_problems(perfect, "xr-chest-pneumothorax", "1.0.0", "North", strict)
+    assert len(problems) == 1 and problems[0].startswith("sensitivity lower 95% bound 0.83"), problems

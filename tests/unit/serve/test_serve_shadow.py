@@ -20,7 +20,8 @@ def test_a_shadow_flag_raises_nothing_and_is_no_reason(site: Site) -> None:
     study_uid = flagged_xray_in_shadow(site)
     item = site.service.worklist.get_study(study_uid, utcnow())
     assert item.priority.level == "routine"
-    assert [r.code for r in item.priority.reasons] == ["clinical", "ai-negative"]
+    # Not "flagged nothing": no model in use at the site looked at it.
+    assert [r.code for r in item.priority.reasons] == ["clinical", "ai-shadow-only"]
     assert not any("pneumothorax" in r.text for r in item.priority.reasons)
     assert [f.shadow for f in item.findings] == [True]
 
@@ -42,9 +43,10 @@ def test_the_api_shows_shadow_findings_to_admins_and_services_marked_and_hides_t
     assert item["findings"] == [] and item["priority"]["level"] == "routine"
     assert site.client.get(f"/api/v1/studies/{study_uid}").json()["findings"] == []
     worklist = site.client.get("/worklist").text
-    assert 'class="finding ' not in worklist and "shadow" not in worklist
+    assert 'class="finding ' not in worklist and "badge shadow" not in worklist
     study = site.client.get(f"/studies/{study_uid}").text
-    assert "finding-card" not in study and "No AI findings." in study and "shadow" not in study
+    assert "finding-card" not in study and "No AI findings." in study and "badge shadow" not in study
+    assert "pneumothorax" not in study.split("<h2>History</h2>")[1]  # the history names no shadow flag
 
 
 def test_the_admin_pages_badge_shadow_findings(site: Site) -> None:
@@ -65,3 +67,20 @@ def test_an_active_finding_keeps_its_place_when_shadow_findings_are_hidden(site:
     (finding,) = site.client.get(f"/api/v1/studies/{study_uid}").json()["findings"]
     assert finding["shadow"] is False and finding["flagged"] is True
     assert site.client.get("/api/v1/worklist").json()[0]["priority"]["level"] == "stat"
+
+
+def test_a_radiologist_gets_no_preview_of_and_gives_no_feedback_on_a_shadow_finding(site: Site) -> None:
+    study_uid, ds = site.add_xray()
+    name = site.overlay(study_uid, "xr-ptx.npz", str(ds.SOPInstanceUID), (32, 32), stride=4)
+    site.finish(study_uid, [shadow(pneumothorax_finding(str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), name))])
+    _, token = site.accounts.add_user("ml-script", "service", None, utcnow())
+    machine = {"Authorization": f"Bearer {token}"}
+    assert site.client.get(f"/api/v1/studies/{study_uid}/preview.png?finding=0", headers=machine).status_code == 200
+
+    site.add_radiologist("reader")
+    csrf = site.sign_in("reader", RADIOLOGIST_PASSWORD)
+    assert site.client.get(f"/api/v1/studies/{study_uid}/preview.png?finding=0").status_code == 404
+    feedback = {"verdict": "disagree", "finding": 0}
+    response = site.client.post(f"/api/v1/studies/{study_uid}/feedback", json=feedback, headers={"X-CSRF-Token": csrf})
+    assert response.status_code == 404
+    assert site.accounts.feedback_entries() == []

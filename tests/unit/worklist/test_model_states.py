@@ -163,3 +163,38 @@ def test_promotion_at_an_operating_point_checks_the_figures_there(states: ModelS
     state = states.promote(XR, "North", report, "ml", T0, operating_point="sensitivity >= 0.80")
     assert state.threshold == 0.93 and state.report["operating_point"] == "sensitivity >= 0.80"
     assert state.report["specificity_ci95"] == [0.94, 0.99]
+
+
+def install(states: ModelStates, version: str) -> None:
+    old = states.registry.get(XR, "1.0.0").directory
+    new = old.parent / version
+    shutil.copytree(old, new)
+    card = json.loads((new / "card.json").read_text())
+    card["version"] = version
+    (new / "card.json").write_text(json.dumps(card))
+    states.registry.refresh()
+
+
+def test_rollback_never_reactivates_a_version_turned_off_since_it_was_superseded(states: ModelStates) -> None:
+    states.promote(XR, "North", passing_report(), "ml", T0, version="1.0.0")
+    install(states, "1.1.0")
+    states.promote(XR, "North", passing_report(version="1.1.0"), "ml", T0.replace(minute=1))
+    states.set_state(XR, "North", "off", "admin", T0.replace(minute=2), "recalled", version="1.0.0")
+    states.rollback(XR, "North", "admin", T0.replace(minute=3), version="1.1.0")
+    versions = {s.version: s.state for s in states.versions_at("North")[XR]}
+    assert versions == {"1.1.0": ModelState.SHADOW, "1.0.0": ModelState.OFF}
+
+
+def test_rollback_of_a_setting_made_over_the_cards_default_lets_the_card_decide_again(states: ModelStates) -> None:
+    states.set_state(XR, "North", "off", "admin", T0, "not wanted")
+    back = states.rollback(XR, "North", "admin", T0)
+    assert back.state is ModelState.SHADOW and back.source == "card"  # no setting left: the card decides
+    assert [c["action"] for c in states.history()] == ["model-state", "model-rollback"]
+
+
+def test_rollback_restores_an_activation_only_with_a_report_that_still_passes(states: ModelStates) -> None:
+    states.promote(XR, "North", passing_report(), "ml", T0)
+    states.set_state(XR, "North", "shadow", "admin", T0, "pause")
+    states.settings = ModelSettings(validation=ValidationThresholds(min_cases=500))  # the site asks more now
+    back = states.rollback(XR, "North", "admin", T0)
+    assert back.state is ModelState.SHADOW and "does not pass" in back.reason

@@ -27,9 +27,11 @@ ROUTINE, URGENT, STAT = PriorityLevel.ROUTINE, PriorityLevel.URGENT, PriorityLev
 def finding(
     label: str, probability: float = 0.9, flagged: bool = True, synthetic: bool = False, model: str = "ct-head-ich"
 ) -> Finding:
+    # Active at the site (shadow=False said explicitly: a synthetic model's finding is shadow unless said otherwise).
     return Finding(
-        label=label, probability=probability, flagged=flagged, model=model, model_version="1.2.0", synthetic=synthetic
-    )
+        label=label, probability=probability, flagged=flagged, model=model, model_version="1.2.0", synthetic=synthetic,
+        shadow=False,
+    )  # fmt: skip
 
 
 ICH, FRACTURE, NODULE = finding("intracranial_haemorrhage"), finding("fracture"), finding("nodule")
@@ -127,8 +129,8 @@ GOLDEN = [
     ("ai-stat-not-promoted-further", ROUTINE, [ICH], "done", 50, STAT, ["clinical", "ai-finding"]),
     ("failed-study-still-promoted", ROUTINE, [], "failed", 1100, URGENT, ["clinical", "ai-failed", "waiting-promoted"]),
     # Shadow models (synthetic-data models start so): their flags raise nothing and are no reason.
-    ("shadow-flag-does-not-raise", ROUTINE, [SYNTH_PTX], "done", 5, ROUTINE, ["clinical", "ai-negative"]),
-    ("shadow-flag-under-urgent", URGENT, [SYNTH_PTX], "done", 5, URGENT, ["clinical", "ai-negative"]),
+    ("shadow-flag-does-not-raise", ROUTINE, [SYNTH_PTX], "done", 5, ROUTINE, ["clinical", "ai-shadow-only"]),
+    ("shadow-flag-under-urgent", URGENT, [SYNTH_PTX], "done", 5, URGENT, ["clinical", "ai-shadow-only"]),
     (
         "shadow-flag-beside-real-finding",
         ROUTINE,
@@ -145,7 +147,7 @@ GOLDEN = [
         "done",
         1080,
         URGENT,
-        ["clinical", "ai-negative", "waiting-promoted"],
+        ["clinical", "ai-shadow-only", "waiting-promoted"],
     ),
     (
         "shadow-flag-while-requeued",
@@ -205,9 +207,9 @@ def test_finding_reason_names_finding_probability_model_version_and_synthetic():
 # A shadow finding is left out of the priority and of its reasons: the worklist is as if its model had not run.
 # id, findings -> expected level, expected reason codes
 SHADOW_GOLDEN = [
-    ("shadow-flag-raises-nothing", [SYNTH_PTX], ROUTINE, ["clinical", "ai-negative"]),
+    ("shadow-flag-raises-nothing", [SYNTH_PTX], ROUTINE, ["clinical", "ai-shadow-only"]),
     ("active-synthetic-model-raises", [ACTIVE_SYNTH_PTX], STAT, ["clinical", "ai-finding"]),
-    ("shadow-real-model-raises-nothing", [SHADOW_ICH], ROUTINE, ["clinical", "ai-negative"]),
+    ("shadow-real-model-raises-nothing", [SHADOW_ICH], ROUTINE, ["clinical", "ai-shadow-only"]),
     ("active-beside-shadow", [SYNTH_PTX, ICH], STAT, ["clinical", "ai-finding"]),
     (
         "shadow-beside-active-negative",
@@ -240,8 +242,12 @@ def test_stored_findings_of_the_previous_release_are_read_as_records():
               "model_version": "1.2.0", "synthetic": False, "details": {}, "legacy": 1}  # fmt: skip
     priority = compute_priority(ROUTINE, [Finding.model_validate(stored)], "done", T0, T0, SETTINGS)
     assert priority.level is STAT
-    # A release before model states stored no `shadow`: its findings read as active, as they were then.
+    # A release before model states stored no `shadow`: a real model's findings read as active, as they were
+    # then; a synthetic-data model's as shadow (that release did not let it raise priority by default either).
     assert Finding.model_validate(stored).shadow is False
+    old_synthetic = {**stored, "model": "xr-chest-pneumothorax", "label": "pneumothorax", "synthetic": True}
+    assert Finding.model_validate(old_synthetic).shadow is True
+    assert compute_priority(ROUTINE, [Finding.model_validate(old_synthetic)], "done", T0, T0, SETTINGS).level is ROUTINE
 
 
 def test_score_sorts_level_then_closeness_to_breach_then_age():

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Response
 from triage.domain import utcnow
 from triage.serve.deps import AccountsDep, Audit, Exporter, Human, WorklistDep
 from triage.serve.schemas import FeedbackIn, FeedbackOut
+from triage.serve.visibility import sees_shadow
 from triage.worklist.feedback import export_labels, record_feedback
 
 router = APIRouter(tags=["feedback"])
@@ -30,6 +31,7 @@ def feedback(
         body.comment,
         body.model_version,
         now=utcnow(),
+        include_shadow=sees_shadow(user),
     )
     return FeedbackOut(
         study_uid=study_uid,

@@ -11,7 +11,7 @@ from triage.domain import utcnow
 from triage.serve.auth import RIS_BRIDGE
 from triage.serve.deps import Admin, Audit, Claimant, CurrentUser, Reporter, Service, WorklistDep
 from triage.serve.schemas import ActionResult
-from triage.serve.visibility import for_reader
+from triage.serve.visibility import for_reader, sees_shadow
 from triage.worklist.accounts import Role
 from triage.worklist.preview import preview_png
 from triage.worklist.repository import StudyDetail
@@ -40,7 +40,7 @@ def preview(
     audit: Audit,
     finding: Annotated[int | None, Query(description="Index into the study's findings")] = None,
 ) -> Response:
-    png = preview_png(worklist, service.files, study_uid, finding, utcnow())
+    png = preview_png(worklist, service.files, study_uid, finding, utcnow(), include_shadow=sees_shadow(user))
     audit(user, "view-image", study_uid, finding=finding)
     # An image of a patient: not cached anywhere.
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
