@@ -191,3 +191,30 @@ def test_a_shadow_version_that_fails_changes_nothing_for_the_study(service, tmp_
     assert outcome.ai_status is AIStatus.DONE and not outcome.retrying
     assert outcome.reason == f"analysed by {XR} 1.0.0"
     assert [(f.model_version, f.shadow) for f in outcome.findings] == [("1.0.0", False)]
+
+
+def test_a_corrupt_new_version_is_refused_at_start_and_the_version_in_use_serves_on(tmp_path) -> None:
+    import json
+    import shutil
+
+    weights = tmp_path / "weights"
+    shutil.copytree(Settings().weights_dir / XR, weights / XR)
+    new = weights / XR / "1.1.0"
+    shutil.copytree(weights / XR / "1.0.0", new)
+    card = json.loads((new / "card.json").read_text())
+    card["version"] = "1.1.0"
+    (new / "card.json").write_text(json.dumps(card))
+    next(new.glob("*.onnx")).write_bytes(b"corrupt")
+    settings = Settings(data_dir=tmp_path / "data", weights_dir=weights)
+    svc = TriageService(settings, runner_kind="inprocess", start_scp=False)
+    svc.model_states.promote(XR, "North", passing_report("North"), "ml", utcnow(), version="1.0.0")
+    svc.start()
+    try:
+        assert XR not in svc.unavailable
+        assert any("1.1.0 refused" in p for p in svc.registry.problems)
+        study_uid = flagged_film(svc, "North")
+        outcome = svc._analyse(study_uid)
+        assert [(f.model_version, f.shadow) for f in outcome.findings] == [("1.0.0", False)]
+        assert svc.worklist.get_study(study_uid, utcnow()).priority.level == "stat"
+    finally:
+        svc.stop()

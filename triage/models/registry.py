@@ -59,6 +59,9 @@ class ModelRegistry:
         self.weights_dir = Path(weights_dir)
         self._models: dict[str, dict[str, InstalledModel]] = {}
         self.problems: list[str] = []
+        # Versions refused by this process (weights failing their sha256 while another version of the model is
+        # usable), by "name@version", with the reason; kept across refreshes.
+        self.excluded: dict[str, str] = {}
         self.refresh()
 
     def refresh(self) -> None:
@@ -79,7 +82,15 @@ class ModelRegistry:
                     f"{card_path.parent.parent.name}@{card_path.parent.name}"
                 )
                 continue
+            if card.key in self.excluded:
+                self.problems.append(f"{card.key} refused: {self.excluded[card.key]}")
+                continue
             self._models.setdefault(card.name, {})[card.version] = InstalledModel(card, card_path.parent)
+
+    def exclude(self, model: InstalledModel, reason: str) -> None:
+        """Refuse one version (its weights do not match its card) while the model's other versions serve on."""
+        self.excluded[model.card.key] = reason
+        self.refresh()
 
     def names(self) -> list[str]:
         return sorted(self._models)

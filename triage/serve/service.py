@@ -25,7 +25,7 @@ from triage.dicom.scp import StorageSCP
 from triage.dicom.store import DicomStore, StoredInstance, StorePolicy
 from triage.domain import AIStatus, InstanceMeta, utcnow
 from triage.errors import TriageError
-from triage.models.registry import ModelRegistry
+from triage.models.registry import InstalledModel, ModelRegistry
 from triage.pipelines.routing import RoutingRules
 from triage.pipelines.runner import Runner, make_runner
 from triage.serve.metrics import ModelMetrics
@@ -132,12 +132,21 @@ class TriageService:
             log.warning("change events from other processes are not received yet; retrying in the background")
         for problem in self.registry.problems:
             log.error("model registry: %s", problem)
+        broken: dict[str, list[tuple[InstalledModel, str]]] = {}
         for model in self.registry.all():
             try:
                 model.verify()
             except Exception as exc:  # noqa: BLE001 - refuse that model, keep serving the others
-                self.model_errors[model.card.name] = str(exc)
+                broken.setdefault(model.card.name, []).append((model, str(exc)))
                 log.error("%s", exc)
+        for name, failures in broken.items():
+            if len(failures) == len([m for m in self.registry.all() if m.card.name == name]):
+                self.model_errors[name] = failures[0][1]  # no version of it can run
+                continue
+            # Another version of the model is sound: refuse only the broken ones (a corrupt new version on
+            # trial must not stop the version in use).
+            for model, problem in failures:
+                self.registry.exclude(model, problem)
         if ServiceRole.INGEST in self.roles:
             self._start_ingest()
         if ServiceRole.ANALYSIS in self.roles:
