@@ -274,7 +274,7 @@ def analyse_study(
         series_list = [with_routing_attributes(s, reader) for s in worklist.series_of(study_uid)]
         timings.add("database", time.perf_counter() - started)
         installed = set(registry.names()) - (unavailable_models or set())
-        site = worklist.get_study(study_uid, now()).site
+        site = worklist.site_of(study_uid)
         # Which versions of each model run here: the primary one (active, else the newest in shadow) and newer
         # versions on trial in shadow beside it. Without states (tests) the newest version of each runs.
         plan = states.plan(site) if states is not None else None

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from triage.config import ModelSettings
 from triage.errors import ConflictError, TriageError
 from triage.models.card import ModelCard
-from triage.models.registry import ModelRegistry
+from triage.models.registry import ModelRegistry, version_key
 from triage.models.states import (
     ANY_SITE,
     ModelState,
@@ -157,8 +157,6 @@ class ModelStates:
 
     def _earlier_version(self, session: Session, card: ModelCard) -> str | None:
         """A version of the same model older than `card`'s, installed now or recorded in a state, if any."""
-        from triage.models.registry import version_key
-
         mine = version_key(card.version)
         versions = {m.card.version for m in self.registry.all() if m.card.name == card.name}
         versions |= set(session.scalars(select(ModelStateRow.version).where(ModelStateRow.model == card.name)))
@@ -207,8 +205,6 @@ class ModelStates:
 
     def versions_at(self, site: str) -> dict[str, list[SiteState]]:
         """Every installed version's state at `site`, per model name, newest version first."""
-        from triage.models.registry import version_key
-
         out: dict[str, list[SiteState]] = {}
         with self._session() as session:
             for model in self.registry.all():
@@ -579,8 +575,6 @@ def _rollback_reason(from_state: ModelState, why: str) -> str:
 
 
 def _newer(version: str, than: str) -> bool:
-    from triage.models.registry import version_key
-
     return version_key(version) > version_key(than)
 
 

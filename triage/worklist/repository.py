@@ -955,6 +955,18 @@ class Worklist:
         self._publish(study_uid, "analysed" if stored else "analysis-superseded")
         return stored
 
+    def site_of(self, study_uid: str) -> str:
+        """The study's site (Institution Name; "" when its sender named none).
+
+        Raises:
+            NotFoundError: when the study is not on the worklist.
+        """
+        with self._read() as session:
+            site = session.scalar(select(Study.site).where(Study.study_uid == study_uid))
+            if site is None:
+                raise NotFoundError(f"study {study_uid!r} is not on the worklist")
+            return str(site)
+
     def analysis_attempts(self, study_uid: str) -> int:
         """Failed attempts so far at the study's pending generation (0 for a first attempt).
 
