@@ -3,7 +3,6 @@ raises priority, the new one runs in shadow on the same study and is marked so."
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pydicom
 import pytest
 
 from tests.integration.conftest import promote_for_tests, start_server, stop_server, study_lines
+from tests.model_versions import copy_version
 from triage.config import Settings
 from triage.training.synth_xray import generate_dataset
 
@@ -21,11 +21,7 @@ XR = "xr-chest-pneumothorax"
 def test_the_active_version_raises_and_the_new_one_runs_in_shadow_beside_it(tmp_path: Path) -> None:
     weights = tmp_path / "weights"
     shutil.copytree(Settings().weights_dir / XR, weights / XR)
-    new = weights / XR / "1.1.0"
-    shutil.copytree(weights / XR / "1.0.0", new)
-    card = json.loads((new / "card.json").read_text())
-    card["version"] = "1.1.0"
-    (new / "card.json").write_text(json.dumps(card))
+    copy_version(weights / XR, "1.1.0")
     env = {"TRIAGE_WEIGHTS_DIR": str(weights)}
     data_dir = tmp_path / "data"
     promote_for_tests(data_dir, XR, version="1.0.0", env=env)  # the version in use at this site (no institution)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from tests.model_versions import copy_version
 from triage.config import Settings
 from triage.domain import AIStatus, utcnow
 from triage.serve.service import TriageService
@@ -142,18 +143,13 @@ def test_a_film_without_age_or_view_is_analysed_and_the_assumption_recorded(serv
 
 def install_version(service: TriageService, tmp_path: Path, version: str) -> None:
     """Install a copy of the X-ray model as another version (same weights, its own card) in a private weights dir."""
-    import json
     import shutil
 
     weights = tmp_path / "weights"
     if not (weights / XR / "1.0.0").exists():
         shutil.copytree(service.registry.weights_dir / XR, weights / XR)
         shutil.copytree(service.registry.weights_dir / "ct-head-ich", weights / "ct-head-ich")
-    target = weights / XR / version
-    shutil.copytree(weights / XR / "1.0.0", target)
-    card = json.loads((target / "card.json").read_text())
-    card["version"] = version
-    (target / "card.json").write_text(json.dumps(card))
+    copy_version(weights / XR, version)
     service.registry.weights_dir = weights
     service.registry.refresh()
 
@@ -194,16 +190,11 @@ def test_a_shadow_version_that_fails_changes_nothing_for_the_study(service, tmp_
 
 
 def test_a_corrupt_new_version_is_refused_at_start_and_the_version_in_use_serves_on(tmp_path) -> None:
-    import json
     import shutil
 
     weights = tmp_path / "weights"
     shutil.copytree(Settings().weights_dir / XR, weights / XR)
-    new = weights / XR / "1.1.0"
-    shutil.copytree(weights / XR / "1.0.0", new)
-    card = json.loads((new / "card.json").read_text())
-    card["version"] = "1.1.0"
-    (new / "card.json").write_text(json.dumps(card))
+    new = copy_version(weights / XR, "1.1.0")
     next(new.glob("*.onnx")).write_bytes(b"corrupt")
     settings = Settings(data_dir=tmp_path / "data", weights_dir=weights)
     svc = TriageService(settings, runner_kind="inprocess", start_scp=False)

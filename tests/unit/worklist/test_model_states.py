@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.model_versions import copy_version
 from triage.config import ModelSettings, Settings, ValidationThresholds
 from triage.errors import ConflictError
 from triage.models.registry import ModelRegistry
@@ -133,13 +134,9 @@ def test_a_site_setting_overrides_the_every_site_one(states: ModelStates) -> Non
 
 def test_a_new_version_starts_in_shadow_even_where_the_old_one_was_active(states: ModelStates, tmp_path: Path) -> None:
     states.promote(XR, "North", passing_report(), "ml", T0)
-    old = states.registry.get(XR).directory
-    new = old.parent / "1.1.0"
-    shutil.copytree(old, new)
-    card = json.loads((new / "card.json").read_text())
     # Even a version whose card would start active on its own (real data, external validation) starts in shadow.
-    card.update(version="1.1.0", synthetic=False, validation={"status": "external", "summary": "published"})
-    (new / "card.json").write_text(json.dumps(card))
+    external = {"status": "external", "summary": "published"}
+    copy_version(states.registry.get(XR).directory.parent, "1.1.0", synthetic=False, validation=external)
     states.registry.refresh()
     state = states.states("North")[XR]
     assert (state.version, state.state) == ("1.1.0", ModelState.SHADOW)
@@ -166,12 +163,7 @@ def test_promotion_at_an_operating_point_checks_the_figures_there(states: ModelS
 
 
 def install(states: ModelStates, version: str) -> None:
-    old = states.registry.get(XR, "1.0.0").directory
-    new = old.parent / version
-    shutil.copytree(old, new)
-    card = json.loads((new / "card.json").read_text())
-    card["version"] = version
-    (new / "card.json").write_text(json.dumps(card))
+    copy_version(states.registry.get(XR, "1.0.0").directory.parent, version)
     states.registry.refresh()
 
 
