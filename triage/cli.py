@@ -105,6 +105,12 @@ users_app = typer.Typer(help="Users, roles and API tokens (same --data-dir as se
 app.add_typer(users_app, name="users")
 app.add_typer(models_app, name="models")
 app.add_typer(synth_app, name="synth")
+sites_app = typer.Typer(
+    help="Client hospitals (sites): how their studies are recognised, their contract and rules (same --data-dir"
+    " as serve).",
+    no_args_is_help=True,
+)
+app.add_typer(sites_app, name="sites")
 # Tables stay readable when the output is a pipe or a CI log (rich falls back to 80 columns there).
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
@@ -1111,6 +1117,258 @@ def users_disable(name: str, data_dir: DataDir = None) -> None:
 
     user = disable_user(_settings(data_dir), name)
     console.print(f"disabled {user.name}")
+
+
+@users_app.command("grant")
+def users_grant(
+    name: str,
+    site: Annotated[str, typer.Option(help="The site (client hospital) they may read for")],
+    until: Annotated[
+        str | None, typer.Option(help="Last day of the privilege, YYYY-MM-DD (inclusive); default: no expiry")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Let a radiologist read a site's studies (their licence and credentials there), until a date. Audited."""
+    from datetime import date
+
+    from triage.worklist.accounts import open_accounts
+
+    settings = _settings(data_dir)
+    user = open_accounts(settings).get_user(name)
+    if user.role != "radiologist":
+        _fail(f"{name!r} has role {user.role}; privileges are for radiologists (admins and services see every site)")
+    day = None
+    if until:
+        try:
+            day = date.fromisoformat(until)
+        except ValueError:
+            _fail(f"--until {until!r} is not a date; use YYYY-MM-DD", code=2)
+    privilege = _worklist(settings).sites.grant(name, site, day, _operator(), utcnow())
+    ends = f"until {privilege.until.isoformat()} (inclusive)" if privilege.until else "with no expiry"
+    console.print(f"{privilege.username} may read site {privilege.site!r} {ends}")
+
+
+@users_app.command("revoke")
+def users_revoke(
+    name: str,
+    site: Annotated[str, typer.Option(help="The site to withdraw")],
+    data_dir: DataDir = None,
+) -> None:
+    """Withdraw a radiologist's privilege for a site. Audited."""
+    if not _worklist(_settings(data_dir)).sites.revoke(name, site, _operator(), utcnow()):
+        _fail(f"{name!r} held no privilege for site {site!r}")
+    console.print(f"{name} may no longer read site {site!r}")
+
+
+@users_app.command("privileges")
+def users_privileges(
+    name: Annotated[str | None, typer.Argument(help="One user; default: everyone")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON for scripts")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Which sites each radiologist may read, until when, and whether the privilege is valid today."""
+    today = utcnow().date()
+    privileges = _worklist(_settings(data_dir)).sites.privileges(name)
+    rows = [
+        {
+            "user": p.username,
+            "site": p.site,
+            "until": p.until.isoformat() if p.until else None,
+            "valid_today": p.valid_on(today),
+            "granted_by": p.granted_by,
+            "granted_at": p.granted_at.isoformat(),
+        }
+        for p in privileges
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="privileges")
+    for column in ("user", "site", "until", "valid today", "granted by"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["user"], row["site"], row["until"] or "no expiry", "yes" if row["valid_today"] else "EXPIRED",
+                      row["granted_by"])  # fmt: skip
+    console.print(table)
+
+
+def _worklist(settings: Settings) -> Any:
+    """The worklist of the service whose data dir (or TRIAGE_DATABASE_URL) is given, migrated."""
+    from triage.worklist.repository import Worklist
+
+    return Worklist.open(settings.resolved_database_url, settings.priority)
+
+
+def _pairs(values: list[str] | None, what: str) -> dict[str, str] | None:
+    """KEY=VALUE options into a dict (None when none were given)."""
+    if not values:
+        return None
+    pairs: dict[str, str] = {}
+    for value in values:
+        key, sep, item = value.partition("=")
+        if not sep or not key.strip() or not item.strip():
+            _fail(f"{what} {value!r} must be KEY=VALUE", code=2)
+        pairs[key.strip()] = item.strip()
+    return pairs
+
+
+AeOption = Annotated[list[str] | None, typer.Option("--ae", help="Calling AE title of a sender of this site (repeat)")]
+InstitutionOption = Annotated[
+    list[str] | None, typer.Option("--institution", help="Institution Name (0008,0080) in its images (repeat)")
+]
+StowOption = Annotated[
+    list[str] | None, typer.Option("--stow-account", help="Service account it sends STOW-RS with (repeat)")
+]
+TzOption = Annotated[str | None, typer.Option("--tz", help="IANA time zone, e.g. Europe/London (default UTC)")]
+TargetOption = Annotated[
+    list[str] | None, typer.Option("--target", help="Turnaround target LEVEL=MINUTES, e.g. stat=30 (repeat)")
+]
+LevelOption = Annotated[
+    list[str] | None,
+    typer.Option("--finding-level", help="Level a flagged finding raises to, FINDING=LEVEL (repeat)"),
+]
+ModelsOption = Annotated[
+    str | None, typer.Option("--models", help="Comma-separated models allowed on its studies ('all': every one)")
+]
+
+
+def _site_changes(
+    ae: list[str] | None,
+    institution: list[str] | None,
+    stow_account: list[str] | None,
+    tz: str | None,
+    target: list[str] | None,
+    finding_level: list[str] | None,
+    models: str | None,
+    results_ae: str | None,
+    results_host: str | None,
+    results_port: int | None,
+    claim_idle_min: float | None,
+) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    for key, value in (("ae_titles", ae), ("institution_names", institution), ("stow_accounts", stow_account)):
+        if value is not None:
+            changes[key] = value
+    if tz is not None:
+        changes["time_zone"] = tz
+    targets = _pairs(target, "--target")
+    if targets is not None:
+        try:
+            changes["turnaround_min"] = {k: float(v) for k, v in targets.items()}
+        except ValueError:
+            _fail(f"--target values must be minutes, got {target}", code=2)
+    levels = _pairs(finding_level, "--finding-level")
+    if levels is not None:
+        changes["finding_levels"] = levels
+    if models is not None:
+        changes["models"] = (
+            None if models.strip() in ("", "all") else [m.strip() for m in models.split(",") if m.strip()]
+        )
+    if results_host is not None:
+        changes["results"] = None if not results_host else {
+            "ae_title": results_ae or "PACS", "host": results_host, "port": results_port or 104
+        }  # fmt: skip
+    if claim_idle_min is not None:
+        changes["claim_idle_min"] = claim_idle_min
+    return changes
+
+
+def _print_site(site: Any, moved: int, rescored: int) -> None:
+    console.print(
+        f"site {site.name!r}: AE titles {site.ae_titles or '-'}, institutions {site.institution_names or '-'}, "
+        f"STOW-RS accounts {site.stow_accounts or '-'}, time zone {site.time_zone}"
+    )
+    if moved or rescored:
+        console.print(f"{moved} open studies recognised anew, {rescored} rescored with the site's rules")
+
+
+@sites_app.command("add")
+def sites_add(
+    name: str,
+    ae: AeOption = None,
+    institution: InstitutionOption = None,
+    stow_account: StowOption = None,
+    tz: TzOption = None,
+    target: TargetOption = None,
+    finding_level: LevelOption = None,
+    models: ModelsOption = None,
+    results_ae: Annotated[str | None, typer.Option(help="Its PACS's AE title (results go there)")] = None,
+    results_host: Annotated[str | None, typer.Option(help="Its PACS's host")] = None,
+    results_port: Annotated[int | None, typer.Option(help="Its PACS's port")] = None,
+    claim_idle_min: Annotated[float | None, typer.Option(help="Release a claim idle this long (minutes)")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Register a client hospital. Rules it does not set come from the service default. Audited; its open studies
+    are recognised and rescored at once."""
+    from triage.worklist.sites import parse_site
+
+    changes = _site_changes(ae, institution, stow_account, tz, target, finding_level, models, results_ae,
+                            results_host, results_port, claim_idle_min)  # fmt: skip
+    site = parse_site({"name": name, **changes})
+    moved, rescored = _worklist(_settings(data_dir)).save_site(site, _operator(), utcnow(), create=True)
+    _print_site(site, moved, rescored)
+
+
+@sites_app.command("set")
+def sites_set(
+    name: str,
+    ae: AeOption = None,
+    institution: InstitutionOption = None,
+    stow_account: StowOption = None,
+    tz: TzOption = None,
+    target: TargetOption = None,
+    finding_level: LevelOption = None,
+    models: ModelsOption = None,
+    results_ae: Annotated[str | None, typer.Option(help="Its PACS's AE title")] = None,
+    results_host: Annotated[str | None, typer.Option(help="Its PACS's host ('' : results not sent)")] = None,
+    results_port: Annotated[int | None, typer.Option(help="Its PACS's port")] = None,
+    claim_idle_min: Annotated[float | None, typer.Option(help="Release a claim idle this long (minutes)")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Change a site's rules (options given replace those fields; the others stay). Its open studies are rescored
+    at once (AI never lowers a priority). Audited."""
+    changes = _site_changes(ae, institution, stow_account, tz, target, finding_level, models, results_ae,
+                            results_host, results_port, claim_idle_min)  # fmt: skip
+    if not changes:
+        _fail("nothing to change; give at least one option (see --help)", code=2)
+    site, moved, rescored = _worklist(_settings(data_dir)).update_site(name, changes, _operator(), utcnow())
+    _print_site(site, moved, rescored)
+
+
+@sites_app.command("list")
+def sites_list(
+    as_json: Annotated[bool, typer.Option("--json", help="The full records as JSON")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """The registered sites with how their studies are recognised and their targets."""
+    worklist = _worklist(_settings(data_dir))
+    sites = worklist.sites.all()
+    if as_json:
+        print(json.dumps([s.model_dump(mode="json") for s in sites], indent=2))
+        return
+    table = Table(title="sites")
+    for column in ("name", "recognised by", "time zone", "targets (min)", "finding levels", "models"):
+        table.add_column(column)
+    for site in sites:
+        policy = site.policy(worklist.settings)
+        recognised = [f"AE {a}" for a in site.ae_titles] + [f"inst. {i}" for i in site.institution_names]
+        recognised += [f"STOW {a}" for a in site.stow_accounts]
+        table.add_row(
+            site.name,
+            ", ".join(recognised) or "-",
+            site.time_zone,
+            ", ".join(f"{k} {v:g}" for k, v in policy.turnaround_min.items()),
+            ", ".join(f"{k} -> {v}" for k, v in policy.finding_levels.items()),
+            "all" if site.models is None else ", ".join(site.models) or "none",
+        )
+    console.print(table)
+
+
+@sites_app.command("remove")
+def sites_remove(name: str, data_dir: DataDir = None) -> None:
+    """Remove a site and the privileges to read it; its open studies get the default policy. Audited."""
+    moved, rescored = _worklist(_settings(data_dir)).remove_site(name, _operator(), utcnow())
+    console.print(f"site {name!r} removed; {moved} open studies no longer claimed by it, {rescored} rescored")
 
 
 # ----------------------------------------------------------------------------------------------- operations

@@ -216,6 +216,20 @@ class PrioritySettings(BaseModel):
     promote_at_fraction: float = 0.75
 
 
+class ReadingSettings(BaseModel):
+    """Who sees which studies, and how long a claim may sit idle (sites set their own limit)."""
+
+    # Studies from senders no registered site claims are shown to every radiologist when set (the embedded
+    # default: nothing is hidden before any site is registered). A reading centre that registers all its client
+    # hospitals turns this off, so that only radiologists with a privilege for a site read its studies (admins
+    # still see every study and can register the sender).
+    unregistered_visible: bool = True
+    # A claim nobody acted on for this long is released (studies of unregistered senders; sites set their own).
+    claim_idle_min: float = Field(default=30.0, gt=0)
+    # How often idle claims are looked for.
+    idle_check_s: float = Field(default=60.0, gt=0)
+
+
 class ValidationThresholds(BaseModel):
     """What a site asks of a local validation report before a model may raise priority there.
 
@@ -285,6 +299,7 @@ class Settings(BaseSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
     priority: PrioritySettings = Field(default_factory=PrioritySettings)
+    reading: ReadingSettings = Field(default_factory=ReadingSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
 

@@ -38,3 +38,7 @@ class MissingDependencyError(TriageError):
         super().__init__(f"{package} is not installed; install it with: pip install 'triage[{extra}]'")
         self.package = package
         self.extra = extra
+
+
+class NotPermittedError(TriageError):
+    """The user is signed in but may not do this here (for example read a site they hold no privilege for)."""

@@ -9,10 +9,12 @@ from fastapi import Depends, Request
 
 from triage.config import Settings
 from triage.domain import utcnow
+from triage.errors import NotPermittedError
 from triage.serve.auth import HUMAN_ROLES, accounts_of, current_user, require_reporter, require_roles
 from triage.serve.service import TriageService
+from triage.serve.visibility import scope_of
 from triage.worklist.accounts import Accounts, Role, User
-from triage.worklist.repository import Worklist
+from triage.worklist.repository import ReadScope, Worklist
 
 
 def get_service(request: Request) -> TriageService:
@@ -54,3 +56,27 @@ class Auditor:
 
 
 Audit = Annotated[Auditor, Depends(Auditor)]
+
+
+class Reading:
+    """The current user's reading scope (the sites they may read now) and the check on one study, which audits
+    a refusal (`access-denied`) before the 403 goes out."""
+
+    def __init__(self, user: CurrentUser, service: Service, accounts: AccountsDep) -> None:
+        self.user = user
+        self.worklist = service.worklist
+        self.accounts = accounts
+        self.scope: ReadScope | None = scope_of(user, service.worklist, service.settings)
+
+    def check(self, study_uid: str, action: str) -> None:
+        """Raises: NotFoundError (404) for no such study; NotPermittedError (403, audited) outside the scope."""
+        try:
+            self.worklist.check_scope(study_uid, self.scope)
+        except NotPermittedError as exc:
+            self.accounts.audit(
+                self.user.name, "access-denied", utcnow(), study_uid, {"action": action, "reason": str(exc)}
+            )
+            raise
+
+
+ReadingDep = Annotated[Reading, Depends(Reading)]

@@ -11,14 +11,18 @@ from triage.errors import (
     InvalidStudyError,
     ModelLoadError,
     NotFoundError,
+    NotPermittedError,
     TriageError,
     UnsupportedInputError,
 )
 from triage.worklist.accounts import InvalidAccountError
 from triage.worklist.preview import PreviewError
+from triage.worklist.sites import InvalidSiteError
 
 STATUS_BY_ERROR: list[tuple[type[TriageError], int]] = [
     (InvalidAccountError, 400),
+    (InvalidSiteError, 400),
+    (NotPermittedError, 403),
     (NotFoundError, 404),
     (ConflictError, 409),
     # The study and finding exist but the stored image or overlay cannot be drawn.

@@ -107,6 +107,7 @@ class TriageService:
         self.model_activity: list[dict[str, Any]] = []
         self._alerted: set[tuple[str, str, str, str]] = set()
         self._drift_thread: threading.Thread | None = None
+        self._claims_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ ingest
     def _index(self, meta: InstanceMeta) -> bool:
@@ -184,6 +185,8 @@ class TriageService:
         self._health_thread.start()
         self._drift_thread = threading.Thread(target=self._watch_drift, name="model-drift", daemon=True)
         self._drift_thread.start()
+        self._claims_thread = threading.Thread(target=self._watch_claims, name="idle-claims", daemon=True)
+        self._claims_thread.start()
 
     def stop(self) -> None:
         self.ready = False
@@ -197,11 +200,31 @@ class TriageService:
             self._health_thread.join(timeout=5)
         if self._drift_thread is not None:
             self._drift_thread.join(timeout=5)
+        if self._claims_thread is not None:
+            self._claims_thread.join(timeout=5)
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self.runner is not None:
             self.runner.close()
         if self.events_relay is not None:
             self.events_relay.stop()
+
+    # ------------------------------------------------------------------ idle claims
+    def _watch_claims(self) -> None:
+        while not self._stop.wait(self.settings.reading.idle_check_s):
+            try:
+                self.release_idle_claims()
+            except Exception:  # noqa: BLE001 - the watch must outlive any single failure
+                log.exception("releasing idle claims failed")
+
+    def release_idle_claims(self, now: datetime | None = None) -> list[str]:
+        """Give back claims idle past their site's limit (each noted in the study's history and audited)."""
+        released = self.worklist.release_idle_claims(now or utcnow(), self.settings.reading.claim_idle_min)
+        if released:
+            accounts = Accounts(self.worklist.engine)
+            for study_uid in released:
+                accounts.audit("triage", "claim-released-idle", now or utcnow(), study_uid)
+            log.info("released %d idle claim(s)", len(released))
+        return released
 
     # ------------------------------------------------------------------ drift watch
     def _watch_drift(self) -> None:

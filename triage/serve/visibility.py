@@ -1,4 +1,10 @@
-"""What each reader may see of a study's AI results: radiologists never see findings of models in shadow.
+"""What each reader may see: the studies of the sites they hold a privilege for, and of those studies' AI results
+no finding of a model in shadow for a radiologist.
+
+Credentialed reading: a radiologist reads only for the client hospitals where they hold a licence, so a study of a
+registered site is listed, shown and claimable only for radiologists with a privilege for that site valid today
+(`triage users grant`). Admins and service accounts see every study. Studies of senders no site claims follow
+`reading.unregistered_visible`.
 
 A shadow model runs on live traffic so that admins and ML engineers can compare it with the active one; its
 findings must not change what a radiologist reads (STYLE: a model not validated for a site never raises
@@ -9,10 +15,12 @@ every finding a radiologist sees is the same in both views (feedback and preview
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TypeVar
 
+from triage.config import Settings
 from triage.worklist.accounts import Role, User
-from triage.worklist.repository import WorklistItem
+from triage.worklist.repository import ReadScope, Worklist, WorklistItem
 
 Item = TypeVar("Item", bound=WorklistItem)
 
@@ -27,3 +35,12 @@ def for_reader(item: Item, user: User) -> Item:
     if sees_shadow(user) or not any(f.shadow for f in item.findings):
         return item
     return item.model_copy(update={"findings": [f for f in item.findings if not f.shadow]})
+
+
+def scope_of(user: User, worklist: Worklist, settings: Settings, now: datetime | None = None) -> ReadScope | None:
+    """The studies `user` may read now: None (all) for admins and service accounts; for a radiologist the sites
+    with a privilege valid today (UTC date) and, per the setting, unregistered senders."""
+    if user.role != Role.RADIOLOGIST:
+        return None
+    today = (now or datetime.now(UTC)).astimezone(UTC).date()
+    return ReadScope(frozenset(worklist.sites.readable_by(user.name, today)), settings.reading.unregistered_visible)

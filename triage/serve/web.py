@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
 from triage.domain import AIStatus, PriorityLevel, utcnow
-from triage.errors import ConflictError, NotFoundError, TriageError
+from triage.errors import ConflictError, NotFoundError, NotPermittedError, TriageError
 from triage.models.states import site_label
 from triage.serve.auth import (
     CSRF_FIELD,
@@ -37,7 +37,7 @@ from triage.serve.auth import (
 )
 from triage.serve.deps import get_service
 from triage.serve.service import TriageService
-from triage.serve.visibility import for_reader, sees_shadow
+from triage.serve.visibility import for_reader, scope_of, sees_shadow
 from triage.worklist.accounts import (
     Accounts,
     InvalidAccountError,
@@ -47,7 +47,7 @@ from triage.worklist.accounts import (
     constant_time_equal,
 )
 from triage.worklist.feedback import record_feedback
-from triage.worklist.repository import Worklist, WorklistItem
+from triage.worklist.repository import ReadScope, Worklist, WorklistItem
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +276,22 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
     def home() -> RedirectResponse:
         return _redirect("/worklist")
 
+    def reading_scope(request: Request, user: User) -> ReadScope | None:
+        service = _service(request)
+        return scope_of(user, service.worklist, service.settings)
+
+    async def check_reading(request: Request, user: User, study_uid: str, action: str) -> str | None:
+        """None when `user` may read the study; else why not (the refusal is audited)."""
+        try:
+            await asyncio.to_thread(_worklist(request).check_scope, study_uid, reading_scope(request, user))
+        except NotPermittedError as exc:
+            await _audit(request, user, "access-denied", study_uid, attempted=action, reason=str(exc))
+            return str(exc)
+        return None
+
     def worklist_items(
         request: Request,
+        user: User,
         status_: str | None,
         modality: str | None,
         level: str | None,
@@ -294,6 +308,7 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
                 site=site or None,
                 accession=(accession or "").strip() or None,
                 include_reported=include_reported,
+                scope=reading_scope(request, user),
             )
         except ValueError as exc:
             return [], str(exc)
@@ -310,7 +325,7 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
         accession: str | None = None,
         include_reported: bool = False,
     ) -> HTMLResponse:
-        items, problem = worklist_items(request, status_, modality, level, site, accession, include_reported)
+        items, problem = worklist_items(request, user, status_, modality, level, site, accession, include_reported)
         items = [for_reader(item, user) for item in items]
         filters = {
             "status": status_ or "",
@@ -350,7 +365,7 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
         With `changed` (the studies named by the change events since the last refresh) only those rows are sent,
         with the page's order in the X-Worklist-Order header: the page keeps its other rows and reorders them.
         """
-        items, problem = worklist_items(request, status_, modality, level, site, accession, include_reported)
+        items, problem = worklist_items(request, user, status_, modality, level, site, accession, include_reported)
         items = [for_reader(item, user) for item in items]
         if changed is None or problem:
             return render(request, "_rows.html", user, 400 if problem else 200, items=items, problem=problem)
@@ -362,7 +377,11 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
     @router.get("/studies/{study_uid}", response_class=HTMLResponse)
     async def study_page(request: Request, study_uid: str, user: PageUser) -> HTMLResponse:
         try:
+            refused = await check_reading(request, user, study_uid, "view")
+            if refused:
+                return render(request, "error.html", user, 403, title="Not a site you may read", message=refused)
             detail = await asyncio.to_thread(_worklist(request).get_study, study_uid, utcnow())
+            await asyncio.to_thread(_worklist(request).touch_claim, study_uid, user.name, utcnow())
         except NotFoundError as exc:
             return render(request, "error.html", user, 404, title="Study not found", message=str(exc))
         detail = for_reader(detail, user)
@@ -394,6 +413,9 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
     async def act(request: Request, study_uid: str, user: User, action: str, next_url: str) -> Response:
         worklist = _worklist(request)
         try:
+            refused = await check_reading(request, user, study_uid, action)
+            if refused:
+                return _redirect(_with_message(next_url, error=refused))
             if action == "claim":
                 await asyncio.to_thread(worklist.claim, study_uid, user.name, utcnow())
             elif action == "release":
@@ -467,6 +489,9 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
         comment: Annotated[str, Form()] = "",
     ) -> Response:
         url = _study_url(study_uid)
+        refused = await check_reading(request, user, study_uid, "feedback")
+        if refused:
+            return _redirect(_with_message("/worklist", error=refused))
         try:
             index = int(finding) if finding.strip() else None
             await asyncio.to_thread(

@@ -128,6 +128,7 @@ def compute_priority(
     *,
     ai_reason: str = "",
     clinical_source: str = "from request",
+    rule_source: str = "",
 ) -> Priority:
     """A study's priority from its clinical priority, its AI findings and how long it has waited.
 
@@ -147,6 +148,8 @@ def compute_priority(
         settings: The site's policy.
         ai_reason: Why the analysis failed or did not apply, quoted in the reason.
         clinical_source: Where the clinical priority came from, in words ("from request", "default").
+        rule_source: Whose rules `settings` are, named in every reason they decide ("site CITY HOSPITAL");
+            empty for the service's default policy.
 
     Returns:
         The level, a score that sorts higher level first and then the study closest to breaching its target,
@@ -174,6 +177,7 @@ def compute_priority(
     # Findings count whatever the status: a study re-queued after new instances keeps its earlier findings
     # until the newer analysis supersedes them.
     site_levels = {label: level_of(value) for label, value in settings.finding_levels.items()}
+    rule = f" [{rule_source or 'default policy'}]"
     flagged = 0
     for finding in findings:
         # A shadow model's flag never moves the study and is not a reason: the radiologist's worklist is as if
@@ -191,14 +195,16 @@ def compute_priority(
         text = _finding_text(label, probability, model, version, synthetic)
         site_level = site_levels.get(label)
         if site_level is None:
-            reasons.append(PriorityReason(AI_FINDING_UNMAPPED, f"{text}; the site sets no level for it", level))
+            reasons.append(PriorityReason(AI_FINDING_UNMAPPED, f"{text}; the site sets no level for it{rule}", level))
         elif site_level.rank > level.rank:
             level = site_level
-            reasons.append(PriorityReason(AI_FINDING, f"{text} -> {site_level.value}", site_level))
+            reasons.append(PriorityReason(AI_FINDING, f"{text} -> {site_level.value}{rule}", site_level))
         else:
             # A finding never lowers: the site's level for it is at or below the level already reached.
             reasons.append(
-                PriorityReason(AI_FINDING_KEPT, f"{text}; site level {site_level.value}, {level.value} kept", level)
+                PriorityReason(
+                    AI_FINDING_KEPT, f"{text}; site level {site_level.value}, {level.value} kept{rule}", level
+                )
             )
     if status is AIStatus.DONE and flagged == 0:
         if findings and all(f.shadow for f in findings):
@@ -218,7 +224,7 @@ def compute_priority(
                 PriorityReason(
                     WAITING_PROMOTED,
                     f"waiting {wait.waiting_min:.0f} min of {wait.target_min:.0f} min {level.value} target"
-                    f" -> {final.value}",
+                    f" -> {final.value}{rule}",
                     final,
                 )
             )
@@ -227,7 +233,7 @@ def compute_priority(
                 PriorityReason(
                     OVERDUE,
                     f"waiting {wait.waiting_min:.0f} min, {wait.waiting_min - wait.target_min:.0f} min past the"
-                    f" {wait.target_min:.0f} min {level.value} target",
+                    f" {wait.target_min:.0f} min {level.value} target{rule}",
                     final,
                 )
             )

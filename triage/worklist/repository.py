@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from typing import cast as typing_cast
@@ -27,7 +28,7 @@ from triage.domain import (
     StageTime,
     UtcTime,
 )
-from triage.errors import ConflictError, NotFoundError
+from triage.errors import ConflictError, NotFoundError, NotPermittedError
 from triage.worklist.db import WRITE_OPTION, create_engine_for
 from triage.worklist.events import STUDY_UPDATED, Broadcaster
 from triage.worklist.priority import (
@@ -46,6 +47,7 @@ from triage.worklist.priority import (
     turnaround,
     validate_settings,
 )
+from triage.worklist.sites import Site, Sites
 from triage.worklist.tables import AnalysisRun, Instance, Series, Study, StudyEvent
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,12 @@ class WorklistItem(BaseModel):
     sending_ae: str
     received_at: UtcTime
     last_instance_at: UtcTime
+    # The Institution Name as sent, and how `site` was recognised (empty: no registered site claims the study).
+    institution: str = ""
+    site_match: str = ""
+    # The site's time zone (IANA name; UTC for unregistered senders) and its target for the study's level.
+    site_time_zone: str = "UTC"
+    turnaround_target_min: float | None = None
     instance_count: int
     waiting_min: float
     turnaround_left_min: float | None
@@ -133,6 +141,35 @@ class AnalysisRunRecord(BaseModel):
     def attempts(self) -> int:
         """How many times the study's analysis had been tried when this run ended (this run included)."""
         return self.attempt
+
+
+@dataclass(frozen=True)
+class ReadScope:
+    """Which studies a reader may see and claim: those of the registered `sites` named (their privileges valid
+    today) and, where `unregistered` is set, those of senders no site claims.
+
+    `None` in place of a scope means every study (admins, service accounts).
+    """
+
+    sites: frozenset[str]
+    unregistered: bool = True
+
+    def allows(self, site: str, registered: bool) -> bool:
+        return site in self.sites if registered else self.unregistered
+
+    def describe(self) -> str:
+        sites = ", ".join(sorted(self.sites)) or "none"
+        return f"sites you may read: {sites}" + ("; and senders no site claims" if self.unregistered else "")
+
+
+def _scope_filter(scope: ReadScope | None) -> Any:
+    if scope is None:
+        return None
+    registered = Study.site_match != ""
+    allowed = and_(registered, Study.site.in_(sorted(scope.sites))) if scope.sites else literal(False)
+    if scope.unregistered:
+        allowed = or_(allowed, Study.site_match == "", Study.site_match.is_(None))
+    return allowed
 
 
 class StudyDetail(WorklistItem):
@@ -295,6 +332,8 @@ class Worklist:
         # The policy may differ from the one the stored queue columns were computed with (another run's
         # settings, or a database just upgraded): bring them up to date before the first read.
         self.policy = policy_fingerprint(self.settings)
+        # Client hospitals with their own rules; studies of senders no site claims get `settings`.
+        self.sites = Sites(self.engine, self.settings)
         self.rescore_studies()
 
     @classmethod
@@ -315,6 +354,7 @@ class Worklist:
     def close(self) -> None:
         """Release the engine's pooled connections (the engine stays usable and reconnects on demand)."""
         self.engine.dispose()
+        self.sites.close()
 
     # ----------------------------------------------------------------------------------------- helpers
 
@@ -343,15 +383,17 @@ class Worklist:
 
     def _priority(self, study: Study, now: datetime) -> Priority:
         try:
+            policy, rule_source = self.sites.policy_for(study.site)
             return compute_priority(
                 PriorityLevel(study.clinical_priority),
                 load_findings(study.findings, study.study_uid),
                 study.ai_status,
                 study.received_at,
                 now,
-                self.settings,
+                policy,
                 ai_reason=study.ai_reason,
                 clinical_source=study.clinical_priority_source,
+                rule_source=rule_source,
             )
         except (ValueError, KeyError, TypeError) as exc:
             # One unreadable row must never hide the worklist or this study: list it at the highest level it
@@ -365,7 +407,7 @@ class Worklist:
     def _queue_order(self, study: Study, priority: Priority) -> QueueOrder:
         if any(r.code == PRIORITY_ERROR for r in priority.reasons):
             return QueueOrder(PriorityLevel.STAT, None, None)
-        return queue_order(base_level(priority), study.received_at, self.settings)
+        return queue_order(base_level(priority), study.received_at, self.sites.policy_for(study.site)[0])
 
     def _refresh_priority(self, study: Study, now: datetime) -> None:
         """Store the priority at `now` and the clock-independent columns the worklist query orders by.
@@ -380,7 +422,7 @@ class Worklist:
         study.priority_target_min = order.target_min
         study.priority_promote_at = order.promote_at
         study.received_us = epoch_us(study.received_at)
-        study.priority_policy = self.policy
+        study.priority_policy = self.sites.fingerprint_for(study.site)
 
     def _clinical_priority(self, meta: InstanceMeta) -> tuple[PriorityLevel, str]:
         note = ""
@@ -395,9 +437,71 @@ class Worklist:
             return self.sender_priority[ae], f"from sending AE {ae}{note}"
         return PriorityLevel.ROUTINE, f"default{note}"
 
+    def _site_of(self, calling_ae: str, institution: str) -> tuple[str, str]:
+        """(site, how recognised): a registered site, else the Institution Name with no match."""
+        found = self.sites.recognise(calling_ae or "", institution or "")
+        if found is None:
+            return (institution or "").strip(), ""
+        return found
+
+    def save_site(self, site: Site, user: str, now: datetime, *, create: bool | None = None) -> tuple[int, int]:
+        """Add or replace a site record (audited), then recognise and rescore open studies (`apply_sites`)."""
+        self.sites.save(site, user, now, create=create)
+        return self.apply_sites(now)
+
+    def update_site(self, name: str, changes: dict[str, Any], user: str, now: datetime) -> tuple[Site, int, int]:
+        """Change some of a site's fields (audited), then recognise and rescore open studies."""
+        site = self.sites.update(name, changes, user, now)
+        return (site, *self.apply_sites(now))
+
+    def remove_site(self, name: str, user: str, now: datetime) -> tuple[int, int]:
+        """Delete a site (audited); its open studies fall back to the default policy, shown to readers per
+        `reading.unregistered_visible`."""
+        self.sites.remove(name, user, now)
+        return self.apply_sites(now)
+
+    def apply_sites(self, now: datetime | None = None) -> tuple[int, int]:
+        """Bring open studies in line with the site records after a change: recognise their site again (a new
+        site's AE title claims the studies it already sent) and rescore them with their site's rules.
+
+        An AI finding never lowers a study here either: the policy only ever raises from the clinical floor.
+
+        Returns:
+            (studies whose site changed, studies rescored).
+        """
+        now = require_utc(now, "now") if now is not None else datetime.now(UTC)
+        self.sites.invalidate()
+        moved = 0
+        last = ""
+        while True:
+            with self._write() as session, session.begin():
+                studies = (
+                    session.execute(
+                        select(Study)
+                        .where(Study.reported_at.is_(None), Study.study_uid > last)
+                        .order_by(Study.study_uid)
+                        .limit(_RESCORE_BATCH)
+                    )
+                    .scalars()
+                    .all()
+                )
+                for study in studies:
+                    site, match = self._site_of(study.sending_ae, study.institution or "")
+                    if (site, match) != (study.site, study.site_match or ""):
+                        self._history(session, study.study_uid, "site-changed", now,
+                                      site_from=study.site, site_to=site, match=match)  # fmt: skip
+                        study.site, study.site_match = site, match
+                        self._refresh_priority(study, now)
+                        moved += 1
+            if not studies:
+                break
+            last = studies[-1].study_uid
+        return moved, self.rescore_studies(now)
+
     def _item(self, study: Study, now: datetime) -> WorklistItem:
         priority = self._priority(study, now)
-        wait = turnaround(base_level(priority), study.received_at, now, self.settings)
+        wait = turnaround(base_level(priority), study.received_at, now, self.sites.policy_for(study.site)[0])
+        site = self.sites.find(study.site) if study.site_match else None
         return WorklistItem(
             study_uid=study.study_uid,
             accession_number=study.accession_number,
@@ -407,6 +511,10 @@ class Worklist:
             sending_ae=study.sending_ae,
             received_at=study.received_at,
             last_instance_at=study.last_instance_at,
+            institution=study.institution or "",
+            site_match=study.site_match or "",
+            site_time_zone=site.time_zone if site is not None else "UTC",
+            turnaround_target_min=wait.target_min,
             instance_count=study.instance_count,
             waiting_min=wait.waiting_min,
             turnaround_left_min=wait.left_min,
@@ -499,6 +607,7 @@ class Worklist:
         first, first_at = entries[0]
         clinical, source = self._clinical_priority(first)
         modality = first.modality.strip().upper()
+        site, site_match = self._site_of(first.calling_ae, first.institution)
         studies, series_table, instances = (
             typing_cast(Table, t) for t in (Study.__table__, Series.__table__, Instance.__table__)
         )
@@ -511,7 +620,9 @@ class Worklist:
                     patient_hash=first.patient_hash,
                     modality=modality,
                     study_description=first.study_description,
-                    site=first.institution,
+                    site=site,
+                    institution=first.institution,
+                    site_match=site_match,
                     sending_ae=first.calling_ae,
                     received_at=first_at,
                     last_instance_at=first_at,
@@ -613,6 +724,9 @@ class Worklist:
         for meta, _ in added:
             clinical, source = self._clinical_priority(meta)
             self._merge_instance(study, meta, meta.modality.strip().upper(), clinical, source)
+        if not study.site_match:
+            # A study of an unregistered sender so far: a later instance may carry what recognises its site.
+            study.site, study.site_match = self._site_of(study.sending_ae, study.institution)
         if study.ai_status in _FINISHED and study.analysis_generation > study.analysed_generation:
             study.ai_status = AIStatus.PENDING.value
             study.ai_reason = "new instances arrived; re-analysis queued"
@@ -630,6 +744,7 @@ class Worklist:
             ("patient_hash", meta.patient_hash),
             ("study_description", meta.study_description),
             ("site", meta.institution),
+            ("institution", meta.institution),
             ("sending_ae", meta.calling_ae),
         ):
             if value and not getattr(study, column):
@@ -1167,6 +1282,8 @@ class Worklist:
         include_reported: bool = False,
         limit: int | None = None,
         offset: int = 0,
+        scope: ReadScope | None = None,
+        claimed: bool | None = None,
     ) -> list[WorklistItem]:
         """Studies on the worklist, highest priority first, with the priority computed for `now`.
 
@@ -1185,6 +1302,8 @@ class Worklist:
             include_reported: Also list studies already reported.
             limit: At most this many studies (None: all).
             offset: Skip this many studies of the order first.
+            scope: Only the studies a reader may read (None: all).
+            claimed: Only claimed (True) or unclaimed (False) studies; None: both.
 
         Raises:
             ValueError: when a filter value is not one of the valid ones (quoted with them), or `limit` or
@@ -1203,6 +1322,11 @@ class Worklist:
             query = query.where(Study.accession_number == accession)
         if not include_reported:
             query = query.where(Study.reported_at.is_(None))
+        allowed = _scope_filter(scope)
+        if allowed is not None:
+            query = query.where(allowed)
+        if claimed is not None:
+            query = query.where(Study.claimed_by.is_not(None) if claimed else Study.claimed_by.is_(None))
         wanted_modality = modality.strip().upper() if modality else None
         if wanted_modality:
             # One value of the multi-valued ModalitiesInStudy, not a substring: "C" matches neither CT nor CR.
@@ -1254,7 +1378,12 @@ class Worklist:
             How many studies were rescored.
         """
         now = require_utc(now, "now") if now is not None else datetime.now(UTC)
-        stale = or_(Study.priority_policy != self.policy, Study.priority_policy.is_(None))
+        # Each study is scored with its site's policy (the default one for senders no site claims).
+        per_site = self.sites.fingerprints()
+        expected: Any = literal(self.sites.default_fingerprint)
+        if per_site:
+            expected = case(per_site, value=Study.site, else_=literal(self.sites.default_fingerprint))
+        stale = or_(Study.priority_policy != expected, Study.priority_policy.is_(None))
         done = 0
         for open_only in (True, False):
             while True:
@@ -1345,15 +1474,33 @@ class Worklist:
 
     # ------------------------------------------------------------------------------------- reporting
 
-    def claim(self, study_uid: str, user: str, now: datetime) -> None:
+    def check_scope(self, study_uid: str, scope: ReadScope | None) -> None:
+        """Raises: NotFoundError when there is no such study; NotPermittedError when `scope` does not cover it."""
+        if scope is None:
+            with self._read() as session:
+                if session.get(Study, study_uid) is None:
+                    raise NotFoundError(f"study {study_uid!r} is not on the worklist")
+            return
+        with self._read() as session:
+            row = session.execute(select(Study.site, Study.site_match).where(Study.study_uid == study_uid)).first()
+        if row is None:
+            raise NotFoundError(f"study {study_uid!r} is not on the worklist")
+        site, match = row
+        if not scope.allows(site, bool(match)):
+            what = f"site {site!r}" if match else "a sender no registered site claims"
+            raise NotPermittedError(f"study {study_uid!r} is from {what}; {scope.describe()}")
+
+    def claim(self, study_uid: str, user: str, now: datetime, scope: ReadScope | None = None) -> None:
         """`user` takes the study to report it (claiming one's own claim again is allowed).
 
         Raises:
             NotFoundError: when the study is not on the worklist.
+            NotPermittedError: when `scope` (the user's privileges) does not cover the study's site.
             ConflictError: when someone else has claimed it, or it is already reported.
         """
         now = require_utc(now, "now")
         user = _user(user)
+        self.check_scope(study_uid, scope)
         with self._write() as session, session.begin():
             study = self._locked(session, study_uid)
             if study.reported_at is not None:
@@ -1361,11 +1508,94 @@ class Worklist:
             if study.claimed_by not in (None, user):
                 raise ConflictError(f"study {study_uid!r} is claimed by {study.claimed_by!r}, not {user!r}")
             if study.claimed_by == user:
+                study.claim_active_at = now
                 return
             study.claimed_by = user
             study.claimed_at = now
+            study.claim_active_at = now
             self._history(session, study_uid, "claimed", now, user=user)
         self._publish(study_uid, "claimed")
+
+    def next_study(self, user: str, now: datetime, scope: ReadScope | None = None) -> WorklistItem | None:
+        """Claim for `user` the highest-priority unclaimed open study they may read, in one transaction.
+
+        Two readers asking at once get different studies: on PostgreSQL the candidate row is locked with
+        FOR UPDATE SKIP LOCKED (a row another transaction is claiming is skipped, not waited for); on SQLite
+        the write transaction (BEGIN IMMEDIATE) serialises them.
+
+        Returns:
+            The claimed study as the worklist shows it, or None when nothing is left for this reader.
+        """
+        now = require_utc(now, "now")
+        user = _user(user)
+        _, score = self._queue_score(now)
+        query = select(Study).where(Study.reported_at.is_(None), Study.claimed_by.is_(None))
+        allowed = _scope_filter(scope)
+        if allowed is not None:
+            query = query.where(allowed)
+        uid: Any = Study.study_uid
+        if self.engine.dialect.name == "postgresql":
+            uid = uid.collate("C")
+        query = query.order_by(score.desc(), func.coalesce(Study.received_us, epoch_us(now)), uid).limit(1)
+        if self.engine.dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        with self._write() as session, session.begin():
+            study = session.execute(query).scalars().first()
+            if study is None:
+                return None
+            study.claimed_by = user
+            study.claimed_at = now
+            study.claim_active_at = now
+            self._history(session, study.study_uid, "claimed", now, user=user, via="next study")
+        item = self._item(study, now)
+        self._publish(item.study_uid, "claimed")
+        return item
+
+    def touch_claim(self, study_uid: str, user: str, now: datetime) -> None:
+        """The claimant is working on the study (opened it): its claim is not idle."""
+        with self._write() as session, session.begin():
+            session.execute(
+                update(Study)
+                .where(Study.study_uid == study_uid, Study.claimed_by == user)
+                .values(claim_active_at=require_utc(now, "now"))
+            )
+
+    def release_idle_claims(self, now: datetime, default_idle_min: float) -> list[str]:
+        """Give back every claim idle for longer than its site's `claim_idle_min` (`default_idle_min` for
+        unregistered senders), with a note in the study's history. A claim is idle from the last time its
+        claimant claimed or opened the study.
+
+        Returns:
+            The Study Instance UIDs released.
+        """
+        now = require_utc(now, "now")
+        released: list[str] = []
+        with self._write() as session, session.begin():
+            studies = (
+                session.execute(
+                    select(Study).where(Study.reported_at.is_(None), Study.claimed_by.is_not(None)).with_for_update()
+                )
+                .scalars()
+                .all()
+            )
+            for study in studies:
+                site = self.sites.find(study.site) if study.site_match else None
+                limit_min = site.claim_idle_min if site is not None else default_idle_min
+                active = study.claim_active_at or study.claimed_at or now
+                idle_min = (now - active).total_seconds() / 60
+                if idle_min <= limit_min:
+                    continue
+                who = study.claimed_by
+                setting = f"site {site.name}'s claim_idle_min" if site is not None else "reading.claim_idle_min"
+                note = f"claim by {who} idle {idle_min:.0f} min, over the {limit_min:g} min limit ({setting})"
+                study.claimed_by = None
+                study.claimed_at = None
+                study.claim_active_at = None
+                self._history(session, study.study_uid, "released", now, user=None, claimed_by=who, note=note)
+                released.append(study.study_uid)
+        for uid in released:
+            self._publish(uid, "released")
+        return released
 
     def release(self, study_uid: str, user: str, is_admin: bool = False, now: datetime | None = None) -> None:
         """Give the study back to the worklist. Only the claimant or an admin may release a claim.

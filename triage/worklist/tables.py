@@ -91,7 +91,11 @@ class Study(Base):
     # Modalities in the study, sorted and joined with "\" as in ModalitiesInStudy (0008,0061).
     modality: Mapped[str] = mapped_column(Text, default="")
     study_description: Mapped[str] = mapped_column(Text, default="")
+    # The registered site (triage.worklist.sites) the study was recognised as; else its Institution Name.
     site: Mapped[str] = mapped_column(Text, default="", index=True)
+    institution: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # How the site was recognised ("calling AE title X", ...); empty: not a registered site.
+    site_match: Mapped[str] = mapped_column(Text, default="", server_default="")
     sending_ae: Mapped[str] = mapped_column(Text, default="")
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_instance_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -119,6 +123,8 @@ class Study(Base):
 
     claimed_by: Mapped[str | None] = mapped_column(Text, nullable=True)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Last time the claimant acted on the study; a claim idle past its site's limit is released.
+    claim_active_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     reported_by: Mapped[str | None] = mapped_column(Text, nullable=True)
     reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 

@@ -230,7 +230,7 @@ def test_shadow_findings_golden_table(findings, level, codes):
 
 def test_waiting_reason_says_minutes_of_target():
     priority = compute_priority(STAT, [], "pending", T0, T0 + timedelta(minutes=75), SETTINGS)
-    assert priority.reasons[-1].text == "waiting 75 min, 15 min past the 60 min stat target"
+    assert priority.reasons[-1].text == "waiting 75 min, 15 min past the 60 min stat target [default policy]"
     promoted = compute_priority(URGENT, [], "pending", T0, T0 + timedelta(minutes=190), SETTINGS)
     assert promoted.reasons[-1].text.startswith("waiting 190 min of 240 min urgent target")
     assert base_level(promoted) is URGENT

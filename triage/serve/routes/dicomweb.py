@@ -13,7 +13,8 @@ from starlette.requests import ClientDisconnect
 
 from triage.dicom.stow import refusal_for_content_type, stow_instances
 from triage.serve.auth import current_user
-from triage.serve.deps import Service
+from triage.serve.deps import CurrentUser, Service
+from triage.worklist.sites import STOW_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(
     summary='STOW-RS: store instances (multipart/related; type="application/dicom")',
     response_class=JSONResponse,
 )
-async def stow(request: Request, service: Service) -> Response:
+async def stow(request: Request, service: Service, user: CurrentUser) -> Response:
     settings = service.settings
     limit = settings.dicomweb.stow_max_body_bytes
     content_type = request.headers.get("content-type", "")
@@ -84,7 +85,11 @@ async def stow(request: Request, service: Service) -> Response:
         ) as body:
             if not await _spool_request_body(request, body, limit):
                 return _stow_too_large(limit)
-            status, payload = await asyncio.to_thread(stow_instances, body, content_type, service.store, base_url)
+            # The account names the sender: a site registered with this STOW-RS account claims the studies.
+            source = f"{STOW_PREFIX}{user.name}"
+            status, payload = await asyncio.to_thread(
+                stow_instances, body, content_type, service.store, base_url, source=source
+            )
     except ClientDisconnect:
         return JSONResponse({"error": "the client closed the connection before the body was complete"}, 400)
     except OSError as exc:  # the disk under data_dir is full or unwritable: nothing was stored, try later

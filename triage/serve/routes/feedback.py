@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from triage.domain import utcnow
-from triage.serve.deps import AccountsDep, Audit, Exporter, Human, WorklistDep
+from triage.serve.deps import AccountsDep, Audit, Exporter, Human, ReadingDep, WorklistDep
 from triage.serve.schemas import FeedbackIn, FeedbackOut
 from triage.serve.visibility import sees_shadow
 from triage.worklist.feedback import export_labels, record_feedback
@@ -17,8 +17,9 @@ router = APIRouter(tags=["feedback"])
 
 @router.post("/studies/{study_uid}/feedback", response_model=FeedbackOut, status_code=201)
 def feedback(
-    study_uid: str, body: FeedbackIn, worklist: WorklistDep, accounts: AccountsDep, user: Human
+    study_uid: str, body: FeedbackIn, worklist: WorklistDep, accounts: AccountsDep, user: Human, reading: ReadingDep
 ) -> FeedbackOut:
+    reading.check(study_uid, "feedback")
     entry = record_feedback(
         worklist,
         accounts,

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Response
 
 from triage.domain import utcnow
 from triage.serve.auth import RIS_BRIDGE
-from triage.serve.deps import Admin, Audit, Claimant, CurrentUser, Reporter, Service, WorklistDep
+from triage.serve.deps import Admin, Audit, Claimant, CurrentUser, ReadingDep, Reporter, Service, WorklistDep
 from triage.serve.schemas import ActionResult
 from triage.serve.visibility import for_reader, sees_shadow
 from triage.worklist.accounts import Role
@@ -20,8 +20,11 @@ router = APIRouter(prefix="/studies", tags=["worklist"])
 
 
 @router.get("/{study_uid}", response_model=StudyDetail, summary="One study with its series, routing and findings")
-def study(study_uid: str, worklist: WorklistDep, user: CurrentUser, audit: Audit) -> StudyDetail:
-    detail = worklist.get_study(study_uid, utcnow())
+def study(study_uid: str, worklist: WorklistDep, user: CurrentUser, reading: ReadingDep, audit: Audit) -> StudyDetail:
+    reading.check(study_uid, "view")
+    now = utcnow()
+    detail = worklist.get_study(study_uid, now)
+    worklist.touch_claim(study_uid, user.name, now)
     audit(user, "view", study_uid, via="api")
     return for_reader(detail, user)
 
@@ -37,9 +40,11 @@ def preview(
     worklist: WorklistDep,
     service: Service,
     user: CurrentUser,
+    reading: ReadingDep,
     audit: Audit,
     finding: Annotated[int | None, Query(description="Index into the study's findings")] = None,
 ) -> Response:
+    reading.check(study_uid, "view-image")
     png = preview_png(worklist, service.files, study_uid, finding, utcnow(), include_shadow=sees_shadow(user))
     audit(user, "view-image", study_uid, finding=finding)
     # An image of a patient: not cached anywhere.
@@ -47,14 +52,16 @@ def preview(
 
 
 @router.post("/{study_uid}/claim", response_model=ActionResult, summary="Claim a study to report it (people)")
-def claim(study_uid: str, worklist: WorklistDep, user: Claimant, audit: Audit) -> ActionResult:
-    worklist.claim(study_uid, user.name, utcnow())
+def claim(study_uid: str, worklist: WorklistDep, user: Claimant, reading: ReadingDep, audit: Audit) -> ActionResult:
+    reading.check(study_uid, "claim")
+    worklist.claim(study_uid, user.name, utcnow(), reading.scope)
     audit(user, "claim", study_uid, via="api")
     return ActionResult(study_uid=study_uid, action="claim", user=user.name)
 
 
 @router.post("/{study_uid}/release", response_model=ActionResult, summary="Give a claim back (people)")
-def release(study_uid: str, worklist: WorklistDep, user: Claimant, audit: Audit) -> ActionResult:
+def release(study_uid: str, worklist: WorklistDep, user: Claimant, reading: ReadingDep, audit: Audit) -> ActionResult:
+    reading.check(study_uid, "release")
     # Only the claimant or an admin may release a claim; the worklist raises ConflictError (409) otherwise.
     worklist.release(study_uid, user.name, is_admin=user.is_admin, now=utcnow())
     audit(user, "release", study_uid, via="api")
@@ -66,7 +73,8 @@ def release(study_uid: str, worklist: WorklistDep, user: Claimant, audit: Audit)
     response_model=ActionResult,
     summary="Mark a study reported (people; a RIS bridge's service account where TRIAGE_RIS_BRIDGE_MAY_REPORT)",
 )
-def report(study_uid: str, worklist: WorklistDep, user: Reporter, audit: Audit) -> ActionResult:
+def report(study_uid: str, worklist: WorklistDep, user: Reporter, reading: ReadingDep, audit: Audit) -> ActionResult:
+    reading.check(study_uid, "report")
     now = utcnow()
     if user.role == Role.SERVICE:
         # A RIS bridge relays a report signed in the RIS: a claim still held here is moot, so it is given

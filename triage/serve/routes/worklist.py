@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Response
 
 from triage.domain import utcnow
-from triage.serve.deps import CurrentUser, WorklistDep
+from triage.serve.deps import Audit, Claimant, CurrentUser, ReadingDep, WorklistDep
 from triage.serve.visibility import for_reader
 from triage.worklist.repository import WorklistItem
 
@@ -18,6 +18,7 @@ router = APIRouter(tags=["worklist"])
 def list_worklist(
     worklist: WorklistDep,
     user: CurrentUser,
+    reading: ReadingDep,
     status: Annotated[
         str | None, Query(description="AI status: pending, analysing, done, failed, not-applicable")
     ] = None,
@@ -26,6 +27,7 @@ def list_worklist(
     site: str | None = None,
     accession: str | None = None,
     include_reported: bool = False,
+    claimed: Annotated[bool | None, Query(description="Only claimed (true) or unclaimed (false) studies")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many studies (a page)")] = 100,
     offset: Annotated[int, Query(ge=0, description="Skip this many studies of the order first")] = 0,
 ) -> list[WorklistItem]:
@@ -40,7 +42,23 @@ def list_worklist(
             include_reported=include_reported,
             limit=limit,
             offset=offset,
+            scope=reading.scope,
+            claimed=claimed,
         )
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from exc
     return [for_reader(item, user) for item in items]
+
+
+@router.post(
+    "/worklist/next",
+    response_model=WorklistItem,
+    responses={204: {"description": "No unclaimed study is left that you may read"}},
+    summary="Claim the highest-priority unclaimed study you may read (people; atomic)",
+)
+def next_study(worklist: WorklistDep, user: Claimant, reading: ReadingDep, audit: Audit) -> WorklistItem | Response:
+    item = worklist.next_study(user.name, utcnow(), reading.scope)
+    if item is None:
+        return Response(status_code=204)
+    audit(user, "claim", item.study_uid, via="api", next_study=True)
+    return for_reader(item, user)
