@@ -40,6 +40,7 @@ from triage.storage import InstanceSource, Store, overlay_bytes
 from triage.worklist.model_states import ModelStates
 from triage.worklist.monitoring import INPUT_DETAIL, input_facts
 from triage.worklist.repository import Worklist
+from triage.worklist.sites import Site
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,15 @@ def _unless_off(decision: RoutingDecision, plan: dict[str, list[SiteState]] | No
     )
 
 
+def _unless_disabled(decision: RoutingDecision, site: Site | None) -> RoutingDecision:
+    """The decision, or a skip when the study's site does not allow its model (the site record's `models`)."""
+    if site is None or decision.model is None or site.allows_model(decision.model):
+        return decision
+    why = f"{SkipReason.MODEL_OFF}: {decision.model} is not enabled for site {site.name} (its models: "
+    why += (", ".join(site.models or []) or "none") + ")"
+    return decision.model_copy(update={"model": None, "reason": why})
+
+
 def summarise(results: list[SeriesResult], decisions: list[RoutingDecision]) -> tuple[AIStatus, str]:
     """The study's AI status and a one-line reason a radiologist can read."""
     if not results:
@@ -278,8 +288,9 @@ def analyse_study(
         # Which versions of each model run here: the primary one (active, else the newest in shadow) and newer
         # versions on trial in shadow beside it. Without states (tests) the newest version of each runs.
         plan = states.plan(site) if states is not None else None
+        site_record = worklist.sites.find(site)
         decisions = [
-            _unless_off(d, plan, site)
+            _unless_disabled(_unless_off(d, plan, site), site_record)
             for d in route_study(
                 series_list,
                 rules,

@@ -209,3 +209,28 @@ def test_a_corrupt_new_version_is_refused_at_start_and_the_version_in_use_serves
         assert svc.worklist.get_study(study_uid, utcnow()).priority.level == "stat"
     finally:
         svc.stop()
+
+
+def test_a_site_record_decides_which_models_run_and_where_its_results_go(service, monkeypatch) -> None:
+    from triage.worklist.sites import parse_site
+
+    destinations: list[tuple] = []
+    monkeypatch.setattr(
+        "triage.serve.service.export_study_results",
+        lambda store, study_uid, findings, status, reason, destination, **kw: destinations.append(destination) or 1,
+    )
+    now = utcnow()
+    service.worklist.save_site(parse_site({"name": "NORTH GENERAL", "institution_names": ["North"], "models": []}),
+                               "admin", now)  # fmt: skip
+    south = {"name": "SOUTH", "institution_names": ["South"], "results": {"ae_title": "SOUTHPACS", "host": "10.0.0.9"}}
+    service.worklist.save_site(parse_site(south), "admin", now)
+    service.model_states.promote(XR, "SOUTH", passing_report("SOUTH"), "ml", now)
+    north, south_uid = flagged_film(service, "North", seed=3), flagged_film(service, "South", seed=5)
+    outcome = service._analyse(north)
+    assert outcome.ai_status is AIStatus.NOT_APPLICABLE and outcome.findings == []
+    routing = [s.routing for s in service.worklist.get_study(north, utcnow()).series if s.routing is not None]
+    assert routing and "not enabled for site NORTH GENERAL" in routing[0].reason
+    service._analyse(south_uid)
+    item = service.worklist.get_study(south_uid, utcnow())
+    assert item.site == "SOUTH" and item.priority.level == "stat"
+    assert destinations == [("SOUTHPACS", "10.0.0.9", 104)]

@@ -401,23 +401,30 @@ class TriageService:
         """Send the analysis back to PACS when one is configured. After the worklist is updated, and a PACS that
         is down only costs a log line: it never touches the study's place on the worklist."""
         results = self.settings.results
+        destination = (results.ae_title, results.host, results.port)
         # Shadow findings are never sent out: the hospital sees only what active models found.
         findings = [f for f in outcome.findings if not f.shadow]
-        if not results.host or outcome.ai_status != AIStatus.DONE or not findings:
+        if outcome.ai_status != AIStatus.DONE or not findings:
             return
         try:
+            # A client hospital with its own PACS gets its results there; others go to TRIAGE_RESULTS__*.
+            site = self.worklist.sites.find(self.worklist.site_of(outcome.study_uid))
+            if site is not None and site.results is not None:
+                destination = (site.results.ae_title, site.results.host, site.results.port)
+            if not destination[1]:
+                return
             sent = export_study_results(
                 self.files,
                 outcome.study_uid,
                 findings,
                 str(outcome.ai_status),
                 outcome.reason,
-                (results.ae_title, results.host, results.port),
+                destination,
                 calling_ae=results.calling_ae,
             )
-            log.info("study %s: %d result instance(s) sent to %s", outcome.study_uid, sent, results.ae_title)
+            log.info("study %s: %d result instance(s) sent to %s", outcome.study_uid, sent, destination[0])
         except TriageError as exc:
-            log.warning("study %s: AI results not sent to %s: %s", outcome.study_uid, results.ae_title, exc)
+            log.warning("study %s: AI results not sent to %s: %s", outcome.study_uid, destination[0], exc)
 
     def health(self) -> dict[str, Any]:
         unavailable = self.unavailable
