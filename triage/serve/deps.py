@@ -74,7 +74,7 @@ class Reading:
             self.worklist.check_scope(study_uid, self.scope)
         except NotPermittedError as exc:
             self.accounts.audit(
-                self.user.name, "access-denied", utcnow(), study_uid, {"action": action, "reason": str(exc)}
+                self.user.name, "access-denied", utcnow(), study_uid, {"attempted": action, "reason": str(exc)}
             )
             raise
 

@@ -1,0 +1,73 @@
+"""Sites and credentialed reading through the API and the pages: a radiologist signed in through /login sees,
+opens and claims only the studies of sites they hold a valid privilege for; refusals are 403 and audited."""
+
+from __future__ import annotations
+
+from serve_site import RADIOLOGIST_PASSWORD, Site, utcnow
+
+
+def setup_sites(site: Site) -> tuple[str, str, dict[str, str]]:
+    site.sign_in()  # admin
+    admin_csrf = site.sign_in()
+    headers = {"X-CSRF-Token": admin_csrf}
+    city = {"name": "CITY HOSPITAL", "ae_titles": ["CT_SCANNER"], "time_zone": "Europe/London",
+            "turnaround_min": {"stat": 20}}  # fmt: skip
+    created = site.client.post("/api/v1/sites", json=city, headers=headers)
+    assert created.status_code == 201, created.text
+    hill = {"name": "HILL CLINIC", "ae_titles": ["XR_ROOM"], "time_zone": "Asia/Kolkata"}
+    assert site.client.post("/api/v1/sites", json=hill, headers=headers).status_code == 201
+    bad = site.client.post("/api/v1/sites", json={"name": "X", "time_zone": "Nowhere/City"}, headers=headers)
+    assert bad.status_code == 400 and "time zone" in bad.json()["detail"]
+    site.add_radiologist()
+    granted = site.client.put("/api/v1/users/reader/privileges/CITY HOSPITAL", json={"until": "2099-12-31"},
+                              headers=headers)  # fmt: skip
+    assert granted.status_code == 200 and granted.json()["valid_today"] is True
+    ct_uid, _ = site.add_ct("ACC-CITY-1")
+    xr_uid, _ = site.add_xray("ACC-HILL-1")
+    site.client.post("/logout", headers=headers)
+    return ct_uid, xr_uid, headers
+
+
+def test_a_radiologist_gets_only_the_studies_of_sites_they_may_read(site: Site) -> None:
+    ct_uid, xr_uid, _ = setup_sites(site)
+    csrf = site.sign_in("reader", RADIOLOGIST_PASSWORD)
+    headers = {"X-CSRF-Token": csrf}
+    listed = site.client.get("/api/v1/worklist").json()
+    assert [i["study_uid"] for i in listed] == [ct_uid]
+    assert listed[0]["site"] == "CITY HOSPITAL" and listed[0]["site_time_zone"] == "Europe/London"
+    assert listed[0]["site_match"] == "calling AE title CT_SCANNER"
+    assert site.client.get(f"/api/v1/studies/{ct_uid}").status_code == 200
+    refused = site.client.get(f"/api/v1/studies/{xr_uid}")
+    assert refused.status_code == 403 and "HILL CLINIC" in refused.json()["detail"]
+    assert site.client.post(f"/api/v1/studies/{xr_uid}/claim", headers=headers).status_code == 403
+    assert site.client.get(f"/api/v1/studies/{xr_uid}/preview.png").status_code == 403
+    denied = [e for e in site.accounts.audit_entries(action="access-denied") if e.study_uid == xr_uid]
+    assert {e.detail["attempted"] for e in denied} == {"view", "claim", "view-image"}
+    assert site.service.worklist.get_study(xr_uid, utcnow()).claimed_by is None
+    # The pages hide and refuse the same way.
+    page = site.client.get("/worklist").text
+    assert "ACC-CITY-1" in page and "ACC-HILL-1" not in page
+    assert site.client.get(f"/studies/{xr_uid}").status_code == 403
+    # Next study: the one study this reader may read, then nothing.
+    first = site.client.post("/api/v1/worklist/next", headers=headers)
+    assert first.status_code == 200 and first.json()["study_uid"] == ct_uid
+    assert first.json()["claimed_by"] == "reader"
+    assert site.client.post("/api/v1/worklist/next", headers=headers).status_code == 204
+    # Sites are changed by admins only.
+    assert site.client.post("/api/v1/sites", json={"name": "Z"}, headers=headers).status_code == 403
+    assert [s["name"] for s in site.client.get("/api/v1/sites").json()] == ["CITY HOSPITAL", "HILL CLINIC"]
+
+
+def test_an_admin_sees_every_site_and_a_rule_change_rescores(site: Site) -> None:
+    ct_uid, xr_uid, _ = setup_sites(site)
+    csrf = site.sign_in()
+    headers = {"X-CSRF-Token": csrf}
+    assert {i["study_uid"] for i in site.client.get("/api/v1/worklist").json()} == {ct_uid, xr_uid}
+    changed = site.client.patch("/api/v1/sites/HILL CLINIC", json={"turnaround_min": {"routine": 60}}, headers=headers)
+    assert changed.status_code == 200 and changed.json()["site"]["turnaround_min"]["routine"] == 60
+    xr = next(i for i in site.client.get("/api/v1/worklist").json() if i["study_uid"] == xr_uid)
+    assert xr["turnaround_target_min"] == 60
+    assert any(e.action == "site-change" for e in site.accounts.audit_entries())
+    revoked = site.client.delete("/api/v1/users/reader/privileges/CITY HOSPITAL", headers=headers)
+    assert revoked.status_code == 204
+    assert site.client.get("/api/v1/privileges").json() == []
