@@ -120,6 +120,9 @@ class InstanceMeta:
     calling_ae: str = ""
     institution: str = ""
     transfer_syntax_uid: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    indication: str = ""
 
 
 @dataclass(frozen=True)

@@ -474,7 +474,23 @@ def extract_meta(ds: Dataset, key: str, calling_ae: str, salt: str) -> InstanceM
         calling_ae=(calling_ae or "").strip(),
         institution=_text(ds, "InstitutionName"),
         transfer_syntax_uid=transfer_syntax_of(ds),
+        study_date=_text(ds, "StudyDate"),
+        study_time=_text(ds, "StudyTime"),
+        indication=_indication(ds),
     )
+
+
+def _indication(ds: Dataset) -> str:
+    """The clinical indication: Reason for the Requested Procedure (0040,1002), from the data set or its Request
+    Attributes Sequence, else the Admitting Diagnoses Description (0008,1080)."""
+    reason = _text(ds, "ReasonForTheRequestedProcedure")
+    if reason:
+        return reason
+    for item in ds.get("RequestAttributesSequence", None) or []:
+        reason = _text(item, "ReasonForTheRequestedProcedure")
+        if reason:
+            return reason
+    return _text(ds, "AdmittingDiagnosesDescription")
 
 
 def read_dataset_bytes(data: bytes) -> Dataset:

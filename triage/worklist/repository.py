@@ -76,6 +76,10 @@ class WorklistItem(BaseModel):
     # The Institution Name as sent, and how `site` was recognised (empty: no registered site claims the study).
     institution: str = ""
     site_match: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    indication: str = ""
+    ai_flagged: bool = False
     # The site's time zone (IANA name; UTC for unregistered senders) and its target for the study's level.
     site_time_zone: str = "UTC"
     turnaround_target_min: float | None = None
@@ -172,8 +176,37 @@ def _scope_filter(scope: ReadScope | None) -> Any:
     return allowed
 
 
+COMMUNICATED = "critical-communicated"
+COMMUNICATION_METHODS = ("phone", "secure-message", "in-person", "pager", "email", "other")
+
+
+class Communication(BaseModel):
+    """A critical result told to the care team: who told whom, by what means, when (ACR practice parameter on
+    communication of diagnostic imaging findings: the communication of an urgent finding is documented)."""
+
+    by: str
+    recipient: str
+    method: str
+    at: UtcTime
+    note: str = ""
+    recorded_at: UtcTime
+
+
+def _communication(by: str, recorded_at: datetime, detail: Mapping[str, Any]) -> Communication:
+    return Communication(
+        by=by,
+        recipient=str(detail.get("recipient", "")),
+        method=str(detail.get("method", "")),
+        at=detail.get("told_at") or recorded_at,
+        note=str(detail.get("note", "")),
+        recorded_at=recorded_at,
+    )
+
+
 class StudyDetail(WorklistItem):
     """A study's worklist entry plus its series, the analysis times, every analysis run and its history."""
+
+    communications: list[Communication] = Field(default_factory=list)
 
     series: list[SeriesDetail]
     analysis_generation: int
@@ -417,6 +450,7 @@ class Worklist:
         priority = self._priority(study, now)
         study.priority_level = priority.level.value
         study.priority_reasons = priority_to_dict(priority)["reasons"]
+        study.ai_flagged = any(f.flagged and not f.shadow for f in _readable_findings(study.findings, study.study_uid))
         order = self._queue_order(study, priority)
         study.priority_base_rank = order.base.rank
         study.priority_target_min = order.target_min
@@ -513,6 +547,10 @@ class Worklist:
             last_instance_at=study.last_instance_at,
             institution=study.institution or "",
             site_match=study.site_match or "",
+            study_date=study.study_date or "",
+            study_time=study.study_time or "",
+            indication=study.indication or "",
+            ai_flagged=bool(study.ai_flagged),
             site_time_zone=site.time_zone if site is not None else "UTC",
             turnaround_target_min=wait.target_min,
             instance_count=study.instance_count,
@@ -620,6 +658,9 @@ class Worklist:
                     patient_hash=first.patient_hash,
                     modality=modality,
                     study_description=first.study_description,
+                    study_date=first.study_date,
+                    study_time=first.study_time,
+                    indication=first.indication,
                     site=site,
                     institution=first.institution,
                     site_match=site_match,
@@ -743,6 +784,9 @@ class Worklist:
             ("accession_number", meta.accession_number),
             ("patient_hash", meta.patient_hash),
             ("study_description", meta.study_description),
+            ("study_date", meta.study_date),
+            ("study_time", meta.study_time),
+            ("indication", meta.indication),
             ("site", meta.institution),
             ("institution", meta.institution),
             ("sending_ae", meta.calling_ae),
@@ -1284,6 +1328,7 @@ class Worklist:
         offset: int = 0,
         scope: ReadScope | None = None,
         claimed: bool | None = None,
+        flagged: bool | None = None,
     ) -> list[WorklistItem]:
         """Studies on the worklist, highest priority first, with the priority computed for `now`.
 
@@ -1304,6 +1349,7 @@ class Worklist:
             offset: Skip this many studies of the order first.
             scope: Only the studies a reader may read (None: all).
             claimed: Only claimed (True) or unclaimed (False) studies; None: both.
+            flagged: Only studies with (True) or without (False) a flagged AI finding in use at their site.
 
         Raises:
             ValueError: when a filter value is not one of the valid ones (quoted with them), or `limit` or
@@ -1313,7 +1359,76 @@ class Worklist:
         if limit is not None and limit < 0 or offset < 0:
             raise ValueError(f"limit and offset must not be negative, got limit={limit!r} offset={offset!r}")
         rank, score = self._queue_score(now)
-        query = select(Study)
+        query = self._filtered(select(Study), rank, status, modality, level, site, accession, include_reported,
+                               scope, claimed, flagged)  # fmt: skip
+        uid: Any = Study.study_uid
+        if self.engine.dialect.name == "postgresql":
+            uid = uid.collate("C")  # code point order, as Python compares strings; not the locale's
+        query = query.order_by(score.desc(), func.coalesce(Study.received_us, epoch_us(now)), uid)
+        if limit is not None:
+            query = query.limit(limit)
+        if offset:
+            query = query.offset(offset)
+        with self._read() as session:
+            studies = session.execute(query).scalars().all()
+        return [self._item(study, now) for study in studies]
+
+    def first_instance_keys(self, study_uids: Sequence[str]) -> dict[str, str]:
+        """The store key of each study's first received instance (one query for a page of studies)."""
+        if not study_uids:
+            return {}
+        with self._read() as session:
+            first = (
+                select(Instance.study_uid, func.min(Instance.id).label("first_id"))
+                .where(Instance.study_uid.in_(list(study_uids)))
+                .group_by(Instance.study_uid)
+                .subquery()
+            )
+            rows = session.execute(
+                select(Instance.study_uid, Instance.store_key).join(first, Instance.id == first.c.first_id)
+            ).all()
+        return {uid: key for uid, key in rows}
+
+    def count_by_level(
+        self,
+        now: datetime,
+        status: str | None = None,
+        modality: str | None = None,
+        site: str | None = None,
+        include_reported: bool = False,
+        scope: ReadScope | None = None,
+        claimed: bool | None = None,
+        flagged: bool | None = None,
+    ) -> dict[str, int]:
+        """How many studies of the worklist (same filters as `list_worklist`, any level) are at each level now."""
+        now = require_utc(now, "now")
+        rank, _ = self._queue_score(now)
+        query = self._filtered(select(rank, func.count()).select_from(Study), rank, status, modality, None, site,
+                               None, include_reported, scope, claimed, flagged).group_by(rank)  # fmt: skip
+        with self._read() as session:
+            rows = session.execute(query).all()
+        by_rank = {int(r): int(n) for r, n in rows}
+        return {lvl.value: by_rank.get(lvl.rank, 0) for lvl in sorted(PriorityLevel, key=lambda lv: -lv.rank)}
+
+    def _filtered(
+        self,
+        query: Any,
+        rank: Any,
+        status: str | None,
+        modality: str | None,
+        level: str | None,
+        site: str | None,
+        accession: str | None,
+        include_reported: bool,
+        scope: ReadScope | None,
+        claimed: bool | None,
+        flagged: bool | None,
+    ) -> Any:
+        """`query` with the worklist's filters applied (shared by the list and the counts).
+
+        Raises:
+            ValueError: when a filter value is not one of the valid ones.
+        """
         if status:
             query = query.where(Study.ai_status == _status(status).value)
         if site:
@@ -1327,6 +1442,8 @@ class Worklist:
             query = query.where(allowed)
         if claimed is not None:
             query = query.where(Study.claimed_by.is_not(None) if claimed else Study.claimed_by.is_(None))
+        if flagged is not None:
+            query = query.where(Study.ai_flagged.is_(True) if flagged else Study.ai_flagged.is_not(True))
         wanted_modality = modality.strip().upper() if modality else None
         if wanted_modality:
             # One value of the multi-valued ModalitiesInStudy, not a substring: "C" matches neither CT nor CR.
@@ -1335,17 +1452,7 @@ class Worklist:
             query = query.where(joined.like(f"%{MODALITY_SEPARATOR}{escaped}{MODALITY_SEPARATOR}%", escape="/"))
         if level:
             query = query.where(rank == level_of(level).rank)
-        uid: Any = Study.study_uid
-        if self.engine.dialect.name == "postgresql":
-            uid = uid.collate("C")  # code point order, as Python compares strings; not the locale's
-        query = query.order_by(score.desc(), func.coalesce(Study.received_us, epoch_us(now)), uid)
-        if limit is not None:
-            query = query.limit(limit)
-        if offset:
-            query = query.offset(offset)
-        with self._read() as session:
-            studies = session.execute(query).scalars().all()
-        return [self._item(study, now) for study in studies]
+        return query
 
     def _queue_score(self, now: datetime) -> tuple[Any, Any]:
         """SQL expressions for a study's level rank and score at `now`, from the stored queue columns.
@@ -1441,6 +1548,7 @@ class Worklist:
                 for s in series_rows
             ]
             history = [HistoryEntry(at=e.at, kind=e.kind, user=e.user, detail=dict(e.detail or {})) for e in events]
+            communications = [_communication(h.user or "", h.at, h.detail) for h in history if h.kind == COMMUNICATED]
             runs = session.execute(
                 select(AnalysisRun).where(AnalysisRun.study_uid == study_uid).order_by(AnalysisRun.id)
             ).scalars()
@@ -1470,6 +1578,7 @@ class Worklist:
                 analysis_attempts=study.analysis_attempts or 0,
                 retry_at=study.retry_at,
                 failure_kind=study.failure_kind or "",
+                communications=communications,
             )
 
     # ------------------------------------------------------------------------------------- reporting
@@ -1619,6 +1728,33 @@ class Worklist:
             at = require_utc(now, "now") if now is not None else datetime.now(UTC)
             self._history(session, study_uid, "released", at, user=user, claimed_by=released_from)
         self._publish(study_uid, "released")
+
+    def record_communication(
+        self, study_uid: str, user: str, recipient: str, method: str, at: datetime, now: datetime, note: str = ""
+    ) -> Communication:
+        """Record that `user` told `recipient` the study's critical result by `method` at `at`.
+
+        Raises:
+            NotFoundError: when the study is not on the worklist.
+            ValueError: when the recipient is empty, the method is not one of COMMUNICATION_METHODS or `at` lies
+                in the future.
+        """
+        user = _user(user)
+        recipient = " ".join(recipient.split())
+        method = method.strip().lower()
+        at, now = require_utc(at, "at"), require_utc(now, "now")
+        if not recipient:
+            raise ValueError("say who was told (name and role, e.g. 'Dr A. Rao, ED consultant')")
+        if method not in COMMUNICATION_METHODS:
+            raise ValueError(f"unknown method {method!r}; valid: {list(COMMUNICATION_METHODS)}")
+        if at > now + timedelta(minutes=1):
+            raise ValueError(f"the communication time {at.isoformat()} is in the future")
+        detail = {"recipient": recipient, "method": method, "told_at": at.isoformat(), "note": note.strip()}
+        with self._write() as session, session.begin():
+            self._locked(session, study_uid)
+            self._history(session, study_uid, COMMUNICATED, now, user=user, **detail)
+        self._publish(study_uid, COMMUNICATED)
+        return _communication(user, now, detail)
 
     def mark_reported(self, study_uid: str, user: str, now: datetime) -> None:
         """Record that `user` reported the study; it leaves the worklist (unless reported ones are asked for).

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -91,6 +93,10 @@ class Study(Base):
     # Modalities in the study, sorted and joined with "\" as in ModalitiesInStudy (0008,0061).
     modality: Mapped[str] = mapped_column(Text, default="")
     study_description: Mapped[str] = mapped_column(Text, default="")
+    # Study Date and Time as sent (DA, TM: the hospital's local time) and the clinical indication.
+    study_date: Mapped[str] = mapped_column(Text, default="", server_default="")
+    study_time: Mapped[str] = mapped_column(Text, default="", server_default="")
+    indication: Mapped[str] = mapped_column(Text, default="", server_default="")
     # The registered site (triage.worklist.sites) the study was recognised as; else its Institution Name.
     site: Mapped[str] = mapped_column(Text, default="", index=True)
     institution: Mapped[str] = mapped_column(Text, default="", server_default="")
@@ -131,6 +137,8 @@ class Study(Base):
     # Cached result of the priority policy at the last change; the worklist recomputes it at read time
     # because waiting time moves it.
     priority_level: Mapped[str] = mapped_column(Text, default="routine", index=True)
+    # A finding of a model in use at the site is flagged (shadow findings never count); the "AI flag" filter.
+    ai_flagged: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     priority_reasons: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     # What the worklist query orders by, none of which moves with the clock (priority.QueueOrder): the rank of
     # the level before promotion for waiting (clinical + AI), that level's turnaround target, the first instant

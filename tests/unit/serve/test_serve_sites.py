@@ -71,3 +71,28 @@ def test_an_admin_sees_every_site_and_a_rule_change_rescores(site: Site) -> None
     revoked = site.client.delete("/api/v1/users/reader/privileges/CITY HOSPITAL", headers=headers)
     assert revoked.status_code == 204
     assert site.client.get("/api/v1/privileges").json() == []
+
+
+def test_counts_flag_filter_and_critical_result_communication(site: Site) -> None:
+    from serve_site import ich_finding
+
+    ct_uid, xr_uid, _ = setup_sites(site)
+    key = site.service.worklist.series_of(ct_uid)[0]
+    site.finish(ct_uid, [ich_finding("1.2.3", key.series_uid, None)])
+    csrf = site.sign_in("reader", RADIOLOGIST_PASSWORD)
+    headers = {"X-CSRF-Token": csrf}
+    assert site.client.get("/api/v1/worklist/counts").json() == {"stat": 1, "urgent": 0, "routine": 0}
+    assert [i["study_uid"] for i in site.client.get("/api/v1/worklist?flagged=true").json()] == [ct_uid]
+    assert site.client.get("/api/v1/worklist?flagged=false").json() == []
+    told = {"recipient": "Dr A. Rao, ED consultant", "method": "phone", "note": "read back confirmed"}
+    recorded = site.client.post(f"/api/v1/studies/{ct_uid}/communications", json=told, headers=headers)
+    assert recorded.status_code == 201, recorded.text
+    assert recorded.json()["by"] == "reader" and recorded.json()["method"] == "phone"
+    bad = site.client.post(f"/api/v1/studies/{ct_uid}/communications", json={**told, "method": "telepathy"},
+                           headers=headers)  # fmt: skip
+    assert bad.status_code == 400 and "phone" in bad.json()["detail"]
+    outside = site.client.post(f"/api/v1/studies/{xr_uid}/communications", json=told, headers=headers)
+    assert outside.status_code == 403
+    detail = site.client.get(f"/api/v1/studies/{ct_uid}").json()
+    assert [c["recipient"] for c in detail["communications"]] == ["Dr A. Rao, ED consultant"]
+    assert any(e.action == "critical-communicated" for e in site.accounts.audit_entries(study_uid=ct_uid))

@@ -3,18 +3,20 @@ people take on it (claim, release, report) or an admin does (requeue). Every vie
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Response
+from pydantic import BaseModel, Field
 
 from triage.domain import utcnow
 from triage.serve.auth import RIS_BRIDGE
-from triage.serve.deps import Admin, Audit, Claimant, CurrentUser, ReadingDep, Reporter, Service, WorklistDep
+from triage.serve.deps import Admin, Audit, Claimant, CurrentUser, Human, ReadingDep, Reporter, Service, WorklistDep
 from triage.serve.schemas import ActionResult
 from triage.serve.visibility import for_reader, sees_shadow
 from triage.worklist.accounts import Role
 from triage.worklist.preview import preview_png
-from triage.worklist.repository import StudyDetail
+from triage.worklist.repository import Communication, StudyDetail
 
 router = APIRouter(prefix="/studies", tags=["worklist"])
 
@@ -91,6 +93,41 @@ def report(study_uid: str, worklist: WorklistDep, user: Reporter, reading: Readi
         worklist.mark_reported(study_uid, user.name, now)
         audit(user, "report", study_uid, via="api")
     return ActionResult(study_uid=study_uid, action="report", user=user.name)
+
+
+class CommunicationIn(BaseModel):
+    recipient: str = Field(description="Who was told: name and role, e.g. 'Dr A. Rao, ED consultant'")
+    method: str = Field(description="phone, secure-message, in-person, pager, email or other")
+    at: datetime | None = Field(default=None, description="When (timezone-aware); default: now")
+    note: str = ""
+
+
+@router.post(
+    "/{study_uid}/communications",
+    response_model=Communication,
+    status_code=201,
+    summary="Record that a critical result was told to the care team: whom, by what means, when (people; audited)",
+)
+def communicate(
+    study_uid: str, body: CommunicationIn, worklist: WorklistDep, user: Human, reading: ReadingDep, audit: Audit
+) -> Communication:
+    reading.check(study_uid, "communicate")
+    now = utcnow()
+    try:
+        entry = worklist.record_communication(
+            study_uid, user.name, body.recipient, body.method, body.at or now, now, body.note
+        )
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from exc
+    audit(
+        user,
+        "critical-communicated",
+        study_uid,
+        recipient=entry.recipient,
+        method=entry.method,
+        at=entry.at.isoformat(),
+    )
+    return entry
 
 
 @router.post(

@@ -28,6 +28,7 @@ def list_worklist(
     accession: str | None = None,
     include_reported: bool = False,
     claimed: Annotated[bool | None, Query(description="Only claimed (true) or unclaimed (false) studies")] = None,
+    flagged: Annotated[bool | None, Query(description="Only studies with (true) or without (false) an AI flag")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many studies (a page)")] = 100,
     offset: Annotated[int, Query(ge=0, description="Skip this many studies of the order first")] = 0,
 ) -> list[WorklistItem]:
@@ -44,10 +45,29 @@ def list_worklist(
             offset=offset,
             scope=reading.scope,
             claimed=claimed,
+            flagged=flagged,
         )
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from exc
     return [for_reader(item, user) for item in items]
+
+
+@router.get("/worklist/counts", summary="How many studies (that you may read) are at each priority level now")
+def counts(
+    worklist: WorklistDep,
+    reading: ReadingDep,
+    status: str | None = None,
+    modality: str | None = None,
+    site: str | None = None,
+    claimed: bool | None = None,
+    flagged: bool | None = None,
+) -> dict[str, int]:
+    try:
+        return worklist.count_by_level(
+            utcnow(), status=status, modality=modality, site=site, scope=reading.scope, claimed=claimed, flagged=flagged
+        )
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from exc
 
 
 @router.post(

@@ -34,13 +34,13 @@ def upgrade() -> None:
         sa.Column("granted_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("username", "site", name=op.f("pk_site_privileges")),
     )
-    with op.batch_alter_table("studies") as batch:
-        # The Institution Name as sent (`site` is the registered site the study was recognised as, else this).
-        batch.add_column(sa.Column("institution", sa.Text(), server_default="", nullable=False))
-        # How the site was recognised ("calling AE title X", ...); empty: not a registered site.
-        batch.add_column(sa.Column("site_match", sa.Text(), server_default="", nullable=False))
-        # Last time the claimant acted on the study (claim, open): an idle claim is released after the site's limit.
-        batch.add_column(sa.Column("claim_active_at", sa.DateTime(timezone=True), nullable=True))
+    # Plain ADD COLUMN (no batch copy of `studies` on SQLite, which would cascade to its series and instances).
+    # The Institution Name as sent (`site` is the registered site the study was recognised as, else this).
+    op.add_column("studies", sa.Column("institution", sa.Text(), server_default="", nullable=False))
+    # How the site was recognised ("calling AE title X", ...); empty: not a registered site.
+    op.add_column("studies", sa.Column("site_match", sa.Text(), server_default="", nullable=False))
+    # Last time the claimant acted on the study (claim, open): an idle claim is released after the site's limit.
+    op.add_column("studies", sa.Column("claim_active_at", sa.DateTime(timezone=True), nullable=True))
     op.execute("UPDATE studies SET institution = site")
 
 
