@@ -219,11 +219,10 @@ class PrioritySettings(BaseModel):
 class ReadingSettings(BaseModel):
     """Who sees which studies, and how long a claim may sit idle (sites set their own limit)."""
 
-    # Studies from senders no registered site claims are shown to every radiologist when set (the embedded
-    # default: nothing is hidden before any site is registered). A reading centre that registers all its client
-    # hospitals turns this off, so that only radiologists with a privilege for a site read its studies (admins
-    # still see every study and can register the sender).
-    unregistered_visible: bool = True
+    # Whether radiologists see studies from senders no registered site claims. Unset (the default): yes while no
+    # site is registered (the embedded default hides nothing), no once any is, so that a radiologist reads only
+    # for the hospitals they hold a privilege for; admins always see every study and can register the sender.
+    unregistered_visible: bool | None = None
     # A claim nobody acted on for this long is released (studies of unregistered senders; sites set their own).
     claim_idle_min: float = Field(default=30.0, gt=0)
     # How often idle claims are looked for.

@@ -3,8 +3,8 @@ no finding of a model in shadow for a radiologist.
 
 Credentialed reading: a radiologist reads only for the client hospitals where they hold a licence, so a study of a
 registered site is listed, shown and claimable only for radiologists with a privilege for that site valid today
-(`triage users grant`). Admins and service accounts see every study. Studies of senders no site claims follow
-`reading.unregistered_visible`.
+(`triage users grant`). Admins and service accounts see every study. Studies of senders no site claims are shown
+to radiologists per `reading.unregistered_visible` (unset: only while no site is registered).
 
 A shadow model runs on live traffic so that admins and ML engineers can compare it with the active one; its
 findings must not change what a radiologist reads (STYLE: a model not validated for a site never raises
@@ -43,4 +43,7 @@ def scope_of(user: User, worklist: Worklist, settings: Settings, now: datetime |
     if user.role != Role.RADIOLOGIST:
         return None
     today = (now or datetime.now(UTC)).astimezone(UTC).date()
-    return ReadScope(frozenset(worklist.sites.readable_by(user.name, today)), settings.reading.unregistered_visible)
+    unregistered = settings.reading.unregistered_visible
+    if unregistered is None:
+        unregistered = not worklist.sites.names()
+    return ReadScope(frozenset(worklist.sites.readable_by(user.name, today)), unregistered)

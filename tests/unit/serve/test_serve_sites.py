@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from serve_site import RADIOLOGIST_PASSWORD, Site, utcnow
 
+from triage.worklist.sites import parse_site
+
 
 def setup_sites(site: Site) -> tuple[str, str, dict[str, str]]:
     site.sign_in()  # admin
@@ -96,3 +98,18 @@ def test_counts_flag_filter_and_critical_result_communication(site: Site) -> Non
     detail = site.client.get(f"/api/v1/studies/{ct_uid}").json()
     assert [c["recipient"] for c in detail["communications"]] == ["Dr A. Rao, ED consultant"]
     assert any(e.action == "critical-communicated" for e in site.accounts.audit_entries(study_uid=ct_uid))
+
+
+def test_unregistered_senders_are_for_radiologists_only_until_the_first_site_is_registered(site: Site) -> None:
+    from tests.dicom_factory import make_radiograph
+
+    site.add_radiologist()
+    ds = make_radiograph("DX", 64, 64, accession_number="ACC-UNREG")
+    site.service.accept(ds, "UNKNOWN_AE")
+    site.sign_in("reader", RADIOLOGIST_PASSWORD)
+    assert [i["accession_number"] for i in site.client.get("/api/v1/worklist").json()] == ["ACC-UNREG"]
+    site.service.worklist.save_site(parse_site({"name": "CITY", "ae_titles": ["CT_SCANNER"]}), "admin", utcnow())
+    assert site.client.get("/api/v1/worklist").json() == []
+    assert site.client.get(f"/api/v1/studies/{ds.StudyInstanceUID}").status_code == 403
+    site.service.settings.reading.unregistered_visible = True
+    assert [i["accession_number"] for i in site.client.get("/api/v1/worklist").json()] == ["ACC-UNREG"]
