@@ -113,3 +113,30 @@ def test_unregistered_senders_are_for_radiologists_only_until_the_first_site_is_
     assert site.client.get(f"/api/v1/studies/{ds.StudyInstanceUID}").status_code == 403
     site.service.settings.reading.unregistered_visible = True
     assert [i["accession_number"] for i in site.client.get("/api/v1/worklist").json()] == ["ACC-UNREG"]
+
+
+def test_a_stow_rs_client_account_recognises_its_site(site: Site) -> None:
+    import io
+
+    from tests.dicom_factory import make_radiograph
+
+    _, token = site.accounts.add_user("city-bridge", "service", None, utcnow())
+    record = parse_site({"name": "CITY", "stow_accounts": ["city-bridge"], "time_zone": "Asia/Kolkata"})
+    site.service.worklist.save_site(record, "admin", utcnow())
+    ds = make_radiograph("DX", 64, 64, accession_number="ACC-STOW")
+    ds.InstitutionName = "Some Name The Modality Wrote"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    body = b"--b1\r\nContent-Type: application/dicom\r\n\r\n" + buffer.getvalue() + b"\r\n--b1--\r\n"
+    stored = site.client.post(
+        "/dicomweb/studies",
+        content=body,
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Content-Type": 'multipart/related; type="application/dicom"; boundary=b1',
+        },
+    )
+    assert stored.status_code == 200, stored.text
+    item = site.service.worklist.get_study(str(ds.StudyInstanceUID), utcnow())
+    assert (item.site, item.site_match, item.site_time_zone) == ("CITY", "STOW-RS account city-bridge", "Asia/Kolkata")
+    assert item.institution == "Some Name The Modality Wrote"
