@@ -27,11 +27,11 @@ dcmtk:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk >/dev/null; \
 	fi
 
-# For the tests also chromium + chromedriver (browser tests), postgresql (worklist tests) and orthanc (a real PACS
-# that AI results are sent back to).
+# For the tests also chromium + chromedriver (browser tests), postgresql (worklist tests), orthanc (a real PACS
+# that AI results are sent back to) and dicom3tools (dciodvfy checks the SR and SEG written).
 system-deps: dcmtk
-	@if [ ! -x /usr/bin/chromedriver ] || ! command -v pg_ctlcluster >/dev/null || [ ! -x /usr/sbin/Orthanc ]; then \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver postgresql orthanc >/dev/null; \
+	@if [ ! -x /usr/bin/chromedriver ] || ! command -v pg_ctlcluster >/dev/null || [ ! -x /usr/sbin/Orthanc ] || ! command -v dciodvfy >/dev/null; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver postgresql orthanc dicom3tools >/dev/null; \
 	fi
 
 # The main job: the service on the embedded defaults (SQLite, local Ray, CPU inference), the real head CT and

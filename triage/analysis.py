@@ -36,7 +36,7 @@ from triage.models.registry import ModelRegistry
 from triage.models.states import ModelState, SiteState, site_label
 from triage.pipelines.routing import RoutingRules, route_study
 from triage.pipelines.runner import Runner, classify_failure
-from triage.storage import InstanceSource, Store, overlay_bytes
+from triage.storage import InstanceSource, Store, overlay_bytes, segmentation_bytes
 from triage.worklist.model_states import ModelStates
 from triage.worklist.monitoring import INPUT_DETAIL, input_facts
 from triage.worklist.repository import Worklist
@@ -166,6 +166,16 @@ def _is_reported_finding(state: SiteState, finding: Finding) -> bool:
     """Whether `finding` is the one the site's validation report chose its operating point for."""
     label = (state.report or {}).get("finding")
     return label is None or label == finding.label
+
+
+def save_segmentation(store: Store | None, study_uid: str, finding: Finding) -> str | None:
+    """Store a finding's segmentation on the source images (for the DICOM Segmentation sent to the PACS); returns
+    its name. None without one or without a store."""
+    if finding.segmentation is None or store is None:
+        return None
+    name = f"{finding.model}-{finding.model_version}-{finding.label}-seg.npz"
+    store.put_overlay(study_uid, name, segmentation_bytes(finding.segmentation))
+    return name
 
 
 def save_overlay(store: Store | None, study_uid: str, finding: Finding) -> str | None:
@@ -320,7 +330,12 @@ def analyse_study(
         if status is AIStatus.DONE and results and all(not _is_active(plan, r) for r in results):
             reason = "no model in use at this site for this study (" + reason.replace("analysed by", "on trial:") + ")"
         findings = [
-            finding.model_copy(update={"overlay_file": save_overlay(store, study_uid, finding)})
+            finding.model_copy(
+                update={
+                    "overlay_file": save_overlay(store, study_uid, finding),
+                    "segmentation_file": save_segmentation(store, study_uid, finding),
+                }
+            )
             for result in everything
             for finding in result.findings
         ]

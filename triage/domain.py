@@ -173,6 +173,18 @@ class Overlay:
     kind: str = "mask"  # "mask" or "heatmap"
 
 
+@dataclass(frozen=True)
+class SliceMasks:
+    """A finding's segmentation on the source series' own images: one binary mask per source image it touches.
+
+    `masks` is (n, rows, cols) bool on the full pixel grid of the images named, in order, by `sop_instance_uids`
+    (the source slices, whatever their tilt or spacing); a DICOM Segmentation is written from it.
+    """
+
+    sop_instance_uids: list[str]
+    masks: Any  # numpy.ndarray (n, rows, cols) bool
+
+
 class Finding(Record):
     """One study-level AI result. `synthetic` is true when the model was trained on synthetic data; `shadow` is
     true when the model ran in shadow at the study's site (kept and shown to admins, never raising the study,
@@ -194,6 +206,9 @@ class Finding(Record):
     overlay_sop_instance_uid: str | None = None
     overlay_file: str | None = None
     overlay: SkipJsonSchema[Overlay | None] = Field(default=None, exclude=True, repr=False)
+    # The segmentation on the source images (in memory from the runner; stored by the analysis under this name).
+    segmentation_file: str | None = None
+    segmentation: SkipJsonSchema[SliceMasks | None] = Field(default=None, exclude=True, repr=False)
 
     @model_validator(mode="before")
     @classmethod

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
-from triage.domain import Overlay
+from triage.domain import Overlay, SliceMasks
 from triage.errors import InvalidStudyError, NotFoundError
 
 # PS3.5 9.1: a UID is dot-separated digit components, at most 64 characters; checked strictly, a UID is also a
@@ -337,6 +337,35 @@ def overlay_bytes(overlay: Overlay) -> bytes:
         kind=overlay.kind,
     )
     return buffer.getvalue()
+
+
+def segmentation_bytes(segmentation: SliceMasks) -> bytes:
+    """A segmentation as stored: a compressed .npz with the masks (bool, packed) and the images they belong to."""
+    import numpy as np
+
+    masks = np.asarray(segmentation.masks, dtype=bool)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, masks=masks, sop_instance_uids=np.array(segmentation.sop_instance_uids, dtype=np.str_))
+    return buffer.getvalue()
+
+
+def segmentation_from_bytes(data: bytes, name: str = "segmentation") -> SliceMasks:
+    """Read back what `segmentation_bytes` wrote (no pickles are loaded).
+
+    Raises:
+        InvalidStudyError: the bytes are not such a segmentation.
+    """
+    import numpy as np
+
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            masks = np.asarray(npz["masks"], dtype=bool)
+            uids = [str(u) for u in npz["sop_instance_uids"]]
+    except Exception as exc:  # noqa: BLE001 - numpy raises several kinds for a bad file
+        raise InvalidStudyError(f"{name} is not a stored segmentation: {exc}") from exc
+    if masks.ndim != 3 or masks.shape[0] != len(uids):
+        raise InvalidStudyError(f"{name}: {masks.shape[0] if masks.ndim else 0} masks for {len(uids)} images")
+    return SliceMasks(uids, masks)
 
 
 def overlay_from_bytes(data: bytes, name: str = "overlay") -> Overlay:

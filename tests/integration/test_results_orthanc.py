@@ -1,7 +1,9 @@
-"""AI results reach a real PACS: a real Orthanc receives the SR and the overlay capture in the analysed study."""
+"""AI results reach a real PACS: a real Orthanc receives the TID 1500 report, the SEG and the overlay capture in the
+analysed study, and they read back from it with highdicom."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -13,15 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+import highdicom as hd
 import httpx
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import BasicTextSRStorage, SecondaryCaptureImageStorage
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
 
-from triage.dicom.results import SERIES_DESCRIPTION, export_study_results
-from triage.domain import Finding
-from triage.storage import LocalStore
+from triage.dicom.results import export_study_results
+from triage.domain import Finding, Overlay, SliceMasks
+from triage.storage import LocalStore, overlay_bytes, segmentation_bytes
 
 HEAD_CT_SLICE = Path(__file__).resolve().parents[1] / "data" / "ct-head-ge" / "01.dcm"
 ORTHANC_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc")
@@ -103,67 +106,68 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
             proc.wait()
 
 
-def test_results_arrive_in_the_same_study_in_orthanc(tmp_path: Path, orthanc: Orthanc):
+def test_results_arrive_in_the_same_study_in_orthanc_and_read_back(tmp_path: Path, orthanc: Orthanc):
     store_dir, overlay_dir = tmp_path / "store", tmp_path / "overlays"
-    source = pydicom.dcmread(HEAD_CT_SLICE)
+    series = [pydicom.dcmread(p) for p in sorted(HEAD_CT_SLICE.parent.glob("*.dcm"))]
+    source = series[0]
     study_uid = str(source.StudyInstanceUID)
-    stored_path = store_dir / study_uid / str(source.SeriesInstanceUID) / f"{source.SOPInstanceUID}.dcm"
-    stored_path.parent.mkdir(parents=True)
-    shutil.copyfile(HEAD_CT_SLICE, stored_path)
-
+    for path, ds in zip(sorted(HEAD_CT_SLICE.parent.glob("*.dcm")), series, strict=True):
+        stored_path = store_dir / study_uid / str(ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+        stored_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, stored_path)
+    store = LocalStore(store_dir, overlay_dir)
+    # The bleed on three of the tilted slices, as the head CT pipeline leaves it, and the overlay of the middle one.
+    masked = series[11:14]
+    masks = np.zeros((3, int(source.Rows), int(source.Columns)), dtype=bool)
+    masks[:, 200:240, 230:270] = True
+    store.put_overlay(
+        study_uid, "ich-seg.npz", segmentation_bytes(SliceMasks([str(d.SOPInstanceUID) for d in masked], masks))
+    )
     stride = 8
-    mask = np.zeros((int(source.Rows) // stride, int(source.Columns) // stride), dtype=np.float32)
-    mask[20:30, 25:35] = 1.0
-    (overlay_dir / study_uid).mkdir(parents=True)
-    np.savez_compressed(
-        overlay_dir / study_uid / "ct-head-ich-ich.npz",
-        mask=mask,
-        stride=stride,
-        sop_instance_uid=str(source.SOPInstanceUID),
-        kind="mask",
+    store.put_overlay(
+        study_uid,
+        "ich.npz",
+        overlay_bytes(Overlay(str(masked[1].SOPInstanceUID), masks[1][::stride, ::stride].astype(np.float32), stride)),
     )
     findings = [
         Finding(
-            **{
-                "label": "intracranial haemorrhage",
-                "probability": 0.91,
-                "flagged": True,
-                "model": "ct-head-ich",
-                "model_version": "0.1.0",
-                "synthetic": True,
-                "series_uid": str(source.SeriesInstanceUID),
-                "details": {"subtype": "intraparenchymal", "volume_ml": 4.2, "slice_range": [1, 1]},
-                "overlay_file": "ct-head-ich-ich.npz",
-            }
+            label="intracranial_haemorrhage", probability=0.91, flagged=True, model="ct-head-ich",
+            model_version="1.0.0", synthetic=False, series_uid=str(source.SeriesInstanceUID),
+            details={"subtype": "IPH", "volume_ml": 4.2, "class_volumes_ml": {"IPH": 4.2}},
+            overlay_file="ich.npz", segmentation_file="ich-seg.npz",
         )
-    ]
+    ]  # fmt: skip
+    codes = {"intracranial_haemorrhage": ("1386000", "SCT", "Intracranial hemorrhage")}
 
     stored = export_study_results(
-        LocalStore(store_dir, overlay_dir),
-        study_uid,
-        findings,
-        "done",
-        "analysed by ct-head-ich 0.1.0",
-        ("ORTHANC", "127.0.0.1", orthanc.dicom_port),
-    )
+        store, study_uid, findings, "done", "analysed by ct-head-ich 1.0.0",
+        ("ORTHANC", "127.0.0.1", orthanc.dicom_port), codes_by_label=codes,
+    )  # fmt: skip
 
-    assert stored == 2
+    assert stored == 3
     instance_ids = orthanc.get("/instances").json()
-    assert len(instance_ids) == 2
+    assert len(instance_ids) == 3
     tags = [orthanc.get(f"/instances/{i}/simplified-tags").json() for i in instance_ids]
     assert {t["StudyInstanceUID"] for t in tags} == {study_uid}
-    by_class = {t["SOPClassUID"]: t for t in tags}
-    assert set(by_class) == {BasicTextSRStorage, SecondaryCaptureImageStorage}
-    sr = by_class[BasicTextSRStorage]
-    assert sr["SeriesDescription"] == SERIES_DESCRIPTION
-    assert sr["PatientID"] == str(source.PatientID)
-    capture = by_class[SecondaryCaptureImageStorage]
-    assert capture["BurnedInAnnotation"] == "YES"
-    assert capture["SeriesInstanceUID"] != sr["SeriesInstanceUID"] != str(source.SeriesInstanceUID)
-    # Orthanc files both under one study: the reading centre sees them next to the images.
+    by_class = {t["SOPClassUID"]: (i, t) for i, t in zip(instance_ids, tags, strict=True)}
+    assert set(by_class) == {Comprehensive3DSRStorage, SegmentationStorage, SecondaryCaptureImageStorage}
+    # Orthanc files them under the one study: the reading centre sees them next to the images.
     assert len(orthanc.get("/studies").json()) == 1
-
-    sr_id = next(i for i, t in zip(instance_ids, tags, strict=True) if t["SOPClassUID"] == BasicTextSRStorage)
-    sr_text = orthanc.get(f"/instances/{sr_id}/file").content
-    assert b"synthetic demonstration model, not validated" in sr_text
-    assert b"AI triage aid, not a diagnosis" in sr_text
+    # Retrieved from Orthanc, they read back as what was sent: the report referencing the segment, the SEG on
+    # the source slices.
+    sr_id, sr_tags = by_class[Comprehensive3DSRStorage]
+    assert sr_tags["PatientID"] == str(source.PatientID)
+    report = hd.sr.srread(io.BytesIO(orthanc.get(f"/instances/{sr_id}/file").content))
+    (group,) = report.content.get_volumetric_roi_measurement_groups()
+    assert group.finding_type.meaning == "Intracranial hemorrhage"
+    seg_id, seg_tags = by_class[SegmentationStorage]
+    assert group.referenced_segment.referenced_sop_instance_uid == seg_tags["SOPInstanceUID"]
+    seg = hd.seg.segread(io.BytesIO(orthanc.get(f"/instances/{seg_id}/file").content))
+    assert int(seg.NumberOfFrames) == 3
+    sources = {
+        f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        for f in seg.PerFrameFunctionalGroupsSequence
+    }
+    assert sources == {str(d.SOPInstanceUID) for d in masked}
+    capture = by_class[SecondaryCaptureImageStorage][1]
+    assert capture["BurnedInAnnotation"] == "YES"

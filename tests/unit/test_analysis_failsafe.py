@@ -166,10 +166,11 @@ def test_results_go_back_to_pacs_after_the_worklist_is_updated_and_a_dead_pacs_c
         assert _item(svc, study_uid)["ai_status"] == "done"
         received = list(pacs.metas.values())
         modalities = sorted(m.modality for m in received)
-        # A Basic Text SR with the findings and a secondary capture of the radiograph with the AI's region.
+        # A TID 1500 measurement report (Comprehensive 3D SR) with the finding located on the radiograph, and a
+        # secondary capture of the radiograph with the AI's region.
         assert sorted(m.sop_class_uid for m in received) == [
             "1.2.840.10008.5.1.4.1.1.7",
-            "1.2.840.10008.5.1.4.1.1.88.11",
+            "1.2.840.10008.5.1.4.1.1.88.34",
         ]
         assert modalities == ["OT", "SR"]
         assert all(m.study_uid == study_uid for m in received)

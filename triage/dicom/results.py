@@ -1,11 +1,11 @@
-"""Write AI results as DICOM (a Basic Text SR and secondary captures) in the analysed study and send them to PACS."""
+"""Write AI results as DICOM in the analysed study (SEG and TID 1500 report from `triage.dicom.measurements`, and
+an overlay picture per finding as a Secondary Capture) and send them to PACS."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
 
 import numpy as np
 from pydicom import dcmread
@@ -13,12 +13,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     UID,
-    BasicTextSRStorage,
     ExplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
 
+from triage.dicom.measurements import Code, build_measurement_report, build_segmentation, finding_code
 from triage.dicom.overlay import display_image, render_overlay
 from triage.dicom.sender import send_datasets
 from triage.dicom.sopclasses import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -26,17 +26,15 @@ from triage.dicom.status import status_category
 from triage.dicom.store import validate_uid
 from triage.domain import Finding, Overlay
 from triage.errors import InvalidStudyError, NotFoundError, TriageError
-from triage.storage import Store, overlay_from_bytes, parse_instance_key
+from triage.storage import Store, overlay_from_bytes, parse_instance_key, segmentation_from_bytes
 
 log = logging.getLogger(__name__)
 
-SERIES_DESCRIPTION = "AI triage results (not for diagnostic use)"
 CAPTURE_SERIES_DESCRIPTION = "AI triage overlays (not for diagnostic use)"
 MANUFACTURER = "triage"
 DISCLAIMER = "AI triage aid, not a diagnosis."
 SYNTHETIC_NOTICE = "synthetic demonstration model, not validated"
 # Series numbers high enough not to collide with the modality's own series.
-SR_SERIES_NUMBER = 9901
 CAPTURE_SERIES_NUMBER = 9902
 
 # PS3.3 C.7.1.1 Patient module and C.7.2.1 General Study module: what a result must repeat to be filed in the
@@ -63,11 +61,6 @@ _STUDY_ATTRIBUTES = (
 )
 _TYPE2_ATTRIBUTES = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
 _TYPE2_STUDY = ("StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
-
-# Coded concepts (PS3.16): document title, and the concept names of the text items.
-_TITLE = ("18748-4", "LN", "Diagnostic Imaging Report")
-_FINDING = ("121071", "DCM", "Finding")
-_COMMENT = ("121106", "DCM", "Comment")
 
 
 class ResultsExportError(TriageError):
@@ -117,44 +110,6 @@ def _new_instance(source_ds: Dataset, sop_class: str, series_number: int, now: d
     return ds
 
 
-def _format_details(details: dict[str, Any]) -> str:
-    """The finding's details a reader cares about, in a fixed order, then any others."""
-    parts: list[str] = []
-    if details.get("subtype"):
-        parts.append(f"subtype {details['subtype']}")
-    volume = details.get("volume_ml")
-    if volume is not None:
-        try:
-            parts.append(f"volume {float(volume):.1f} ml")
-        except (TypeError, ValueError):
-            parts.append(f"volume {volume} ml")
-    slices = details.get("slice_range")
-    if slices:
-        shown = f"{slices[0]}-{slices[-1]}" if isinstance(slices, list | tuple) and len(slices) >= 2 else slices
-        parts.append(f"slices {shown}")
-    for key in sorted(details):
-        if key not in ("subtype", "volume_ml", "slice_range") and details[key] not in (None, "", [], {}):
-            parts.append(f"{key} {details[key]}")
-    return "; ".join(parts)
-
-
-def describe_finding(finding: Finding) -> str:
-    """One finding as the sentence written into the SR, e.g.
-    "intracranial haemorrhage: probability 0.91, FLAGGED (model ct-head-ich 1.0.0; ...)"."""
-    label = finding.label or "(unlabelled)"
-    flagged = "FLAGGED" if finding.flagged else "not flagged"
-    model = f"model {finding.model} {finding.model_version}"
-    if finding.synthetic:
-        model += f"; {SYNTHETIC_NOTICE}"
-    text = f"{label}: probability {finding.probability:.2f}, {flagged} ({model})"
-    details = _format_details(finding.details)
-    if details:
-        text += f". Details: {details}"
-    if finding.series_uid:
-        text += f". Series {finding.series_uid}"
-    return text + "."
-
-
 def finding_caption(finding: Finding) -> str:
     """What an overlay picture of `finding` says under "NOT FOR DIAGNOSTIC USE": model, version, finding and
     probability, and a warning for a synthetic-data model."""
@@ -162,66 +117,6 @@ def finding_caption(finding: Finding) -> str:
     if finding.synthetic:
         text += " (synthetic model)"
     return text
-
-
-def _text_item(concept: tuple[str, str, str], text: str) -> Dataset:
-    item = Dataset()
-    item.RelationshipType = "CONTAINS"
-    item.ValueType = "TEXT"
-    item.ConceptNameCodeSequence = DicomSequence([_code(*concept)])
-    item.TextValue = text  # UT (PS3.3 C.17.3.2.1): no length limit worth worrying about
-    return item
-
-
-def build_result_sr(
-    source_ds: Dataset,
-    findings: Sequence[Finding],
-    study_ai_status: str,
-    reason: str,
-    now: datetime | None = None,
-) -> Dataset:
-    """A Basic Text SR (PS3.3 A.35.1) in the source's study listing every finding as text.
-
-    Args:
-        source_ds: any instance of the analysed study; its Patient and General Study modules are copied.
-        findings: the study's findings as recorded.
-        study_ai_status: the study's AI status ("done", "failed", ...), written as a comment.
-        reason: the one-line reason recorded with that status.
-        now: content date and time (local wall clock when omitted).
-
-    Returns:
-        The SR with File Meta (Explicit VR Little Endian), ready to write or send. It is marked UNVERIFIED:
-        nobody has signed it (PS3.3 C.17.2).
-
-    Raises:
-        InvalidStudyError: when `source_ds` has no valid Study Instance UID.
-    """
-    now = now or datetime.now()
-    ds = _new_instance(source_ds, BasicTextSRStorage, SR_SERIES_NUMBER, now)
-    ds.Modality = "SR"
-    ds.SeriesDescription = SERIES_DESCRIPTION
-    ds.ReferencedPerformedProcedureStepSequence = DicomSequence()  # Type 2 (PS3.3 C.17.1)
-    ds.PerformedProcedureCodeSequence = DicomSequence()  # Type 2 (PS3.3 C.17.2)
-    ds.CompletionFlag = "COMPLETE"
-    ds.VerificationFlag = "UNVERIFIED"
-    ds.ValueType = "CONTAINER"
-    ds.ConceptNameCodeSequence = DicomSequence([_code(*_TITLE)])
-    ds.ContinuityOfContent = "SEPARATE"
-
-    items = [_text_item(_FINDING, describe_finding(f)) for f in findings]
-    if not findings:
-        items.append(_text_item(_FINDING, "No AI findings were recorded for this study."))
-    status_text = f"AI status: {study_ai_status}"
-    if reason:
-        status_text += f" ({reason})"
-    items.append(_text_item(_COMMENT, status_text + "."))
-    if any(f.synthetic for f in findings):
-        items.append(
-            _text_item(_COMMENT, f"Results marked synthetic come from a {SYNTHETIC_NOTICE}; do not act on them.")
-        )
-    items.append(_text_item(_COMMENT, DISCLAIMER))
-    ds.ContentSequence = DicomSequence(items)
-    return ds
 
 
 def build_overlay_capture(
@@ -263,6 +158,8 @@ def build_overlay_capture(
     ds.RecognizableVisualFeatures = "NO"
     ds.LossyImageCompression = "00"
     ds.PatientOrientation = source_ds.get("PatientOrientation", "") or ""
+    # General Series Laterality (Type 2C, PS3.3 C.7.3.1): the source's, empty when it states none.
+    ds.Laterality = source_ds.get("Laterality", "") or ""
     reference = Dataset()
     reference.ReferencedSOPClassUID = source_ds.SOPClassUID
     reference.ReferencedSOPInstanceUID = source_ds.SOPInstanceUID
@@ -343,6 +240,89 @@ def _capture_for(store: Store, study_uid: str, finding: Finding, now: datetime) 
     return build_overlay_capture(source, mask, stride, finding_caption(finding), kind=kind, now=now)
 
 
+def _series_headers(store: Store, study_uid: str, keys: Sequence[str]) -> dict[str, list[Dataset]]:
+    """The study's instance headers (no pixel data) by Series Instance UID."""
+    by_series: dict[str, list[Dataset]] = {}
+    for key in keys:
+        with store.open(key) as handle:
+            ds = dcmread(handle, stop_before_pixels=True)
+        by_series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
+    return by_series
+
+
+def build_study_results(
+    store: Store,
+    study_uid: str,
+    findings: Sequence[Finding],
+    codes_by_label: Mapping[str, Code] | None = None,
+    now: datetime | None = None,
+) -> list[Dataset]:
+    """The study's results as DICOM: a SEG per finding with a segmentation, the TID 1500 measurement report that
+    references them, and one overlay capture per finding with an overlay (the picture a plain viewer shows).
+
+    A finding whose stored segmentation or overlay cannot be used is reported without it (logged): the report
+    still lists every finding.
+
+    Raises:
+        InvalidStudyError: when the study has no stored instance.
+    """
+    keys = _study_keys(store, study_uid)
+    if not keys:
+        raise InvalidStudyError(f"study {study_uid} has no stored instance")
+    now = now or datetime.now()
+    headers = _series_headers(store, study_uid, keys)
+    codes_by_label = codes_by_label or {}
+    evidence: list[Dataset] = []
+    for finding in findings:
+        series = headers.get(finding.series_uid) or next(iter(headers.values()))
+        if all(ds.SeriesInstanceUID != series[0].SeriesInstanceUID for ds in evidence):
+            evidence.append(series[0])
+    segmentations: dict[int, Dataset] = {}
+    overlays: dict[int, Overlay] = {}
+    seg_series = generate_uid()
+    for i, finding in enumerate(findings):
+        if finding.segmentation_file and finding.series_uid in headers:
+            try:
+                masks = segmentation_from_bytes(store.get_overlay(study_uid, finding.segmentation_file))
+                code = finding_code(finding, codes_by_label)
+                seg = build_segmentation(headers[finding.series_uid], masks, finding, code, series_uid=seg_series)
+            except (TriageError, ValueError) as exc:
+                log.warning("study %s: no segmentation for %s: %s", study_uid, finding.label, exc)
+            else:
+                seg.InstanceNumber = len(segmentations) + 1
+                segmentations[i] = seg
+        if finding.overlay_file:
+            try:
+                overlays[i] = overlay_from_bytes(store.get_overlay(study_uid, finding.overlay_file))
+            except TriageError as exc:
+                log.warning("study %s: overlay of %s not readable: %s", study_uid, finding.label, exc)
+    if not evidence:
+        evidence.append(next(iter(headers.values()))[0])
+    all_headers = [ds for series in headers.values() for ds in series]
+    for overlay in overlays.values():
+        image = next((ds for ds in all_headers if ds.SOPInstanceUID == overlay.sop_instance_uid), None)
+        if image is not None and all(ds.SOPInstanceUID != image.SOPInstanceUID for ds in evidence):
+            evidence.append(image)
+    report = build_measurement_report(evidence + list(segmentations.values()), findings, codes_by_label,
+                                      segmentations, overlays)  # fmt: skip
+    datasets = [report, *segmentations.values()]
+    captures: list[Dataset] = []
+    for finding in findings:
+        try:
+            capture = _capture_for(store, study_uid, finding, now)
+        except TriageError as exc:
+            # A missing or unusable overlay costs only its picture: the report still goes out with every finding.
+            log.warning("study %s: no overlay capture for %s: %s", study_uid, finding.label, exc)
+            continue
+        if capture is not None:
+            capture.InstanceNumber = len(captures) + 1
+            # One capture series per export: all captures of this analysis side by side.
+            if captures:
+                capture.SeriesInstanceUID = captures[0].SeriesInstanceUID
+            captures.append(capture)
+    return datasets + captures
+
+
 def export_study_results(
     store: Store,
     study_uid: str,
@@ -351,8 +331,10 @@ def export_study_results(
     reason: str,
     destination: Destination,
     calling_ae: str = "TRIAGE",
+    codes_by_label: Mapping[str, Code] | None = None,
 ) -> int:
-    """Build the study's result SR and one overlay capture per finding with an overlay, and send them to PACS.
+    """Build the study's results (`build_study_results`: SEG, TID 1500 report, overlay captures) and send them to
+    PACS.
 
     Call it after the analysis is recorded: the worklist is already up to date, so a PACS that is down delays
     only the results in PACS, never the study's place on the worklist.
@@ -373,26 +355,7 @@ def export_study_results(
             instance is missing (or does not fit) is sent without its capture, with a warning in the log.
         ResultsExportError: when the destination cannot be reached (see `send_results`).
     """
-    keys = _study_keys(store, study_uid)
-    if not keys:
-        raise InvalidStudyError(f"study {study_uid} has no stored instance")
-    with store.open(keys[0]) as handle:
-        source = dcmread(handle, stop_before_pixels=True)
-    now = datetime.now()
-    datasets = [build_result_sr(source, findings, ai_status, reason, now=now)]
-    for finding in findings:
-        try:
-            capture = _capture_for(store, study_uid, finding, now)
-        except TriageError as exc:
-            # A missing or unusable overlay costs only its picture: the SR still goes out with every finding.
-            log.warning("study %s: no overlay capture for %s: %s", study_uid, finding.label, exc)
-            continue
-        if capture is not None:
-            capture.InstanceNumber = len(datasets)
-            # One capture series per export: all captures of this analysis side by side.
-            if len(datasets) > 1:
-                capture.SeriesInstanceUID = datasets[1].SeriesInstanceUID
-            datasets.append(capture)
+    datasets = build_study_results(store, study_uid, findings, codes_by_label)
     statuses = send_results(datasets, destination, calling_ae=calling_ae)
     stored = sum(1 for s in statuses if status_category(s) in ("success", "warning"))
     called_ae, host, port = destination

@@ -27,6 +27,14 @@ class WeightsFile(BaseModel):
     sha256: str
 
 
+class FindingCode(BaseModel):
+    """A coded concept for the finding (SNOMED CT preferred), written into the DICOM SR and SEG as its finding type."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
 class FindingSpec(BaseModel):
     """A study-level finding the model reports, its operating threshold and how the probability is derived."""
 
@@ -34,6 +42,7 @@ class FindingSpec(BaseModel):
     threshold: float
     description: str = ""
     probability_method: str = ""
+    code: FindingCode | None = None
 
 
 class Figure(BaseModel):

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from triage.domain import Finding, Overlay, SeriesInfo
+from triage.domain import Finding, Overlay, SeriesInfo, SliceMasks
 from triage.errors import InferenceError, InvalidStudyError, ModelLoadError
 from triage.models.card import ModelCard
 from triage.models.runtime import OnnxModel
@@ -358,8 +358,11 @@ class IchPipeline(ModelPipeline):
             "providers": raw.providers,
         }
         overlay = None
+        segmentation = None
         if volume_ml > 0:
             details.update(_largest_component_range(components, prepared))
+            details["centroid_lps_mm"] = centroid_lps(mask, prepared)
+            segmentation = source_slice_masks(mask, prepared)
             overlay, overlay_note = _key_slice_overlay(mask, prepared, int(post["overlay_stride"]))
             if overlay_note:
                 details["overlay_note"] = overlay_note
@@ -376,6 +379,7 @@ class IchPipeline(ModelPipeline):
                 series_uid=series.series_uid,
                 details=details,
                 overlay=overlay,
+                segmentation=segmentation,
             )
         ]
 
@@ -412,24 +416,62 @@ def _key_slice_overlay(mask: np.ndarray, volume: HeadVolume, stride: int) -> tup
             Overlay(uid, mask[plane, ::stride, ::stride].astype(np.float32), stride),
             "overlay drawn on the resampled axial plane (source slice geometry unavailable)",
         )
+    return Overlay(uid, _mask_on_slice(mask, volume, key, stride).astype(np.float32), stride), ""
+
+
+def _mask_on_slice(mask: np.ndarray, volume: HeadVolume, index: int, stride: int = 1) -> np.ndarray:
+    """The resampled (z, y, x) `mask` on source slice `index`'s own pixel grid (every `stride`-th pixel), bool.
+
+    Each source pixel's LPS position is mapped through the inverse affine to the nearest voxel of the mask, so
+    gantry tilt and uneven spacing are handled by geometry, not by slice counting.
+    """
+    assert volume.slice_positions_lps is not None and volume.slice_row_cosines is not None
+    assert volume.slice_col_cosines is not None
     rows = np.arange(0, volume.rows, stride)
     cols = np.arange(0, volume.cols, stride)
     rr, cc = np.meshgrid(rows, cols, indexing="ij")
     row_mm, col_mm = volume.pixel_spacing_mm
     # PS3.3 C.7.6.2.1.1: position = IPP + row_cosine * col_index * col_spacing + col_cosine * row_index * row_spacing
     points = (
-        volume.slice_positions_lps[key][None, None, :]
-        + volume.slice_row_cosines[key][None, None, :] * (cc[..., None] * col_mm)
-        + volume.slice_col_cosines[key][None, None, :] * (rr[..., None] * row_mm)
+        volume.slice_positions_lps[index][None, None, :]
+        + volume.slice_row_cosines[index][None, None, :] * (cc[..., None] * col_mm)
+        + volume.slice_col_cosines[index][None, None, :] * (rr[..., None] * row_mm)
     )
     inverse = np.linalg.inv(volume.affine_lps)
-    index = points @ inverse[:3, :3].T + inverse[:3, 3]
-    nearest = np.rint(index).astype(np.int64)
+    voxel = points @ inverse[:3, :3].T + inverse[:3, 3]
+    nearest = np.rint(voxel).astype(np.int64)
     inside = np.all((nearest >= 0) & (nearest < np.array(mask.shape)), axis=-1)
-    out = np.zeros(rr.shape, dtype=np.float32)
+    out = np.zeros(rr.shape, dtype=bool)
     sel = nearest[inside]
-    out[inside] = mask[sel[:, 0], sel[:, 1], sel[:, 2]]
-    return Overlay(uid, out, stride), ""
+    out[inside] = mask[sel[:, 0], sel[:, 1], sel[:, 2]] > 0
+    return out
+
+
+def source_slice_masks(mask: np.ndarray, volume: HeadVolume) -> SliceMasks | None:
+    """The bleed on every source slice it touches, on each slice's full pixel grid (what a DICOM Segmentation of
+    the source series holds). None when the mask is empty or the source geometry is unknown."""
+    if not mask.any() or volume.slice_positions_lps is None or not volume.rows or not volume.cols:
+        return None
+    uids: list[str] = []
+    masks: list[np.ndarray] = []
+    for index, uid in enumerate(volume.sop_instance_uids):
+        on_slice = _mask_on_slice(mask, volume, index)
+        if on_slice.any():
+            uids.append(uid)
+            masks.append(on_slice)
+    if not masks:
+        return None
+    return SliceMasks(uids, np.stack(masks))
+
+
+def centroid_lps(mask: np.ndarray, volume: HeadVolume) -> list[float] | None:
+    """The centre of the bleed in patient coordinates (LPS, mm), or None for an empty mask."""
+    voxels = np.argwhere(mask > 0)
+    if not len(voxels):
+        return None
+    centre = voxels.mean(axis=0)
+    point = volume.affine_lps[:3, :3] @ centre + volume.affine_lps[:3, 3]
+    return [round(float(v), 2) for v in point]
 
 
 def _meta_value(data: dict[str, Any], image: Any, key: str) -> Any:

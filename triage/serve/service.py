@@ -421,10 +421,20 @@ class TriageService:
                 outcome.reason,
                 destination,
                 calling_ae=results.calling_ae,
+                codes_by_label=self.finding_codes(),
             )
             log.info("study %s: %d result instance(s) sent to %s", outcome.study_uid, sent, destination[0])
         except TriageError as exc:
             log.warning("study %s: AI results not sent to %s: %s", outcome.study_uid, destination[0], exc)
+
+    def finding_codes(self) -> dict[str, tuple[str, str, str]]:
+        """The coded finding type per label, from the installed models' cards (written into the SR and SEG)."""
+        return {
+            spec.label: (spec.code.value, spec.code.scheme, spec.code.meaning)
+            for model in self.registry.all()
+            for spec in model.card.findings
+            if spec.code is not None
+        }
 
     def health(self) -> dict[str, Any]:
         unavailable = self.unavailable

@@ -1,4 +1,4 @@
-"""AI results as DICOM: the text SR and the overlay capture, and sending them to a real storage SCP."""
+"""AI results as DICOM: the overlay capture, and sending the results (report, captures) to a real storage SCP."""
 
 from __future__ import annotations
 
@@ -12,17 +12,13 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import BasicTextSRStorage, SecondaryCaptureImageStorage
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from tests.dicom_factory import make_ct_series, make_radiograph, write_dataset
 from tests.dicom_peers import Receiver
 from triage.dicom.results import (
-    DISCLAIMER,
-    SERIES_DESCRIPTION,
-    SYNTHETIC_NOTICE,
     ResultsExportError,
     build_overlay_capture,
-    build_result_sr,
     export_study_results,
     send_results,
 )
@@ -76,58 +72,6 @@ def _round_trip(ds: Dataset, tmp_path: Path) -> Dataset:
     path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return pydicom.dcmread(path)
-
-
-def _sr_text(ds: Dataset) -> str:
-    return "\n".join(str(item.TextValue) for item in ds.ContentSequence)
-
-
-def test_sr_lists_every_finding_in_the_same_study_and_survives_a_round_trip(tmp_path: Path):
-    source = _ct_slice()
-    sr = _round_trip(build_result_sr(source, _findings(), "done", "analysed by ct-head-ich 1.0.0"), tmp_path)
-
-    assert sr.SOPClassUID == BasicTextSRStorage
-    assert sr.file_meta.MediaStorageSOPInstanceUID == sr.SOPInstanceUID
-    assert sr.StudyInstanceUID == source.StudyInstanceUID
-    assert sr.SeriesInstanceUID != source.SeriesInstanceUID
-    assert sr.SOPInstanceUID != source.SOPInstanceUID
-    assert str(sr.PatientName) == PATIENT_NAME
-    assert sr.PatientID == PATIENT_ID
-    assert sr.AccessionNumber == source.AccessionNumber
-    assert sr.SeriesDescription == SERIES_DESCRIPTION
-    assert sr.Manufacturer == "triage"
-    assert sr.Modality == "SR"
-    assert sr.ContentDate and sr.ContentTime
-    assert sr.VerificationFlag == "UNVERIFIED"
-
-    text = _sr_text(sr)
-    assert "intracranial haemorrhage: probability 0.91, FLAGGED" in text
-    assert "model ct-head-ich 1.0.0" in text
-    assert "midline shift: probability 0.12, not flagged (model ct-head-shift 2.1)" in text
-    assert "subtype intraparenchymal" in text
-    assert "volume 12.3 ml" in text
-    assert "slices 10-14" in text
-    assert "AI status: done (analysed by ct-head-ich 1.0.0)" in text
-    assert DISCLAIMER in text
-    # Only the synthetic model's finding carries the notice.
-    haemorrhage, shift = (str(item.TextValue) for item in sr.ContentSequence[:2])
-    assert SYNTHETIC_NOTICE in haemorrhage
-    assert SYNTHETIC_NOTICE not in shift
-
-
-def test_sr_without_findings_still_states_the_status_and_disclaimer(tmp_path: Path):
-    sr = _round_trip(build_result_sr(_ct_slice(), [], "failed", "InferenceError: model crashed"), tmp_path)
-    text = _sr_text(sr)
-    assert "No AI findings" in text
-    assert "AI status: failed (InferenceError: model crashed)" in text
-    assert DISCLAIMER in text
-
-
-def test_a_source_without_a_study_uid_is_refused():
-    source = _ct_slice()
-    del source.StudyInstanceUID
-    with pytest.raises(InvalidStudyError, match="Study Instance UID"):
-        build_result_sr(source, _findings(), "done", "")
 
 
 def _square_mask(rows: int, cols: int, stride: int) -> np.ndarray:
@@ -232,7 +176,7 @@ def _stored_study(store_dir: Path, overlay_dir: Path) -> tuple[str, list[Finding
     return study_uid, findings, key
 
 
-def test_export_sends_the_sr_and_one_capture_without_logging_patient_identity(
+def test_export_sends_the_report_and_one_capture_without_logging_patient_identity(
     tmp_path: Path, pacs: Receiver, caplog: pytest.LogCaptureFixture
 ):
     study_uid, findings, key = _stored_study(tmp_path / "store", tmp_path / "overlays")
@@ -245,7 +189,8 @@ def test_export_sends_the_sr_and_one_capture_without_logging_patient_identity(
 
     assert stored == 2
     received = [pydicom.dcmread(pacs.store.files.open(meta.key)) for meta in pacs.metas.values()]
-    assert sorted(str(ds.SOPClassUID) for ds in received) == sorted([BasicTextSRStorage, SecondaryCaptureImageStorage])
+    classes = sorted(str(ds.SOPClassUID) for ds in received)
+    assert classes == sorted([Comprehensive3DSRStorage, SecondaryCaptureImageStorage])
     assert {ds.StudyInstanceUID for ds in received} == {study_uid}
     assert {str(ds.PatientName) for ds in received} == {PATIENT_NAME}
     capture = next(ds for ds in received if ds.SOPClassUID == SecondaryCaptureImageStorage)
@@ -267,7 +212,7 @@ def test_a_missing_overlay_costs_only_its_capture(tmp_path: Path, pacs: Receiver
 
     assert stored == 1
     received = [pydicom.dcmread(pacs.store.files.open(m.key)).SOPClassUID for m in pacs.metas.values()]
-    assert received == [BasicTextSRStorage]
+    assert received == [Comprehensive3DSRStorage]
     assert "no overlay capture for intracranial haemorrhage" in caplog.text
 
 
@@ -283,7 +228,7 @@ def _closed_port() -> int:
 
 
 def test_an_unreachable_pacs_raises_a_triage_error_naming_it():
-    sr = build_result_sr(_ct_slice(), _findings(), "done", "")
+    sr = _ct_slice()
     port = _closed_port()
     with pytest.raises(ResultsExportError, match=f"PACS@127.0.0.1:{port}") as raised:
         send_results([sr], ("PACS", "127.0.0.1", port), timeout_s=5)

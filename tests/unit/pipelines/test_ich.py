@@ -238,6 +238,16 @@ def test_postprocess_reports_subtype_volume_slices_and_overlay(card: ModelCard) 
     assert rows.min() * stride >= 10 and rows.max() * stride <= 24
     assert cols.min() * stride >= 10 and cols.max() * stride <= 24
     assert overlay.sop_instance_uid in volume.sop_instance_uids[3:8]
+    # The segmentation: the bleed on each source slice it touches (z 9..20 sampled every 3 mm: slices 3..6, z = 9,
+    # 12, 15, 18), on the slices' full pixel grid.
+    segmentation = finding.segmentation
+    assert segmentation is not None
+    assert segmentation.sop_instance_uids == volume.sop_instance_uids[3:7]
+    assert segmentation.masks.shape == (4, volume.rows, volume.cols) and segmentation.masks.dtype == bool
+    rows, cols = np.nonzero(segmentation.masks[0])
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (10, 24, 10, 24)
+    # Its centre in patient coordinates: x = 17, y = 17, z = 14.5 (LPS mm).
+    assert details["centroid_lps_mm"] == pytest.approx([17.0, 17.0, 14.5])
 
 
 def test_normal_volume_is_not_flagged(card: ModelCard) -> None:
