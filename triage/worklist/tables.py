@@ -219,3 +219,24 @@ class AnalysisRun(Base):
     reason: Mapped[str] = mapped_column(Text, default="", server_default="")
     # [{stage, seconds, node_id?}] in the order the stages ran.
     stages: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+
+
+class OrderRow(Base):
+    """An order received from the RIS (HL7 ORM^O01 / OMI^O23). It joins its study by accession number, whichever
+    arrives first, and sets the study's clinical priority floor (never lowering it)."""
+
+    __tablename__ = "orders"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    accession_number: Mapped[str] = mapped_column(Text, index=True)
+    message_type: Mapped[str] = mapped_column(String(16))
+    control_id: Mapped[str] = mapped_column(Text, default="")
+    order_control: Mapped[str] = mapped_column(String(8), default="")
+    requested_procedure: Mapped[str] = mapped_column(Text, default="")
+    # Our level (stat, urgent, routine) or "" when the order named none we know.
+    priority: Mapped[str] = mapped_column(String(16), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    ordering_site: Mapped[str] = mapped_column(Text, default="")
+    sending_application: Mapped[str] = mapped_column(Text, default="")
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    study_uid: Mapped[str | None] = mapped_column(String(UID_LEN), nullable=True)

@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 from triage.worklist.db import create_engine_for, migrate
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-TABLES = ("study_events", "instances", "series", "studies", "sites", "site_privileges")
+TABLES = ("study_events", "instances", "series", "studies", "sites", "site_privileges", "outbox", "orders")
 
 
 def postgres_server_url() -> str:
