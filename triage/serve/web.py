@@ -1,8 +1,10 @@
 """The radiologist's pages: sign-in, the live worklist, the study view with preview and feedback, and admin pages.
 
-Server-rendered Jinja2 with a little vanilla JavaScript (no build step). Pages show accession numbers and the
-study's own description, never patient names or birth dates. Every study view, claim, release, report, feedback
-and sign-in is written to the audit log.
+Server-rendered Jinja2 with a little vanilla JavaScript (no build step). A signed-in reader sees the patient's
+name, ID, age and sex, read from the stored images for the rows on the page only (the database keeps none); that
+identity is never logged, and each page that shows it writes a `view-identity` audit entry (with how many studies,
+not who). Every study view, claim, release, report, feedback, critical-result communication and sign-in is written
+to the audit log.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import io
 import logging
 import re
 import secrets
-from datetime import UTC, datetime
+from dataclasses import dataclass, fields, replace
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
@@ -22,9 +25,11 @@ from fastapi import APIRouter, Depends, Form, Query, Request, Response, status
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
+from triage.dicom.identity import PatientIdentity, read_identity
 from triage.domain import AIStatus, PriorityLevel, utcnow
 from triage.errors import ConflictError, NotFoundError, NotPermittedError, TriageError
 from triage.models.states import site_label
+from triage.serve import plain
 from triage.serve.auth import (
     CSRF_FIELD,
     HUMAN_ROLES,
@@ -47,7 +52,8 @@ from triage.worklist.accounts import (
     constant_time_equal,
 )
 from triage.worklist.feedback import record_feedback
-from triage.worklist.repository import ReadScope, Worklist, WorklistItem
+from triage.worklist.repository import COMMUNICATION_METHODS, ReadScope, Worklist, WorklistItem
+from triage.worklist.sites import Site, parse_site
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,10 @@ ReportPage = Annotated[User, Depends(require_roles(*HUMAN_ROLES, page=True, acti
 AI_STATUSES = [s.value for s in AIStatus]
 LEVELS = [level.value for level in sorted(PriorityLevel, key=lambda lv: -lv.rank)]
 AUDIT_CSV_COLUMNS = ["at", "user", "action", "study_uid", "detail"]
+# One page of the worklist: the database pages, and patient identity is read for these rows only, so the page
+# costs the same with 50 or 5,000 open studies.
+PAGE_SIZE = 100
+VIEW_IDENTITY = "view-identity"
 
 
 # ---------------------------------------------------------------------------------------------------- formatting
@@ -92,25 +102,23 @@ def format_time(value: datetime | str | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def format_probability(value: Any) -> str:
-    """0.934 -> "93%"; the ends are shown as ">99%" and "<1%" so that 0.998 never reads as certainty."""
-    try:
-        percent = float(value) * 100
-    except (TypeError, ValueError):
-        return "-"
-    if percent > 99.5:
-        return ">99%"
-    if percent < 0.5:
-        return "<1%"
-    return f"{percent:.0f}%"
-
-
 def detail_label(key: str) -> str:
     """A finding detail's key as a label: "volume_ml" -> "Volume (mL)", "key_slice_sop_instance_uid" -> "Key slice
     SOP Instance UID"."""
     text = str(key).replace("sop_instance_uid", "SOP Instance UID").replace("_uid", " UID")
     text = re.sub(r"_ml\b", " (mL)", text).replace("_", " ")
     return text[:1].upper() + text[1:]
+
+
+def format_utc_clock(value: datetime | None) -> str:
+    """A time as a short UTC clock, the fallback the page's script replaces with the reader's own zone."""
+    if value is None:
+        return "-"
+    return value.astimezone(UTC).strftime("%d %b %H:%M UTC")
+
+
+def iso_utc(value: datetime | None) -> str:
+    return "" if value is None else value.astimezone(UTC).isoformat()
 
 
 def short_uid(value: str | None) -> str:
@@ -127,8 +135,13 @@ def build_templates() -> Jinja2Templates:
         left=format_left,
         detail_label=detail_label,
         when=format_time,
-        pct=format_probability,
+        pct=plain.percent,
         short_uid=short_uid,
+        utc_clock=format_utc_clock,
+        iso=iso_utc,
+        finding_words=plain.finding_words,
+        finding_name=plain.finding_name,
+        site_targets=site_targets,
     )
     env.globals.update(levels=LEVELS, ai_statuses=AI_STATUSES, csrf_field=CSRF_FIELD)
     return templates
@@ -171,11 +184,99 @@ def _redirect(url: str) -> RedirectResponse:
 
 def _with_message(url: str, *, error: str | None = None, notice: str | None = None) -> str:
     params = {k: v for k, v in (("error", error), ("notice", notice)) if v}
-    return f"{url}?{urlencode(params)}" if params else url
+    if not params:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}{urlencode(params)}"
 
 
 def _study_url(study_uid: str) -> str:
     return "/studies/" + quote(study_uid, safe="")
+
+
+def _told_at(value: str, zone_name: str, now: datetime) -> datetime:
+    """When a result was told, from the form's local date and time in `zone_name` (the reader's browser zone, or
+    the site's without script); empty: now.
+
+    Raises:
+        ValueError: when the time or the zone cannot be read.
+    """
+    if not value.strip():
+        return now
+    try:
+        local = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(f"the time {value!r} is not a date and time (YYYY-MM-DDTHH:MM)") from None
+    if local.tzinfo is not None:
+        return local.astimezone(UTC)
+    zone = plain.zone_of(zone_name.strip() or "UTC")
+    if zone_name.strip() and zone.key != zone_name.strip():
+        raise ValueError(f"unknown time zone {zone_name!r}")
+    return local.replace(tzinfo=zone).astimezone(UTC)
+
+
+# ---------------------------------------------------------------------------------------------------- sites form
+# Offered in the site form's time zone list (any IANA name is accepted).
+# fmt: off
+COMMON_ZONES = (
+    "UTC", "Europe/London", "Europe/Dublin", "Europe/Paris", "Europe/Berlin", "Africa/Johannesburg", "Asia/Dubai",
+    "Asia/Karachi", "Asia/Kolkata", "Asia/Singapore", "Asia/Manila", "Australia/Perth", "Australia/Sydney",
+    "Pacific/Auckland", "America/New_York", "America/Chicago", "America/Denver", "America/Los_Angeles",
+    "America/Sao_Paulo",
+)
+# fmt: on
+
+
+def _names(text: str, *, commas: bool) -> list[str]:
+    """One value a line (and, where `commas`, comma-separated too: AE titles and accounts hold none)."""
+    parts = re.split(r"[\n,]" if commas else r"\n", text)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _site_record(form: dict[str, str]) -> dict[str, Any]:
+    """A site record (or the changed fields of one) from the admin page's form.
+
+    Raises:
+        ValueError: when a target or the claim idle time is not a number of minutes.
+    """
+    record: dict[str, Any] = {
+        "name": form.get("name", ""),
+        "ae_titles": _names(form.get("ae_titles", ""), commas=True),
+        "institution_names": _names(form.get("institution_names", ""), commas=False),
+        "stow_accounts": _names(form.get("stow_accounts", ""), commas=True),
+        "time_zone": form.get("time_zone", "").strip() or "UTC",
+    }
+    targets: dict[str, float] = {}
+    for level in LEVELS:
+        value = form.get(f"target_{level}", "").strip()
+        if value:
+            try:
+                targets[level] = float(value)
+            except ValueError:
+                raise ValueError(f"the {level} target must be minutes, got {value!r}") from None
+    record["turnaround_min"] = targets or None
+    idle = form.get("claim_idle_min", "").strip()
+    if idle:
+        try:
+            record["claim_idle_min"] = float(idle)
+        except ValueError:
+            raise ValueError(f"the claim idle time must be minutes, got {idle!r}") from None
+    return record
+
+
+def _until(value: str) -> date | None:
+    if not value.strip():
+        return None
+    try:
+        return date.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(f"until {value!r} is not a date; use YYYY-MM-DD") from None
+
+
+def site_targets(site: Site) -> str:
+    """The site's own targets for the sites table ("stat 20 min, urgent 120 min"); "default" when it sets none."""
+    if not site.turnaround_min:
+        return "default"
+    return ", ".join(f"{level} {site.turnaround_min[level]:g} min" for level in LEVELS if level in site.turnaround_min)
 
 
 # ---------------------------------------------------------------------------------------------------- sign-in
@@ -262,6 +363,114 @@ def build_sign_in(templates: Jinja2Templates, throttle: SharedSignInThrottle) ->
     return router
 
 
+# ---------------------------------------------------------------------------------------------------- worklist
+def _tristate(value: str, name: str) -> bool | None:
+    """A yes/no/any filter from a form: "" -> None, "true" -> True, "false" -> False.
+
+    Raises:
+        ValueError: quoting the value when it is none of these.
+    """
+    text = value.strip().lower()
+    if text in ("", "any"):
+        return None
+    if text in ("true", "yes", "1"):
+        return True
+    if text in ("false", "no", "0"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class WorklistFilters:
+    """The worklist page's filters and page, as its form and links carry them."""
+
+    status: str = ""
+    modality: str = ""
+    level: str = ""
+    site: str = ""
+    accession: str = ""
+    include_reported: bool = False
+    flagged: str = ""
+    claimed: str = ""
+    offset: int = 0
+
+    def query(self, **changes: Any) -> str:
+        """The query string of these filters (with `changes`), without the defaults."""
+        values = replace(self, **changes)
+        params = {}
+        for field in fields(values):
+            value = getattr(values, field.name)
+            if value in ("", False, 0):
+                continue
+            params[field.name] = "true" if value is True else value
+        return urlencode(params)
+
+    def url(self, **changes: Any) -> str:
+        query = self.query(**changes)
+        return "/worklist" + (f"?{query}" if query else "")
+
+
+def worklist_filters(
+    status_: Annotated[str | None, Query(alias="status")] = None,
+    modality: str | None = None,
+    level: str | None = None,
+    site: str | None = None,
+    accession: str | None = None,
+    include_reported: bool = False,
+    flagged: str | None = None,
+    claimed: str | None = None,
+    offset: int = 0,
+) -> WorklistFilters:
+    return WorklistFilters(
+        status=status_ or "",
+        modality=modality or "",
+        level=level or "",
+        site=site or "",
+        accession=(accession or "").strip(),
+        include_reported=include_reported,
+        flagged=(flagged or "").strip().lower(),
+        claimed=(claimed or "").strip().lower(),
+        offset=max(0, offset),
+    )
+
+
+Filters = Annotated[WorklistFilters, Depends(worklist_filters)]
+
+
+@dataclass
+class WorklistPage:
+    """One page of the worklist for a reader: its rows (with identity where it was read), whether more follow,
+    the counts per level for the same filters, and the problem with the filters if any."""
+
+    items: list[WorklistItem]
+    rows: list[plain.ReadingRow]
+    more: bool
+    counts: dict[str, int]
+    problem: str | None = None
+
+    @property
+    def identities_shown(self) -> int:
+        return sum(1 for row in self.rows if row.identity is not None)
+
+
+def read_identities(service: TriageService, study_uids: list[str]) -> dict[str, PatientIdentity | None]:
+    """Each study's patient identity, from its first stored instance (one query for the keys, one header read per
+    study). Never logged: `read_identity` logs only the store key when a header cannot be read."""
+    keys = service.worklist.first_instance_keys(study_uids)
+    return {uid: read_identity(service.files, keys[uid]) if uid in keys else None for uid in study_uids}
+
+
+def readable_sites(sites: list[str], scope: ReadScope | None, registered: set[str]) -> list[str]:
+    """The site menu's entries a reader may read: a credentialed reader is not shown other clients' names."""
+    if scope is None:
+        return sites
+    return [s for s in sites if (s in scope.sites if s in registered else scope.unregistered)]
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return " ".join(f"{level}={counts.get(level, 0)}" for level in LEVELS)
+
+
 # ---------------------------------------------------------------------------------------------------- pages
 def build_pages(templates: Jinja2Templates) -> APIRouter:
     """Every page here needs a signed-in user; without one the browser is redirected to /login."""
@@ -289,90 +498,118 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
             return str(exc)
         return None
 
-    def worklist_items(
-        request: Request,
-        user: User,
-        status_: str | None,
-        modality: str | None,
-        level: str | None,
-        site: str | None,
-        accession: str | None,
-        include_reported: bool,
-    ) -> tuple[list[WorklistItem], str | None]:
+    def audit_identity(request: Request, user: User, shown: int, page: str, study_uid: str | None = None) -> None:
+        """One entry per page that showed patient identity: which page and how many studies, never who."""
+        if shown:
+            detail = {"page": page, "studies": shown}
+            accounts_of(request).audit(user.name, VIEW_IDENTITY, utcnow(), study_uid, detail)
+
+    def worklist_page_of(
+        request: Request, user: User, filters: WorklistFilters, identity_for: set[str] | None = None
+    ) -> WorklistPage:
+        """The page of the worklist `filters` ask for, in the reader's scope; identity is read for the rows in
+        `identity_for` (None: every row of the page)."""
+        service = _service(request)
+        worklist = service.worklist
+        now = utcnow()
+        scope = reading_scope(request, user)
         try:
-            items = _worklist(request).list_worklist(
-                utcnow(),
-                status=status_ or None,
-                modality=modality or None,
-                level=level or None,
-                site=site or None,
-                accession=(accession or "").strip() or None,
-                include_reported=include_reported,
-                scope=reading_scope(request, user),
+            flagged = _tristate(filters.flagged, "AI flag")
+            claimed = _tristate(filters.claimed, "claimed")
+            common: dict[str, Any] = dict(
+                status=filters.status or None,
+                modality=filters.modality or None,
+                site=filters.site or None,
+                include_reported=filters.include_reported,
+                scope=scope,
+                claimed=claimed,
+                flagged=flagged,
             )
+            items = worklist.list_worklist(
+                now,
+                level=filters.level or None,
+                accession=filters.accession or None,
+                limit=PAGE_SIZE + 1,
+                offset=filters.offset,
+                **common,
+            )
+            counts = worklist.count_by_level(now, **common)
         except ValueError as exc:
-            return [], str(exc)
-        return items, None
+            return WorklistPage([], [], False, {}, str(exc))
+        more = len(items) > PAGE_SIZE
+        items = [for_reader(item, user) for item in items[:PAGE_SIZE]]
+        wanted = [i.study_uid for i in items if identity_for is None or i.study_uid in identity_for]
+        identities = read_identities(service, wanted)
+        rows = [plain.reading_row(i, identities.get(i.study_uid), now) for i in items if i.study_uid in identities]
+        return WorklistPage(items, rows, more, counts)
 
     @router.get("/worklist", response_class=HTMLResponse)
-    def worklist_page(
-        request: Request,
-        user: PageUser,
-        status_: Annotated[str | None, Query(alias="status")] = None,
-        modality: str | None = None,
-        level: str | None = None,
-        site: str | None = None,
-        accession: str | None = None,
-        include_reported: bool = False,
-    ) -> HTMLResponse:
-        items, problem = worklist_items(request, user, status_, modality, level, site, accession, include_reported)
-        items = [for_reader(item, user) for item in items]
-        filters = {
-            "status": status_ or "",
-            "modality": modality or "",
-            "level": level or "",
-            "site": site or "",
-            "accession": accession or "",
-            "include_reported": include_reported,
-        }
-        modalities, sites = _worklist(request).worklist_facets()
+    def worklist_page(request: Request, user: PageUser, filters: Filters) -> HTMLResponse:
+        page = worklist_page_of(request, user, filters)
+        audit_identity(request, user, page.identities_shown, "worklist")
+        worklist = _worklist(request)
+        modalities, sites = worklist.worklist_facets()
+        sites = readable_sites(sites, reading_scope(request, user), worklist.sites.names())
+        total = None
+        if not filters.accession and page.counts:
+            total = page.counts.get(filters.level, 0) if filters.level else sum(page.counts.values())
         return render(
             request,
             "worklist.html",
             user,
-            400 if problem else 200,
-            items=items,
+            400 if page.problem else 200,
+            rows=page.rows,
+            page=page,
             filters=filters,
+            here=filters.url(),
+            total=total,
+            page_size=PAGE_SIZE,
             modalities=modalities,
             sites=sites,
-            problem=problem,
+            problem=page.problem,
+            body_class="wide",
         )
 
     @router.get("/worklist/rows", response_class=HTMLResponse)
     def worklist_rows(
         request: Request,
         user: PageUser,
-        status_: Annotated[str | None, Query(alias="status")] = None,
-        modality: str | None = None,
-        level: str | None = None,
-        site: str | None = None,
-        accession: str | None = None,
-        include_reported: bool = False,
+        filters: Filters,
         changed: Annotated[str | None, Query(description="Space- or comma-separated Study UIDs")] = None,
     ) -> HTMLResponse:
-        """The table body, for the live refresh (same template as the page).
+        """The table body, for the live refresh (same template as the page), with the counts per level in the
+        X-Worklist-Counts header ("stat=1 urgent=0 routine=3").
 
         With `changed` (the studies named by the change events since the last refresh) only those rows are sent,
         with the page's order in the X-Worklist-Order header: the page keeps its other rows and reorders them.
         """
-        items, problem = worklist_items(request, user, status_, modality, level, site, accession, include_reported)
-        items = [for_reader(item, user) for item in items]
-        if changed is None or problem:
-            return render(request, "_rows.html", user, 400 if problem else 200, items=items, problem=problem)
-        wanted = set(changed.replace(",", " ").split())
-        response = render(request, "_rows.html", user, 200, items=[i for i in items if i.study_uid in wanted])
-        response.headers["X-Worklist-Order"] = " ".join(i.study_uid for i in items)
+        wanted = None if changed is None else set(changed.replace(",", " ").split())
+        page = worklist_page_of(request, user, filters, wanted)
+        audit_identity(request, user, page.identities_shown, "worklist")
+        code = 400 if page.problem else 200
+        response = render(request, "_rows.html", user, code, rows=page.rows, problem=page.problem,
+                          here=filters.url(), filters=filters)  # fmt: skip
+        if not page.problem:
+            response.headers["X-Worklist-Counts"] = _counts_text(page.counts)
+            if wanted is not None:
+                response.headers["X-Worklist-Order"] = " ".join(i.study_uid for i in page.items)
         return response
+
+    @router.post("/worklist/next")
+    async def next_study_page(
+        request: Request,
+        user: ClaimPage,
+        next: Annotated[str, Form()] = "",  # noqa: A002
+    ) -> Response:
+        """Claim the highest-priority unclaimed study the reader may read and open it (audited as a claim)."""
+        back = safe_next(next) if next else "/worklist"
+        scope = reading_scope(request, user)
+        item = await asyncio.to_thread(_worklist(request).next_study, user.name, utcnow(), scope)
+        if item is None:
+            return _redirect(_with_message(back, notice="No unclaimed study is left that you may read."))
+        await _audit(request, user, "claim", item.study_uid, via="page", next_study=True)
+        notice = "Claimed for you: the highest-priority unclaimed study you may read."
+        return _redirect(_with_message(_study_url(item.study_uid), notice=notice))
 
     @router.get("/studies/{study_uid}", response_class=HTMLResponse)
     async def study_page(request: Request, study_uid: str, user: PageUser) -> HTMLResponse:
@@ -386,8 +623,11 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
             return render(request, "error.html", user, 404, title="Study not found", message=str(exc))
         detail = for_reader(detail, user)
         await _audit(request, user, "view", study_uid, page="study")
-        feedback = await asyncio.to_thread(accounts_of(request).feedback_entries, study_uid)
         service = _service(request)
+        identity = (await asyncio.to_thread(read_identities, service, [study_uid])).get(study_uid)
+        if identity is not None:
+            await _audit(request, user, VIEW_IDENTITY, study_uid, page="study", studies=1)
+        feedback = await asyncio.to_thread(accounts_of(request).feedback_entries, study_uid)
         models = sorted(
             {s.routing.model for s in detail.series if s.routing is not None and s.routing.model}
             | {f.model for f in detail.findings if f.model}
@@ -397,18 +637,52 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
             | {spec.label for m in service.registry.all() for spec in m.card.findings}
         )
         previews_to_show = [i for i, f in enumerate(detail.findings) if f.overlay_file]
+        now = utcnow()
+        zone = plain.zone_of(detail.site_time_zone)
         return render(
             request,
             "study.html",
             user,
             study=detail,
             item=detail,
+            row=plain.reading_row(detail, identity, now),
             feedback=feedback,
             models=models,
             labels=labels,
             previews=previews_to_show,
             study_url=_study_url(study_uid),
+            methods=COMMUNICATION_METHODS,
+            told_at_default=now.astimezone(zone).strftime("%Y-%m-%dT%H:%M"),
+            told_zone_default=detail.site_time_zone or "UTC",
         )
+
+    @router.post("/studies/{study_uid}/communications")
+    async def communication_page(
+        request: Request,
+        study_uid: str,
+        user: HumanPage,
+        recipient: Annotated[str, Form()] = "",
+        method: Annotated[str, Form()] = "",
+        told_at: Annotated[str, Form()] = "",
+        zone: Annotated[str, Form()] = "",
+        note: Annotated[str, Form()] = "",
+    ) -> Response:
+        """Record that a critical result was told to the care team: whom, by what means, when (audited)."""
+        url = _study_url(study_uid)
+        refused = await check_reading(request, user, study_uid, "communicate")
+        if refused:
+            return _redirect(_with_message("/worklist", error=refused))
+        now = utcnow()
+        try:
+            at = _told_at(told_at, zone, now)
+            entry = await asyncio.to_thread(
+                _worklist(request).record_communication, study_uid, user.name, recipient, method, at, now, note
+            )
+        except (ValueError, NotFoundError) as exc:
+            return _redirect(_with_message(url, error=f"Communication not recorded: {exc}"))
+        await _audit(request, user, "critical-communicated", study_uid, recipient=entry.recipient,
+                     method=entry.method, at=entry.at.isoformat(), via="page")  # fmt: skip
+        return _redirect(_with_message(url, notice="Critical-result communication recorded."))
 
     async def act(request: Request, study_uid: str, user: User, action: str, next_url: str) -> Response:
         worklist = _worklist(request)
@@ -583,6 +857,95 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
         except TriageError as exc:
             return _redirect(_with_message("/admin/models", error=str(exc)))
         return _redirect(_with_message("/admin/models", notice=f"{model} {version} at {site_label(site)}: done"))
+
+    # ------------------------------------------------------------------------------------------ sites
+    def sites_context(request: Request, editing: str = "") -> dict[str, Any]:
+        worklist = _worklist(request)
+        sites = worklist.sites.all()
+        today = utcnow().date()
+        readers = [u.name for u in accounts_of(request).list_users() if u.role == Role.RADIOLOGIST and not u.disabled]
+        return {
+            "sites": sites,
+            "privileges": worklist.sites.privileges(),
+            "today": today,
+            "readers": readers,
+            "levels": LEVELS,
+            "editing": worklist.sites.find(editing) if editing else None,
+            "zones": COMMON_ZONES,
+        }
+
+    @router.get("/admin/sites", response_class=HTMLResponse)
+    def sites_page(request: Request, user: AdminPage, edit: str = "") -> HTMLResponse:
+        return render(request, "sites.html", user, **sites_context(request, edit))
+
+    @router.post("/admin/sites")
+    async def save_site_page(request: Request, user: AdminPage) -> Response:
+        """Add a site, or change one (`original` names it): audited by the site records; open studies are
+        recognised and rescored at once."""
+        form = await request.form()
+        values = {k: str(v) for k, v in form.items()}
+        original = values.get("original", "").strip()
+        worklist = _worklist(request)
+        try:
+            record = _site_record(values)
+            if original:
+                record.pop("name", None)
+                site, moved, rescored = await asyncio.to_thread(
+                    worklist.update_site, original, record, user.name, utcnow()
+                )
+                done = "changed"
+            else:
+                site = parse_site(record)
+                moved, rescored = await asyncio.to_thread(worklist.save_site, site, user.name, utcnow(), create=True)
+                done = "added"
+        except (TriageError, ValueError) as exc:
+            back = "/admin/sites" + (f"?{urlencode({'edit': original})}" if original else "")
+            return _redirect(_with_message(back, error=str(exc)))
+        notice = f"Site {site.name} {done}: {moved} open studies recognised anew, {rescored} rescored."
+        return _redirect(_with_message("/admin/sites", notice=notice))
+
+    @router.post("/admin/sites/{name}/remove")
+    async def remove_site_page(request: Request, name: str, user: AdminPage) -> Response:
+        try:
+            moved, rescored = await asyncio.to_thread(_worklist(request).remove_site, name, user.name, utcnow())
+        except TriageError as exc:
+            return _redirect(_with_message("/admin/sites", error=str(exc)))
+        notice = f"Site {name} removed with its privileges: {moved} open studies now follow the default rules."
+        return _redirect(_with_message("/admin/sites", notice=notice))
+
+    @router.post("/admin/sites/privileges")
+    async def grant_page(
+        request: Request,
+        user: AdminPage,
+        username: Annotated[str, Form()],
+        site: Annotated[str, Form()],
+        until: Annotated[str, Form()] = "",
+    ) -> Response:
+        """Let a radiologist read a site's studies until a date (inclusive; empty: no expiry). Audited."""
+        try:
+            reader = await asyncio.to_thread(accounts_of(request).get_user, username.strip())
+            if reader.role != Role.RADIOLOGIST:
+                raise ValueError(
+                    f"{reader.name!r} has role {reader.role.value}; privileges are for radiologists "
+                    "(admins and services see every site)"
+                )
+            day = _until(until)
+            granted = await asyncio.to_thread(
+                _worklist(request).sites.grant, reader.name, site, day, user.name, utcnow()
+            )
+        except (TriageError, ValueError) as exc:
+            return _redirect(_with_message("/admin/sites", error=str(exc)))
+        ends = f"until {granted.until.isoformat()}" if granted.until else "with no expiry"
+        return _redirect(_with_message("/admin/sites", notice=f"{granted.username} may read {granted.site} {ends}."))
+
+    @router.post("/admin/sites/privileges/revoke")
+    async def revoke_page(
+        request: Request, user: AdminPage, username: Annotated[str, Form()], site: Annotated[str, Form()]
+    ) -> Response:
+        gone = await asyncio.to_thread(_worklist(request).sites.revoke, username, site, user.name, utcnow())
+        if not gone:
+            return _redirect(_with_message("/admin/sites", error=f"{username} held no privilege for {site}."))
+        return _redirect(_with_message("/admin/sites", notice=f"{username} may no longer read {site}."))
 
     @router.get("/admin/users", response_class=HTMLResponse)
     def users_page(request: Request, user: AdminPage) -> HTMLResponse:

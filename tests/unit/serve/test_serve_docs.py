@@ -79,7 +79,7 @@ def test_openapi_documents_the_worklist_item_the_study_and_the_finding(site: Sit
     finding = schemas[item["properties"]["findings"]["items"]["$ref"].rsplit("/", 1)[-1]]
     assert set(finding["properties"]) == {
         "label", "probability", "flagged", "model", "model_version", "synthetic", "shadow", "details", "series_uid",
-        "overlay_sop_instance_uid", "overlay_file",
+        "overlay_sop_instance_uid", "overlay_file", "segmentation_file",
     }  # fmt: skip
     assert set(finding["required"]) == {"label", "probability", "flagged", "model", "model_version", "synthetic"}
     models = _schema(spec, spec["paths"]["/api/v1/models"]["get"]["responses"]["200"])
