@@ -1078,6 +1078,60 @@ def synth_ich(
     console.print(str(inserted))
 
 
+@app.command()
+def simulate(
+    scenario: Annotated[str, typer.Option(help="A shipped scenario (default) or a scenario YAML file")] = "default",
+    arrivals: Annotated[
+        Path | None, typer.Option(help="Replay arrivals from a CSV: time,site,modality,clinical_priority,critical")
+    ] = None,
+    probabilities: Annotated[
+        Path | None, typer.Option(help="Per-study model probabilities (study_id,probability); needs --arrivals")
+    ] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Nights simulated per policy")] = 20,
+    first_seed: Annotated[int, typer.Option(help="Seed of the first night")] = 0,
+    policy: Annotated[
+        list[str] | None,
+        typer.Option("--policy", help="Only this policy (repeatable): fifo, ai-levels, service, next-study"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write report.md, summary.json and waits-cdf.png here")] = None,
+    weights_dir: Annotated[Path | None, typer.Option(help="Installed models (their cards)")] = None,
+) -> None:
+    """Simulate a reading-centre night and compare worklist orders: FIFO, AI levels, the service's, next study."""
+    from triage.training.simulate import POLICIES, format_table, load_scenario, run_simulation, write_report
+
+    _require_paths([p for p in (arrivals, probabilities) if p is not None], "a CSV file")
+    settings = Settings()
+    loaded, source = load_scenario(scenario)
+    result = run_simulation(
+        loaded,
+        source,
+        settings.priority,
+        weights_dir or settings.weights_dir,
+        seeds=seeds,
+        first_seed=first_seed,
+        policies=policy or POLICIES,
+        arrivals_csv=arrivals,
+        probabilities_csv=probabilities,
+        progress=None if as_json else err.print,
+    )
+    summary = result.summary()
+    written = write_report(result, out) if out is not None else {}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    typer.echo(f"{loaded.name}: {seeds} nights per policy; waits to read start in minutes (mean over nights, 95% CI)")
+    typer.echo(format_table(summary, with_ci=True))
+    for name, check in summary["targets"].items():
+        maxima = ", ".join(f"{k} x{v:.2f}" for k, v in check["max_vs_fifo"].items() if v is not None)
+        typer.echo(
+            f"{name} vs fifo: critical median x{check['critical_median_vs_fifo']}, routine median"
+            f" x{check['routine_median_vs_fifo']}, max {maxima}; targets {'met' if check['met'] else 'not met'}"
+        )
+    for what, path in written.items():
+        typer.echo(f"{what}: {path}")
+
+
 # ----------------------------------------------------------------------------------------------- users
 @users_app.command("add")
 def users_add(

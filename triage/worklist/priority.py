@@ -27,11 +27,19 @@ AI_PENDING = "ai-pending"
 AI_NOT_APPLICABLE = "ai-not-applicable"
 WAITING_PROMOTED = "waiting-promoted"
 OVERDUE = "overdue"
+LONG_WAIT = "long-wait"  # waited LONG_WAIT_MIN: ordered with the top level's head start
 
-# Score layout: level rank in the thousands, fraction of the turnaround target elapsed below it. The worklist
-# query computes the same score in SQL (repository.py), so these are public and the arithmetic is one place.
-LEVEL_WEIGHT = 1000.0
-MAX_FRACTION = 999.0
+# The order: a study's score is the minutes it has waited plus the head start of its level, highest first. A stat
+# study goes ahead of every study that has waited less than its head start longer than it has; urgent and routine
+# studies are read in arrival order until waiting promotes them (as they near their target) or LONG_WAIT_MIN passes.
+# So no study is overtaken by studies that arrived more than a head start after it: strict levels starve studies
+# in a backlog (Baltruschat 2021: pure AI ordering raised the longest wait from 890 to 1,293 min). A study that has
+# waited LONG_WAIT_MIN gets the top level's head start whatever its level, so in a long backlog the oldest studies
+# are read before newer stat ones. Tuned with `triage simulate` on its default scenario (triage/training/simulate.py).
+# The worklist query computes the same score in SQL (repository.py), so these are public and the arithmetic is one
+# place. Head starts never fall with the level (a promotion never moves a study down the list).
+HEAD_START_MIN = {PriorityLevel.ROUTINE: 0.0, PriorityLevel.URGENT: 0.0, PriorityLevel.STAT: 120.0}
+LONG_WAIT_MIN = 120.0
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US = timedelta(microseconds=1)
 
@@ -136,8 +144,9 @@ def compute_priority(
     leaves the level as it was). Each flagged finding raises the study to the level the site sets for that
     finding, except a shadow finding (its model is not active at the study's site: not validated there, or a new
     version on trial), which is left out of the priority and its reasons altogether. Once `promote_at_fraction` of the
-    turnaround target of the level reached so far has elapsed, the study goes up one level (never above stat)
-    so routine studies are not starved.
+    turnaround target of the level reached so far has elapsed, the study goes up one level (never above stat).
+    The score orders the worklist: minutes waited plus the level's head start (`HEAD_START_MIN`), the top level's
+    once the study has waited `LONG_WAIT_MIN`, so that no study is starved behind newer ones.
 
     Args:
         clinical: The clinical priority (from the request, the sending AE or the default).
@@ -152,8 +161,8 @@ def compute_priority(
             empty for the service's default policy.
 
     Returns:
-        The level, a score that sorts higher level first and then the study closest to breaching its target,
-        and every reason in the order it applied.
+        The level, the score the worklist sorts by (highest first: minutes waited plus the head start), and
+        every reason in the order it applied.
 
     Raises:
         ValueError: when a time is naive or the AI status is unknown.
@@ -217,10 +226,11 @@ def compute_priority(
 
     wait = turnaround(level, received_at, now, settings)
     final = level
+    promotions: list[PriorityReason] = []
     if wait.target_min is not None:
         if wait.fraction >= settings.promote_at_fraction and level is not _TOP:
             final = next(lvl for lvl in PriorityLevel if lvl.rank == level.rank + 1)
-            reasons.append(
+            promotions.append(
                 PriorityReason(
                     WAITING_PROMOTED,
                     f"waiting {wait.waiting_min:.0f} min of {wait.target_min:.0f} min {level.value} target"
@@ -229,7 +239,7 @@ def compute_priority(
                 )
             )
         if wait.fraction >= 1.0:
-            reasons.append(
+            promotions.append(
                 PriorityReason(
                     OVERDUE,
                     f"waiting {wait.waiting_min:.0f} min, {wait.waiting_min - wait.target_min:.0f} min past the"
@@ -237,12 +247,25 @@ def compute_priority(
                     final,
                 )
             )
-    return Priority(level=final, score=score_of(final, wait.fraction), reasons=tuple(reasons))
+    if wait.waiting_min >= LONG_WAIT_MIN and final is not _TOP:
+        # Not a change of level (the level keeps its clinical and contract meaning) but of place in the order, so
+        # that a backlog cannot starve a study. Listed before any promotion, which its target brings later.
+        reasons.append(
+            PriorityReason(
+                LONG_WAIT,
+                f"waiting {wait.waiting_min:.0f} min, {LONG_WAIT_MIN:.0f} min or more: ordered with the"
+                f" {HEAD_START_MIN[_TOP]:.0f} min head start of {_TOP.value} studies so newer ones stop overtaking it",
+                level,
+            )
+        )
+    reasons.extend(promotions)
+    return Priority(level=final, score=score_of(final, wait.waiting_min), reasons=tuple(reasons))
 
 
-def score_of(level: PriorityLevel, fraction: float) -> float:
-    """The sort score: the level's rank in the thousands, the elapsed fraction of the target (capped) below."""
-    return level.rank * LEVEL_WEIGHT + min(fraction, MAX_FRACTION)
+def score_of(level: PriorityLevel, waiting_min: float) -> float:
+    """The sort score: minutes waited plus the head start of `level`, or of the top level after `LONG_WAIT_MIN`."""
+    head_start = HEAD_START_MIN[_TOP] if waiting_min >= LONG_WAIT_MIN else HEAD_START_MIN[level]
+    return waiting_min + head_start
 
 
 def epoch_us(value: datetime) -> int:
@@ -255,8 +278,8 @@ class QueueOrder:
     """What ordering a study at any later time needs, none of which moves with the clock.
 
     At time `now` the study's level is `base` promoted one level when `promote_at` is set and `now >=
-    promote_at`; its score is `score_of(level, waiting / target_min)` (0 without a target). The worklist stores
-    these on the study so that the database orders and pages without running the policy per row.
+    promote_at`; its score is `score_of(level, minutes waited)`. The worklist stores these on the study so that the
+    database orders and pages without running the policy per row.
 
     Attributes:
         base: The level from the clinical priority and the AI findings, before any promotion for waiting.
@@ -312,7 +335,7 @@ def base_level(priority: Priority) -> PriorityLevel:
 
 
 def sort_key(priority: Priority, received_at: datetime) -> tuple[float, float]:
-    """Key that sorts studies highest priority first, then closest to breaching, then oldest first."""
+    """Key that sorts studies highest score first (minutes waited plus head start), then oldest first."""
     return (-priority.score, require_utc(received_at, "received_at").timestamp())
 
 

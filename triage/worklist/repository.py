@@ -32,8 +32,8 @@ from triage.errors import ConflictError, NotFoundError, NotPermittedError
 from triage.worklist.db import WRITE_OPTION, create_engine_for
 from triage.worklist.events import STUDY_UPDATED, Broadcaster
 from triage.worklist.priority import (
-    LEVEL_WEIGHT,
-    MAX_FRACTION,
+    HEAD_START_MIN,
+    LONG_WAIT_MIN,
     QueueOrder,
     base_level,
     compute_priority,
@@ -1457,10 +1457,11 @@ class Worklist:
     def _queue_score(self, now: datetime) -> tuple[Any, Any]:
         """SQL expressions for a study's level rank and score at `now`, from the stored queue columns.
 
-        The same arithmetic as `compute_priority` in the same order on IEEE doubles (integer microseconds
-        -> seconds -> minutes -> fraction of the target, capped, plus the rank in the thousands), so the score
-        is the policy's to the last bit and ties fall to received_at as they do in Python. A study whose
-        columns are not computed yet is listed at the top level (never demoted for want of a score).
+        The same arithmetic as `compute_priority` (`score_of`) in the same order on IEEE doubles (integer
+        microseconds -> seconds -> minutes, plus the head start of the level reached, or the top level's from
+        LONG_WAIT_MIN on), so the score is the policy's to the last bit and ties fall to received_at as they do in
+        Python. A study whose columns are not computed yet is listed at the top level (never demoted for want of a
+        score).
         """
         now_us = epoch_us(now)
         promoted = and_(Study.priority_promote_at.is_not(None), Study.priority_promote_at <= now)
@@ -1468,11 +1469,13 @@ class Worklist:
         waited_us = literal(now_us, BigInteger) - func.coalesce(Study.received_us, now_us)
         minutes = cast(waited_us, Float) / literal(1e6, Float) / literal(60.0, Float)
         minutes = case((minutes > 0.0, minutes), else_=literal(0.0, Float))
-        fraction = case(
-            (Study.priority_target_min.is_(None), literal(0.0, Float)), else_=minutes / Study.priority_target_min
+        top_start = literal(HEAD_START_MIN[_TOP_LEVEL], Float)
+        head_start = case(
+            (minutes >= literal(LONG_WAIT_MIN, Float), top_start),
+            *[(rank == level.rank, literal(HEAD_START_MIN[level], Float)) for level in PriorityLevel],
+            else_=top_start,
         )
-        capped = case((fraction > MAX_FRACTION, literal(MAX_FRACTION, Float)), else_=fraction)
-        return rank, cast(rank, Float) * literal(LEVEL_WEIGHT, Float) + capped
+        return rank, minutes + head_start
 
     def rescore_studies(self, now: datetime | None = None) -> int:
         """Recompute the stored priority and queue columns of every study scored under another policy.

@@ -162,8 +162,9 @@ def test_next_study_gives_the_top_unclaimed_study_the_reader_may_read(wl):
     wl.save_site(CITY, "admin", T0)
     wl.save_site(HILL, "admin", T0)
     wl.record_instance(meta("1", calling_ae="HILL_DX", requested_priority="STAT"), T0)
-    wl.record_instance(meta("2", calling_ae="CITY_CT"), T0)
-    wl.record_instance(meta("3", calling_ae="CITY_CT", requested_priority="URGENT"), T0 + timedelta(minutes=1))
+    # The urgent study is also the older one: first under any order (urgent and routine go in arrival order).
+    wl.record_instance(meta("3", calling_ae="CITY_CT", requested_priority="URGENT"), T0)
+    wl.record_instance(meta("2", calling_ae="CITY_CT"), T0 + timedelta(minutes=1))
     scope = ReadScope(frozenset({"CITY HOSPITAL"}), unregistered=False)
     now = T0 + timedelta(minutes=2)
     first = wl.next_study("rad1", now, scope)
@@ -216,3 +217,4 @@ def test_an_idle_claim_is_released_after_the_site_limit_with_a_note(wl):
     released = [h for h in wl.get_study(uid("1"), T0).history if h.kind == "released"][-1]
     assert "idle" in released.detail["note"] and "CITY HOSPITAL" in released.detail["note"]
     assert released.detail["claimed_by"] == "rad1"
+

@@ -1,4 +1,5 @@
-"""Golden table for the priority policy: clinical floor, AI findings that only raise, promotion by waiting time."""
+"""Golden tables for the priority policy: clinical floor, AI findings that only raise, promotion by waiting time, and
+the order (minutes waited plus head start)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import pytest
 
 from triage.config import PrioritySettings
 from triage.domain import AIStatus, Finding, PriorityLevel
-from triage.worklist.priority import base_level, compute_priority, priority_to_dict, sort_key, validate_settings
+from triage.worklist.priority import (
+    HEAD_START_MIN,
+    LONG_WAIT_MIN,
+    base_level,
+    compute_priority,
+    priority_to_dict,
+    sort_key,
+    validate_settings,
+)
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 SETTINGS = PrioritySettings(
@@ -94,8 +103,10 @@ GOLDEN = [
         STAT,
         ["clinical", "ai-pending", "ai-finding"],
     ),
-    # Promotion once promote_at_fraction (0.75) of the current level's target has elapsed.
-    ("routine-just-before-promotion", ROUTINE, [], "pending", 1079, ROUTINE, ["clinical", "ai-pending"]),
+    # Promotion once promote_at_fraction (0.75) of the current level's target has elapsed. Past LONG_WAIT_MIN (120)
+    # a study below stat is also ordered with the stat head start ("long-wait", listed before the promotion its
+    # target brings later); its level stays.
+    ("routine-just-before-promotion", ROUTINE, [], "pending", 1079, ROUTINE, ["clinical", "ai-pending", "long-wait"]),
     (
         "routine-promoted-at-fraction",
         ROUTINE,
@@ -103,8 +114,11 @@ GOLDEN = [
         "pending",
         1080,
         URGENT,
-        ["clinical", "ai-pending", "waiting-promoted"],
+        ["clinical", "ai-pending", "long-wait", "waiting-promoted"],
     ),
+    ("routine-just-before-long-wait", ROUTINE, [], "done", 119, ROUTINE, ["clinical", "ai-negative"]),
+    ("routine-long-wait-keeps-level", ROUTINE, [], "done", 120, ROUTINE, ["clinical", "ai-negative", "long-wait"]),
+    ("urgent-long-wait-keeps-level", URGENT, [], "done", 150, URGENT, ["clinical", "ai-negative", "long-wait"]),
     ("urgent-promoted-at-fraction", URGENT, [], "pending", 180, STAT, ["clinical", "ai-pending", "waiting-promoted"]),
     (
         "routine-overdue-promoted-one-level-only",
@@ -113,7 +127,7 @@ GOLDEN = [
         "done",
         2000,
         URGENT,
-        ["clinical", "ai-negative", "waiting-promoted", "overdue"],
+        ["clinical", "ai-negative", "long-wait", "waiting-promoted", "overdue"],
     ),
     ("stat-never-above-stat", STAT, [], "pending", 45, STAT, ["clinical", "ai-pending"]),
     ("stat-overdue-stays-stat", STAT, [], "pending", 61, STAT, ["clinical", "ai-pending", "overdue"]),
@@ -127,7 +141,15 @@ GOLDEN = [
         ["clinical", "ai-finding", "waiting-promoted"],
     ),
     ("ai-stat-not-promoted-further", ROUTINE, [ICH], "done", 50, STAT, ["clinical", "ai-finding"]),
-    ("failed-study-still-promoted", ROUTINE, [], "failed", 1100, URGENT, ["clinical", "ai-failed", "waiting-promoted"]),
+    (
+        "failed-study-still-promoted",
+        ROUTINE,
+        [],
+        "failed",
+        1100,
+        URGENT,
+        ["clinical", "ai-failed", "long-wait", "waiting-promoted"],
+    ),
     # Shadow models (synthetic-data models start so): their flags raise nothing and are no reason.
     ("shadow-flag-does-not-raise", ROUTINE, [SYNTH_PTX], "done", 5, ROUTINE, ["clinical", "ai-shadow-only"]),
     ("shadow-flag-under-urgent", URGENT, [SYNTH_PTX], "done", 5, URGENT, ["clinical", "ai-shadow-only"]),
@@ -147,7 +169,7 @@ GOLDEN = [
         "done",
         1080,
         URGENT,
-        ["clinical", "ai-shadow-only", "waiting-promoted"],
+        ["clinical", "ai-shadow-only", "long-wait", "waiting-promoted"],
     ),
     (
         "shadow-flag-while-requeued",
@@ -234,6 +256,12 @@ def test_waiting_reason_says_minutes_of_target():
     promoted = compute_priority(URGENT, [], "pending", T0, T0 + timedelta(minutes=190), SETTINGS)
     assert promoted.reasons[-1].text.startswith("waiting 190 min of 240 min urgent target")
     assert base_level(promoted) is URGENT
+    waited = compute_priority(ROUTINE, [], "done", T0, T0 + timedelta(minutes=130), SETTINGS)
+    assert waited.level is ROUTINE
+    assert waited.reasons[-1].text == (
+        "waiting 130 min, 120 min or more: ordered with the 120 min head start of stat studies so newer ones stop"
+        " overtaking it"
+    )
 
 
 def test_stored_findings_of_the_previous_release_are_read_as_records():
@@ -250,14 +278,54 @@ def test_stored_findings_of_the_previous_release_are_read_as_records():
     assert compute_priority(ROUTINE, [Finding.model_validate(old_synthetic)], "done", T0, T0, SETTINGS).level is ROUTINE
 
 
-def test_score_sorts_level_then_closeness_to_breach_then_age():
-    now = T0 + timedelta(hours=2)
-    stat_new = compute_priority(STAT, [], "pending", now - timedelta(minutes=1), now, SETTINGS)
-    urgent_near_breach = compute_priority(URGENT, [], "pending", now - timedelta(minutes=170), now, SETTINGS)
-    urgent_fresh = compute_priority(URGENT, [], "pending", now - timedelta(minutes=10), now, SETTINGS)
-    routine_old = compute_priority(ROUTINE, [], "pending", now - timedelta(minutes=600), now, SETTINGS)
-    assert stat_new.score > urgent_near_breach.score > urgent_fresh.score > routine_old.score
-    # Same level and same fraction elapsed: the one received first goes first.
+# The order: score = minutes waited + head start (stat 120, urgent 0, routine 0; stat's from 120 min of waiting).
+# id, clinical, findings, minutes waited -> expected level, expected score
+SCORE_GOLDEN = [
+    ("stat-fresh", STAT, [], 1, STAT, 121.0),
+    ("ai-raised-stat", ROUTINE, [ICH], 5, STAT, 125.0),
+    ("urgent-fresh-no-head-start", URGENT, [], 10, URGENT, 10.0),
+    ("routine-waiting", ROUTINE, [], 90, ROUTINE, 90.0),
+    ("routine-just-before-long-wait", ROUTINE, [], 119, ROUTINE, 119.0),
+    ("routine-long-wait", ROUTINE, [], 120, ROUTINE, 240.0),
+    ("urgent-long-wait-before-promotion", URGENT, [], 170, URGENT, 290.0),
+    ("urgent-promoted-near-target", URGENT, [], 180, STAT, 300.0),
+    ("stat-overdue", STAT, [], 75, STAT, 195.0),
+]
+
+
+@pytest.mark.parametrize(
+    ("clinical", "findings", "waited_min", "level", "score"),
+    [pytest.param(*row[1:], id=row[0]) for row in SCORE_GOLDEN],
+)
+def test_score_golden_table(clinical, findings, waited_min, level, score):
+    priority = compute_priority(clinical, findings, "done", T0, T0 + timedelta(minutes=waited_min), SETTINGS)
+    assert priority.level is level
+    assert priority.score == score
+
+
+def test_stat_goes_first_until_others_have_waited_the_long_wait():
+    now = T0 + timedelta(hours=6)
+
+    def score(level, waited_min):
+        return compute_priority(level, [], "done", now - timedelta(minutes=waited_min), now, SETTINGS).score
+
+    # A fresh stat study goes ahead of every study that has waited less than LONG_WAIT_MIN ...
+    assert score(STAT, 0) > score(URGENT, 119) > score(ROUTINE, 100)
+    # ... urgent and routine studies are read in arrival order until waiting promotes them ...
+    assert score(ROUTINE, 60) > score(URGENT, 59)
+    # ... and a study that has waited LONG_WAIT_MIN joins the stat studies in arrival order: newer stat studies
+    # stop overtaking it, so no study is starved in a backlog.
+    assert score(ROUTINE, 125) > score(STAT, 124) > score(ROUTINE, 121)
+
+
+def test_head_starts_never_fall_as_the_level_rises():
+    # A promotion may never move a study down the list (the simulator and the worklist query rely on it).
+    ranked = sorted(PriorityLevel, key=lambda level: level.rank)
+    assert [HEAD_START_MIN[level] for level in ranked] == sorted(HEAD_START_MIN[level] for level in ranked)
+    assert LONG_WAIT_MIN > 0
+
+
+def test_same_score_falls_to_the_one_received_first():
     a = compute_priority(ROUTINE, [], "pending", T0, T0, SETTINGS)
     b = compute_priority(ROUTINE, [], "pending", T0 + timedelta(seconds=1), T0 + timedelta(seconds=1), SETTINGS)
     assert a.score == b.score

@@ -379,7 +379,9 @@ def test_get_study_has_series_with_routing_and_history(wl):
 # --------------------------------------------------------------------------------------- list & order
 
 
-def test_worklist_order_level_then_closest_to_breach_then_oldest(wl):
+def test_worklist_order_minutes_waited_plus_head_start_then_oldest(wl):
+    # The policy's order (triage.worklist.priority): minutes waited plus the level's head start (stat 120 min,
+    # urgent and routine none), the stat head start for any study waiting 120 min or more; then the oldest.
     now = T0 + timedelta(hours=3)
     wl.record_instance(meta("routine-old"), now - timedelta(minutes=170))
     wl.record_instance(meta("urgent-fresh", requested_priority="HIGH"), now - timedelta(minutes=10))
@@ -389,18 +391,18 @@ def test_worklist_order_level_then_closest_to_breach_then_oldest(wl):
     wl.record_instance(meta("routine-ich"), now - timedelta(minutes=1))
     gen = wl.begin_analysis(uid("routine-ich"), now)
     wl.finish_analysis(uid("routine-ich"), gen, [ich()], [], AIStatus.DONE, "", now)
-    order = [i.study_uid for i in wl.list_worklist(now)]
-    assert order == [
-        uid("stat"),  # stat 2 of 60 min
-        uid("routine-ich"),  # raised to stat by AI, 1 of 60 min
-        uid("urgent-near"),
-        uid("urgent-fresh"),
-        uid("routine-old"),
-        uid("routine-tie-2"),
-    ]
     items = wl.list_worklist(now)
-    assert items[2].turnaround_left_min == pytest.approx(70)
-    assert items[2].waiting_min == pytest.approx(170)
+    assert [(i.study_uid, i.priority.score) for i in items] == [
+        (uid("routine-old"), 290.0),  # waiting 170 min: past the long wait, ordered with stat studies
+        (uid("urgent-near"), 290.0),  # the same wait and arrival: the Study Instance UID decides
+        (uid("stat"), 122.0),  # stat, 2 min
+        (uid("routine-ich"), 121.0),  # raised to stat by AI, 1 min
+        (uid("routine-tie-2"), 30.0),  # urgent and routine in arrival order
+        (uid("urgent-fresh"), 10.0),
+    ]
+    assert [i.priority.level for i in items] == ["routine", "urgent", "stat", "stat", "routine", "urgent"]
+    assert items[1].turnaround_left_min == pytest.approx(70)
+    assert items[1].waiting_min == pytest.approx(170)
 
 
 def test_waiting_promotes_a_routine_study_at_read_time(wl):
