@@ -178,6 +178,9 @@ def serve(
     ray_address: Annotated[
         str | None, typer.Option(help="Join this Ray cluster instead of starting a local one")
     ] = None,
+    hl7_port: Annotated[
+        int | None, typer.Option(help="Listen for HL7 orders (MLLP) on this port (default: none; TRIAGE_HL7__PORT)")
+    ] = None,
     role: Annotated[
         list[str] | None,
         typer.Option(
@@ -208,11 +211,17 @@ def serve(
         settings.http.host = host
     if ray_address is not None:
         settings.ray.address = ray_address
+    if hl7_port is not None:
+        settings.hl7.port = hl7_port
     _check_port_free(settings.http.host, settings.http.port, "HTTP", "--http-port")
+    if ServiceRole.INGEST in roles and settings.hl7.port:
+        _check_port_free(settings.hl7.host, settings.hl7.port, "HL7", "--hl7-port")
     if ServiceRole.INGEST in roles:
         _check_port_free(settings.dicom.bind_address, settings.dicom.port, "DICOM", "--dicom-port")
     configure_logging(settings.log_level, settings.log_json)
     dicom = f"  DICOM {settings.dicom.ae_title}@{settings.dicom.port}" if ServiceRole.INGEST in roles else ""
+    if ServiceRole.INGEST in roles and settings.hl7.port:
+        dicom += f"  HL7 {settings.hl7.host}:{settings.hl7.port}"
     err.print(
         f"triage: roles {', '.join(sorted(roles))}  HTTP http://{settings.http.host}:{settings.http.port}{dicom}"
         f"  data {settings.data_dir.resolve()}" + (f"  runner {runner}" if ServiceRole.ANALYSIS in roles else "")

@@ -88,6 +88,40 @@ class ResultsSettings(BaseModel):
     calling_ae: str = "TRIAGE"
 
 
+class Hl7Settings(BaseModel):
+    """HL7 v2 over MLLP: orders in from the RIS (a listener) and AI results out to the RIS (through the outbox)."""
+
+    # The order listener: port 0 runs none (`triage serve --hl7-port`, TRIAGE_HL7__PORT).
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    # Where ORU^R01 results and priority notices go; an empty host sends none (TRIAGE_HL7__RIS_HOST, __RIS_PORT).
+    ris_host: str = ""
+    ris_port: int = Field(default=2575, ge=1, le=65535)
+    sending_application: str = "TRIAGE"
+    sending_facility: str = "TRIAGE"
+    receiving_application: str = "RIS"
+    receiving_facility: str = ""
+    timeout_s: float = Field(default=30.0, gt=0)
+    # MLLP inside TLS: the listener's certificate and key (both set: TLS on; `client_ca` also set: the RIS must
+    # present a certificate that CA signed), and for results sent to the RIS whether to use TLS and which CA to
+    # trust (empty: the system's) with an optional client certificate and key.
+    certfile: str = ""
+    keyfile: str = ""
+    client_ca: str = ""
+    ris_tls: bool = False
+    ris_ca: str = ""
+    ris_certfile: str = ""
+    ris_keyfile: str = ""
+
+
+class OutboxSettings(BaseModel):
+    """Delivery of what triage sends out (HL7, webhooks, e-mail): how often it looks, and the retry backoff."""
+
+    interval_s: float = Field(default=2.0, gt=0)
+    retry_base_s: float = Field(default=5.0, gt=0)
+    retry_max_s: float = Field(default=600.0, gt=0)
+
+
 class HttpSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -301,6 +335,8 @@ class Settings(BaseSettings):
     reading: ReadingSettings = Field(default_factory=ReadingSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
+    hl7: Hl7Settings = Field(default_factory=Hl7Settings)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
 
     @property
     def store_dir(self) -> Path:

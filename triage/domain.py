@@ -174,6 +174,24 @@ class Overlay:
 
 
 @dataclass(frozen=True)
+class ClinicalOrder:
+    """An imaging order from the RIS (HL7 ORM^O01 / OMI^O23), as the worklist uses it; no patient identity.
+
+    `priority` is our level ("stat", "urgent", "routine") or "" when the order named none we know.
+    """
+
+    accession_number: str
+    message_type: str
+    control_id: str = ""
+    order_control: str = "NW"
+    requested_procedure: str = ""
+    priority: str = ""
+    reason: str = ""
+    ordering_site: str = ""
+    sending_application: str = ""
+
+
+@dataclass(frozen=True)
 class SliceMasks:
     """A finding's segmentation on the source series' own images: one binary mask per source image it touches.
 

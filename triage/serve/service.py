@@ -25,9 +25,11 @@ from triage.dicom.scp import StorageSCP
 from triage.dicom.store import DicomStore, StoredInstance, StorePolicy
 from triage.domain import AIStatus, InstanceMeta, utcnow
 from triage.errors import TriageError
+from triage.hl7.mllp import MLLPServer
 from triage.models.registry import InstalledModel, ModelRegistry
 from triage.pipelines.routing import RoutingRules
 from triage.pipelines.runner import Runner, make_runner
+from triage.serve.delivery import HL7, Hl7Deliverer, order_handler, server_tls
 from triage.serve.metrics import ModelMetrics
 from triage.storage import LocalStore
 from triage.worklist.accounts import Accounts
@@ -35,6 +37,7 @@ from triage.worklist.db import create_engine_for, migrate
 from triage.worklist.events import Broadcaster, relay_for
 from triage.worklist.model_states import ModelStates
 from triage.worklist.monitoring import Activity, DriftAlert, activity, drift, windows
+from triage.worklist.outbox import Deliverer, Outbox
 from triage.worklist.repository import Worklist
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,16 @@ class TriageService:
             policy=StorePolicy.from_settings(settings.dicom),
             index_many=self._index_many,
         )
+        # What triage sends out goes through the outbox (written with the change, delivered by the analysis role).
+        deliverers: dict[str, Deliverer] = {}
+        if settings.hl7.ris_host:
+            self.worklist.hl7_destination = f"{settings.hl7.ris_host}:{settings.hl7.ris_port}"
+            deliverers[HL7] = Hl7Deliverer(settings.hl7)
+        self.outbox = Outbox(
+            self.worklist.engine, deliverers, settings.outbox.retry_base_s, settings.outbox.retry_max_s
+        )
+        self._outbox_thread: threading.Thread | None = None
+        self.hl7_listener: MLLPServer | None = None
         self.registry = ModelRegistry(settings.weights_dir)
         self.model_states = ModelStates(self.worklist.engine, self.registry, settings.models)
         self.rules = RoutingRules.load(settings.routing_rules)
@@ -170,6 +183,13 @@ class TriageService:
         if self.scp is not None:
             self.scp.start()
             log.info("DICOM SCP %s listening on port %s", self.settings.dicom.ae_title, self.scp.port)
+        hl7 = self.settings.hl7
+        if hl7.port:
+            handle = order_handler(lambda order: self.worklist.record_order(order, utcnow()), self.store.salt)
+            self.hl7_listener = MLLPServer(hl7.host, hl7.port, handle, ssl_context=server_tls(hl7))
+            self.hl7_listener.start()
+            tls = " (TLS)" if hl7.certfile else ""
+            log.info("HL7 order listener on %s:%s%s", hl7.host, self.hl7_listener.port, tls)
 
     def _start_analysis(self) -> None:
         self.worklist.recover_interrupted(utcnow(), is_dead=self._not_running_here)
@@ -187,12 +207,16 @@ class TriageService:
         self._drift_thread.start()
         self._claims_thread = threading.Thread(target=self._watch_claims, name="idle-claims", daemon=True)
         self._claims_thread.start()
+        self._outbox_thread = threading.Thread(target=self._watch_outbox, name="outbox", daemon=True)
+        self._outbox_thread.start()
 
     def stop(self) -> None:
         self.ready = False
         self._stop.set()
         if self.scp is not None:
             self.scp.stop()
+        if self.hl7_listener is not None:
+            self.hl7_listener.stop()
         self.store.close()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
@@ -202,11 +226,21 @@ class TriageService:
             self._drift_thread.join(timeout=5)
         if self._claims_thread is not None:
             self._claims_thread.join(timeout=5)
+        if self._outbox_thread is not None:
+            self._outbox_thread.join(timeout=35)
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self.runner is not None:
             self.runner.close()
         if self.events_relay is not None:
             self.events_relay.stop()
+
+    # ------------------------------------------------------------------ outbox
+    def _watch_outbox(self) -> None:
+        while not self._stop.wait(self.settings.outbox.interval_s):
+            try:
+                self.outbox.deliver_due(utcnow())
+            except Exception:  # noqa: BLE001 - delivery must outlive any single failure (the database restarting)
+                log.exception("outbox delivery failed")
 
     # ------------------------------------------------------------------ idle claims
     def _watch_claims(self) -> None:

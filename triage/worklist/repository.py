@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from triage.config import PrioritySettings
 from triage.domain import (
     AIStatus,
+    ClinicalOrder,
     Finding,
     InstanceMeta,
     Priority,
@@ -31,6 +32,7 @@ from triage.domain import (
 from triage.errors import ConflictError, NotFoundError, NotPermittedError
 from triage.worklist.db import WRITE_OPTION, create_engine_for
 from triage.worklist.events import STUDY_UPDATED, Broadcaster
+from triage.worklist.outbox import enqueue
 from triage.worklist.priority import (
     HEAD_START_MIN,
     LONG_WAIT_MIN,
@@ -48,7 +50,7 @@ from triage.worklist.priority import (
     validate_settings,
 )
 from triage.worklist.sites import Site, Sites
-from triage.worklist.tables import AnalysisRun, Instance, Series, Study, StudyEvent
+from triage.worklist.tables import AnalysisRun, Instance, OrderRow, Series, Study, StudyEvent
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +369,8 @@ class Worklist:
         self.policy = policy_fingerprint(self.settings)
         # Client hospitals with their own rules; studies of senders no site claims get `settings`.
         self.sites = Sites(self.engine, self.settings)
+        # "host:port" of the RIS that AI results go to over HL7 (written to the outbox); None: not sent.
+        self.hl7_destination: str | None = None
         self.rescore_studies()
 
     @classmethod
@@ -774,6 +778,7 @@ class Worklist:
         self._refresh_priority(study, latest)
         if created:
             self._history(session, study_uid, "received", first_at, sending_ae=first.calling_ae)
+            self._join_waiting_orders(session, study, latest)
         return new, created
 
     @staticmethod
@@ -1095,7 +1100,9 @@ class Worklist:
                 study.failure_kind = (failure_kind or "permanent") if status is AIStatus.FAILED else ""
                 if status is not AIStatus.FAILED:
                     study.auto_requeues = 0
+                before = study.priority_level
                 self._refresh_priority(study, now)
+                self._announce(session, study, before, status, now)
                 self._history(
                     session,
                     study_uid,
@@ -1113,6 +1120,28 @@ class Worklist:
             log.warning("analysis of study %s failed: %s; kept at clinical priority", study_uid, reason)
         self._publish(study_uid, "analysed" if stored else "analysis-superseded")
         return stored
+
+    def _announce(self, session: Session, study: Study, before: str, status: AIStatus, now: datetime) -> None:
+        """Write what the RIS is told about this analysis into the outbox, in the analysis's own transaction: the
+        AI's preliminary result (active models' findings only) and, when the priority moved, a notice of it."""
+        if not self.hl7_destination or not study.accession_number:
+            return
+        reasons = study.priority_reasons or []
+        reason = str(reasons[-1].get("text", "")) if reasons else ""
+        if status is AIStatus.DONE:
+            results = [
+                {"label": f.label, "flagged": f.flagged, "probability": f.probability, "model": f.model,
+                 "model_version": f.model_version, "synthetic": f.synthetic}
+                for f in _readable_findings(study.findings, study.study_uid)
+                if not f.shadow
+            ]  # fmt: skip
+            payload = {"accession_number": study.accession_number, "results": results,
+                       "priority": study.priority_level, "reason": reason}  # fmt: skip
+            enqueue(session, "hl7", self.hl7_destination, "ai-result", payload, now, study_uid=study.study_uid)
+        if before and before != study.priority_level:
+            payload = {"accession_number": study.accession_number, "previous": before,
+                       "current": study.priority_level, "reason": reason}  # fmt: skip
+            enqueue(session, "hl7", self.hl7_destination, "priority-change", payload, now, study_uid=study.study_uid)
 
     def site_of(self, study_uid: str) -> str:
         """The study's site (Institution Name; "" when its sender named none).
@@ -1758,6 +1787,80 @@ class Worklist:
             self._history(session, study_uid, COMMUNICATED, now, user=user, **detail)
         self._publish(study_uid, COMMUNICATED)
         return _communication(user, now, detail)
+
+    def record_order(self, order: ClinicalOrder, now: datetime) -> str | None:
+        """Keep an order from the RIS and join it to its study by accession number, whichever arrives first.
+
+        The order's priority is a floor: it raises the study's clinical priority, never lowers it; its reason for
+        the exam becomes the study's indication when the images named none. A cancel (ORC-1 "CA") is recorded in
+        the study's history and changes nothing else: a study is never hidden by a message.
+
+        Returns:
+            The Study Instance UID it joined, or None when no study with that accession number is open yet (the
+            study joins it when it arrives).
+
+        Raises:
+            ValueError: when the order has no accession number or names an unknown priority level.
+        """
+        now = require_utc(now, "now")
+        accession = order.accession_number.strip()
+        if not accession:
+            raise ValueError("the order has no accession number, so no study can be joined to it")
+        if order.priority:
+            level_of(order.priority)
+        with self._write() as session, session.begin():
+            row = OrderRow(
+                accession_number=accession, message_type=order.message_type, control_id=order.control_id,
+                order_control=order.order_control, requested_procedure=order.requested_procedure,
+                priority=order.priority, reason=order.reason, ordering_site=order.ordering_site,
+                sending_application=order.sending_application, received_at=now,
+            )  # fmt: skip
+            session.add(row)
+            study = session.execute(
+                select(Study)
+                .where(Study.accession_number == accession, Study.reported_at.is_(None))
+                .order_by(Study.received_at)
+                .limit(1)
+                .with_for_update()
+            ).scalar_one_or_none()
+            if study is None:
+                return None
+            self._apply_order(session, study, row, now)
+            uid = study.study_uid
+        self._publish(uid, "order")
+        return uid
+
+    def _apply_order(self, session: Session, study: Study, row: OrderRow, now: datetime) -> None:
+        """Join one order to its study inside the caller's transaction (see `record_order`)."""
+        row.study_uid = study.study_uid
+        detail = {"message_type": row.message_type, "control_id": row.control_id, "order_control": row.order_control,
+                  "priority": row.priority, "requested_procedure": row.requested_procedure}  # fmt: skip
+        if row.order_control.upper() == "CA":
+            self._history(session, study.study_uid, "order-cancelled", now, **detail)
+            return
+        if row.priority and level_of(row.priority).rank > PriorityLevel(study.clinical_priority).rank:
+            study.clinical_priority = level_of(row.priority).value
+            study.clinical_priority_source = f"from order {row.message_type} {row.control_id}".strip()
+        if row.reason and not study.indication:
+            study.indication = row.reason
+        self._refresh_priority(study, now)
+        self._history(session, study.study_uid, "order-joined", now, **detail)
+
+    def _join_waiting_orders(self, session: Session, study: Study, now: datetime) -> None:
+        """A new study takes the orders that arrived before it (same accession number)."""
+        if not study.accession_number:
+            return
+        rows = (
+            session.execute(
+                select(OrderRow)
+                .where(OrderRow.accession_number == study.accession_number, OrderRow.study_uid.is_(None))
+                .order_by(OrderRow.id)
+            )
+            .scalars()
+            .all()
+        )
+        for row in rows:
+            self._apply_order(session, study, row, now)
 
     def mark_reported(self, study_uid: str, user: str, now: datetime) -> None:
         """Record that `user` reported the study; it leaves the worklist (unless reported ones are asked for).

@@ -218,3 +218,27 @@ def test_an_idle_claim_is_released_after_the_site_limit_with_a_note(wl):
     assert "idle" in released.detail["note"] and "CITY HOSPITAL" in released.detail["note"]
     assert released.detail["claimed_by"] == "rad1"
 
+
+def test_an_order_joins_its_study_whichever_arrives_first_and_only_raises_the_clinical_floor(wl):
+    from triage.domain import ClinicalOrder
+
+    stat_order = ClinicalOrder("ACC7", "ORM^O01", control_id="MSG7", priority="stat", reason="sudden headache, GCS 13")
+    # The order first: it waits for its study.
+    assert wl.record_order(stat_order, T0) is None
+    wl.record_instance(meta("7", accession_number="ACC7"), T0 + timedelta(minutes=1))
+    item = wl.get_study(uid("7"), T0 + timedelta(minutes=1))
+    assert item.clinical_priority == "stat" and item.indication == "sudden headache, GCS 13"
+    assert item.priority.reasons[0].text == "clinical priority: stat (from order ORM^O01 MSG7)"
+    # The study first: the order joins it at once. A routine order never lowers an urgent request.
+    wl.record_instance(meta("8", accession_number="ACC8", requested_priority="URGENT"), T0)
+    routine = ClinicalOrder("ACC8", "OMI^O23", control_id="MSG8", priority="routine", reason="follow-up")
+    assert wl.record_order(routine, T0) == uid("8")
+    item = wl.get_study(uid("8"), T0)
+    assert item.clinical_priority == "urgent" and item.indication == "follow-up"
+    assert [h.kind for h in item.history].count("order-joined") == 1
+    # A cancel is recorded; the study stays listed as it was.
+    wl.record_order(ClinicalOrder("ACC8", "ORM^O01", control_id="MSG9", order_control="CA"), T0)
+    assert [h.kind for h in wl.get_study(uid("8"), T0).history][-1] == "order-cancelled"
+    assert uid("8") in items_by_uid(wl, T0)
+    with pytest.raises(ValueError, match="accession"):
+        wl.record_order(ClinicalOrder("", "ORM^O01"), T0)

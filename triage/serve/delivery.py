@@ -1,0 +1,134 @@
+"""How outbox messages leave: each channel's deliverer (HL7 to the RIS over MLLP), and the HL7 order listener's
+handler. Kept apart from the HTTP app: the analysis role delivers and the ingest role listens, each without it."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import ssl
+from collections.abc import Callable
+
+from triage.config import Hl7Settings
+from triage.dicom.phi import hash_identifier
+from triage.domain import ClinicalOrder, PriorityLevel
+from triage.hl7.messages import (
+    AI_NOTICE,
+    Envelope,
+    HL7Error,
+    ResultLine,
+    ack,
+    ack_status,
+    build_oru,
+    build_priority_notice,
+    nak,
+    parse_orders,
+)
+from triage.hl7.mllp import MLLPError, send
+from triage.worklist.outbox import DeliveryError, Message
+
+log = logging.getLogger(__name__)
+
+HL7 = "hl7"
+AI_RESULT = "ai-result"
+PRIORITY_CHANGE = "priority-change"
+
+
+def server_tls(settings: Hl7Settings) -> ssl.SSLContext | None:
+    """The listener's TLS context (BCP 195: TLS 1.2 or later), or None for plain MLLP on a private network."""
+    if not (settings.certfile and settings.keyfile):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.certfile, settings.keyfile)
+    if settings.client_ca:
+        context.load_verify_locations(settings.client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def ris_tls(settings: Hl7Settings) -> ssl.SSLContext | None:
+    """The TLS context for sending to the RIS (its certificate verified), or None for plain MLLP."""
+    if not settings.ris_tls:
+        return None
+    context = ssl.create_default_context(cafile=settings.ris_ca or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.ris_certfile:
+        context.load_cert_chain(settings.ris_certfile, settings.ris_keyfile or None)
+    return context
+
+
+def envelope(settings: Hl7Settings) -> Envelope:
+    return Envelope(
+        sending_application=settings.sending_application,
+        sending_facility=settings.sending_facility,
+        receiving_application=settings.receiving_application,
+        receiving_facility=settings.receiving_facility,
+    )
+
+
+class Hl7Deliverer:
+    """Sends an outbox message to the RIS as HL7 and returns once the RIS acknowledged it (AA/CA).
+
+    AR/CR (the RIS refuses the message itself) is permanent; AE/CE, a refused connection or a timeout are
+    transient and retried by the outbox. MSH-10 is the outbox message id, the same on every retry.
+    """
+
+    def __init__(self, settings: Hl7Settings) -> None:
+        self.settings = settings
+        self.context = ris_tls(settings)
+
+    def render(self, message: Message) -> str:
+        data = message.payload
+        if message.kind == PRIORITY_CHANGE:
+            return build_priority_notice(
+                data["accession_number"], message.study_uid, PriorityLevel(data["previous"]),
+                PriorityLevel(data["current"]), data.get("reason", ""), control_id=message.message_id,
+                envelope=envelope(self.settings),
+            )  # fmt: skip
+        results = [ResultLine(**line) for line in data.get("results", [])]
+        return build_oru(
+            data["accession_number"], message.study_uid, results, PriorityLevel(data["priority"]),
+            data.get("reason", ""), notice=AI_NOTICE, control_id=message.message_id, envelope=envelope(self.settings),
+        )  # fmt: skip
+
+    def __call__(self, message: Message) -> None:
+        text = self.render(message)
+        host, _, port = message.destination.rpartition(":")
+        try:
+            reply = send(host, int(port), text, timeout_s=self.settings.timeout_s, ssl_context=self.context)
+            code, why = ack_status(reply, message.message_id)
+        except (MLLPError, OSError) as exc:
+            raise DeliveryError(f"RIS at {message.destination} not reached: {exc}") from exc
+        except HL7Error as exc:
+            raise DeliveryError(f"RIS at {message.destination} answered with no usable ACK: {exc}") from exc
+        if code in ("AR", "CR"):
+            raise DeliveryError(f"RIS refused the message ({code}): {why}", permanent=True)
+        if code not in ("AA", "CA"):
+            raise DeliveryError(f"RIS could not take the message now ({code}): {why}")
+
+
+def order_handler(record: Callable[[ClinicalOrder], str | None], salt: str) -> Callable[[str], str]:
+    """The MLLP listener's handler: each order of the message is recorded (joined to its study by accession
+    number); the answer is an ACK, or a NAK with the reason for a message that cannot be taken. Logged by message
+    control id and a salted hash of the accession number, never the patient."""
+    fields = [f.name for f in dataclasses.fields(ClinicalOrder)]
+
+    def handle(text: str) -> str:
+        try:
+            orders = parse_orders(text)
+        except HL7Error as exc:
+            log.warning("HL7 message refused: %s", exc)
+            return nak(text, exc)
+        for order in orders:
+            clinical = ClinicalOrder(**{name: getattr(order, name) for name in fields})
+            try:
+                joined = record(clinical)
+            except ValueError as exc:
+                log.warning("HL7 order %s refused: %s", order.control_id, exc)
+                return ack(text, "AE", str(exc))
+            log.info("HL7 %s %s accession#%s: %s", order.message_type, order.control_id,
+                     hash_identifier(order.accession_number, salt)[:12],
+                     f"joined study {joined}" if joined else "kept until its study arrives")  # fmt: skip
+        return ack(text, "AA")
+
+    return handle
