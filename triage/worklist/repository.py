@@ -35,6 +35,7 @@ from triage.worklist.events import STUDY_UPDATED, Broadcaster
 from triage.worklist.outbox import enqueue
 from triage.worklist.priority import (
     HEAD_START_MIN,
+    LONG_WAIT,
     LONG_WAIT_MIN,
     QueueOrder,
     base_level,
@@ -1126,7 +1127,8 @@ class Worklist:
         AI's preliminary result (active models' findings only) and, when the priority moved, a notice of it."""
         if not self.hl7_destination or not study.accession_number:
             return
-        reasons = study.priority_reasons or []
+        # The reason for the level (a long wait moves the place in the order, not the level: not the RIS's news).
+        reasons = [r for r in study.priority_reasons or [] if r.get("code") != LONG_WAIT]
         reason = str(reasons[-1].get("text", "")) if reasons else ""
         if status is AIStatus.DONE:
             results = [
