@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TriageError(Exception):
     """Root of every error raised on purpose by triage."""
@@ -42,3 +44,12 @@ class MissingDependencyError(TriageError):
 
 class NotPermittedError(TriageError):
     """The user is signed in but may not do this here (for example read a site they hold no privilege for)."""
+
+
+def validation_problems(exc: Any, what: str) -> str:
+    """Every problem of a pydantic `ValidationError` on one line: "field.path: message; ..." (`what` names the
+    whole record when the problem is not in one field)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or what}: {str(err['msg']).removeprefix('Value error, ')}"
+        for err in exc.errors()
+    )

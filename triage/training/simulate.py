@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from triage.config import PrioritySettings
 from triage.domain import AIStatus, Finding, Priority, PriorityLevel
-from triage.errors import MissingDependencyError, TriageError
+from triage.errors import MissingDependencyError, TriageError, validation_problems
 from triage.models.registry import ModelRegistry
 from triage.worklist.priority import base_level, compute_priority, epoch_us, queue_order, sort_key
 from triage.worklist.sites import Site
@@ -244,11 +244,7 @@ def parse_scenario(raw: Any, source: str = "<scenario>") -> Scenario:
     try:
         return Scenario.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'scenario'}: {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        )
-        raise InvalidScenarioError(f"invalid scenario {source}: {problems}") from None
+        raise InvalidScenarioError(f"invalid scenario {source}: {validation_problems(exc, 'scenario')}") from None
 
 
 # ------------------------------------------------------------------------------------------------ models

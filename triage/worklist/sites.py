@@ -31,7 +31,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
 from triage.config import PrioritySettings
-from triage.errors import ConflictError, NotFoundError, TriageError
+from triage.errors import ConflictError, NotFoundError, TriageError, validation_problems
 from triage.worklist.accounts import AuditRow
 from triage.worklist.db import WRITE_OPTION, create_engine_for
 from triage.worklist.priority import level_of, policy_fingerprint, validate_settings
@@ -169,11 +169,7 @@ def parse_site(data: dict[str, Any]) -> Site:
     try:
         return Site.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'site'}: {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        )
-        raise InvalidSiteError(f"invalid site: {problems}") from None
+        raise InvalidSiteError(f"invalid site: {validation_problems(exc, 'site')}") from None
 
 
 class SiteRow(Base):
