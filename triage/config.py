@@ -114,6 +114,31 @@ class Hl7Settings(BaseModel):
     ris_keyfile: str = ""
 
 
+class AlertSettings(BaseModel):
+    """Critical alerts: who is told when an AI finding makes a study stat (sites may name their own contacts).
+
+    Webhooks get a JSON body signed with HMAC-SHA256 of `webhook_secret` (header X-Triage-Signature:
+    sha256=<hex>); e-mail goes through `smtp_host`. If no radiologist claims the study within
+    `escalate_after_min`, the escalation contacts are told. Alerts carry no patient name or ID.
+    """
+
+    webhooks: list[str] = Field(default_factory=list)
+    emails: list[str] = Field(default_factory=list)
+    escalation_webhooks: list[str] = Field(default_factory=list)
+    escalation_emails: list[str] = Field(default_factory=list)
+    escalate_after_min: float = Field(default=15.0, gt=0)
+    webhook_secret: str = ""
+    smtp_host: str = ""
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_from: str = "triage@localhost"
+    smtp_starttls: bool = False
+    smtp_user: str = ""
+    smtp_password: str = ""
+    timeout_s: float = Field(default=15.0, gt=0)
+    # The study page's address in alerts: "{base_url}/studies/{study_uid}" (empty: no link).
+    base_url: str = ""
+
+
 class OutboxSettings(BaseModel):
     """Delivery of what triage sends out (HL7, webhooks, e-mail): how often it looks, and the retry backoff."""
 
@@ -337,6 +362,7 @@ class Settings(BaseSettings):
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     hl7: Hl7Settings = Field(default_factory=Hl7Settings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
 
     @property
     def store_dir(self) -> Path:

@@ -4,11 +4,19 @@ handler. Kept apart from the HTTP app: the analysis role delivers and the ingest
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
+import json
 import logging
+import smtplib
 import ssl
 from collections.abc import Callable
+from email.message import EmailMessage
+from typing import Any
 
-from triage.config import Hl7Settings
+import httpx
+
+from triage.config import AlertSettings, Hl7Settings
 from triage.dicom.phi import hash_identifier
 from triage.domain import ClinicalOrder, PriorityLevel
 from triage.hl7.messages import (
@@ -24,6 +32,7 @@ from triage.hl7.messages import (
     parse_orders,
 )
 from triage.hl7.mllp import MLLPError, send
+from triage.worklist.alerts import ESCALATION
 from triage.worklist.outbox import DeliveryError, Message
 
 log = logging.getLogger(__name__)
@@ -132,3 +141,86 @@ def order_handler(record: Callable[[ClinicalOrder], str | None], salt: str) -> C
         return ack(text, "AA")
 
     return handle
+
+
+class WebhookDeliverer:
+    """POSTs a critical alert as JSON, signed: X-Triage-Signature: sha256=HMAC-SHA256(secret, body) in hex (the
+    receiver recomputes it over the exact body), X-Triage-Delivery: the message id (the same on every retry).
+    2xx delivers; 4xx other than 408/429 is permanent (the receiver refuses the message); the rest is retried."""
+
+    def __init__(self, settings: AlertSettings) -> None:
+        self.settings = settings
+
+    def __call__(self, message: Message) -> None:
+        body = json.dumps(_with_link(message, self.settings), sort_keys=True).encode()
+        headers = {"Content-Type": "application/json", "X-Triage-Delivery": message.message_id,
+                   "X-Triage-Event": message.kind}  # fmt: skip
+        if self.settings.webhook_secret:
+            digest = hmac.new(self.settings.webhook_secret.encode(), body, hashlib.sha256).hexdigest()
+            headers["X-Triage-Signature"] = f"sha256={digest}"
+        try:
+            response = httpx.post(message.destination, content=body, headers=headers, timeout=self.settings.timeout_s)
+        except httpx.HTTPError as exc:
+            raise DeliveryError(f"webhook {message.destination} not reached: {type(exc).__name__}: {exc}") from exc
+        if response.is_success:
+            return
+        permanent = 400 <= response.status_code < 500 and response.status_code not in (408, 429)
+        raise DeliveryError(f"webhook {message.destination} answered {response.status_code}", permanent=permanent)
+
+
+class EmailDeliverer:
+    """Sends a critical alert by e-mail through the configured SMTP server (no patient name or ID in it)."""
+
+    def __init__(self, settings: AlertSettings) -> None:
+        self.settings = settings
+
+    def __call__(self, message: Message) -> None:
+        data = _with_link(message, self.settings)
+        escalated = message.kind == ESCALATION
+        mail = EmailMessage()
+        subject = "ESCALATION: unclaimed " if escalated else "CRITICAL: "
+        subject += f"{data.get('finding', 'stat study').replace('_', ' ')} - {data.get('site', '')}".strip(" -")
+        mail["Subject"] = f"[triage] {subject} (accession {data.get('accession_number') or '-'})"
+        mail["From"] = self.settings.smtp_from
+        mail["To"] = message.destination
+        mail["Message-ID"] = f"<{message.message_id}@triage>"
+        lines = [
+            (
+                "No radiologist has claimed this study for " + f"{data.get('unclaimed_min', '?')} min."
+                if escalated
+                else "An AI finding has made this study stat on the worklist."
+            ),  # fmt: skip
+            "",
+            f"Site: {data.get('site', '')}",
+            f"Accession: {data.get('accession_number', '')}",
+            f"Study: {data.get('modality', '')} {data.get('study_description', '')}",
+        ]
+        if not escalated:
+            lines.append(f"Finding: {data.get('finding', '').replace('_', ' ')} (probability "
+                         f"{data.get('probability')}, {data.get('model')} {data.get('model_version')})")  # fmt: skip
+            if data.get("synthetic"):
+                lines.append("Synthetic demonstration model, not validated: do not act on it.")
+        if data.get("link"):
+            lines.append(f"Open: {data['link']}")
+        lines += ["", str(data.get("notice", "AI triage aid, not a diagnosis")) + "."]
+        mail.set_content("\n".join(lines))
+        try:
+            with smtplib.SMTP(
+                self.settings.smtp_host, self.settings.smtp_port, timeout=self.settings.timeout_s
+            ) as smtp:
+                if self.settings.smtp_starttls:
+                    smtp.starttls(context=ssl.create_default_context())
+                if self.settings.smtp_user:
+                    smtp.login(self.settings.smtp_user, self.settings.smtp_password)
+                smtp.send_message(mail)
+        except smtplib.SMTPRecipientsRefused as exc:
+            raise DeliveryError(f"mail server refused {message.destination}: {exc}", permanent=True) from exc
+        except (smtplib.SMTPException, OSError) as exc:
+            raise DeliveryError(f"mail server {self.settings.smtp_host}:{self.settings.smtp_port}: {exc}") from exc
+
+
+def _with_link(message: Message, settings: AlertSettings) -> dict[str, Any]:
+    data = {**message.payload, "id": message.message_id}
+    if settings.base_url:
+        data["link"] = f"{settings.base_url.rstrip('/')}/studies/{message.study_uid}"
+    return data

@@ -29,10 +29,18 @@ from triage.hl7.mllp import MLLPServer
 from triage.models.registry import InstalledModel, ModelRegistry
 from triage.pipelines.routing import RoutingRules
 from triage.pipelines.runner import Runner, make_runner
-from triage.serve.delivery import HL7, Hl7Deliverer, order_handler, server_tls
+from triage.serve.delivery import (
+    HL7,
+    EmailDeliverer,
+    Hl7Deliverer,
+    WebhookDeliverer,
+    order_handler,
+    server_tls,
+)
 from triage.serve.metrics import ModelMetrics
 from triage.storage import LocalStore
 from triage.worklist.accounts import Accounts
+from triage.worklist.alerts import ALERT, EMAIL, ESCALATION, WEBHOOK
 from triage.worklist.db import create_engine_for, migrate
 from triage.worklist.events import Broadcaster, relay_for
 from triage.worklist.model_states import ModelStates
@@ -87,8 +95,16 @@ class TriageService:
         if settings.hl7.ris_host:
             self.worklist.hl7_destination = f"{settings.hl7.ris_host}:{settings.hl7.ris_port}"
             deliverers[HL7] = Hl7Deliverer(settings.hl7)
+        self.worklist.alert_settings = settings.alerts
+        deliverers[WEBHOOK] = WebhookDeliverer(settings.alerts)
+        if settings.alerts.smtp_host:
+            deliverers[EMAIL] = EmailDeliverer(settings.alerts)
         self.outbox = Outbox(
-            self.worklist.engine, deliverers, settings.outbox.retry_base_s, settings.outbox.retry_max_s
+            self.worklist.engine,
+            deliverers,
+            settings.outbox.retry_base_s,
+            settings.outbox.retry_max_s,
+            audited_kinds=frozenset({ALERT, ESCALATION}),
         )
         self._outbox_thread: threading.Thread | None = None
         self.hl7_listener: MLLPServer | None = None
@@ -238,6 +254,7 @@ class TriageService:
     def _watch_outbox(self) -> None:
         while not self._stop.wait(self.settings.outbox.interval_s):
             try:
+                self.worklist.escalate_alerts(utcnow())
                 self.outbox.deliver_due(utcnow())
             except Exception:  # noqa: BLE001 - delivery must outlive any single failure (the database restarting)
                 log.exception("outbox delivery failed")

@@ -654,6 +654,7 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
             methods=COMMUNICATION_METHODS,
             told_at_default=now.astimezone(zone).strftime("%Y-%m-%dT%H:%M"),
             told_zone_default=detail.site_time_zone or "UTC",
+            messages=await asyncio.to_thread(service.outbox.messages, study_uid),
         )
 
     @router.post("/studies/{study_uid}/communications")

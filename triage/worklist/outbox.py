@@ -28,6 +28,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
 
 from triage.errors import TriageError
+from triage.worklist.accounts import AuditRow
 from triage.worklist.db import WRITE_OPTION
 from triage.worklist.tables import UID_LEN, Base, UTCDateTime
 
@@ -130,6 +131,7 @@ class Outbox:
         deliverers: Channel name -> function that sends one message and returns once the peer acknowledged it,
             raising `DeliveryError` (or any exception: treated as transient) otherwise.
         retry_base_s, retry_max_s: The backoff of transient failures (x3 per attempt, capped).
+        audited_kinds: Message kinds whose deliveries and failures are written to the audit log as well.
     """
 
     def __init__(
@@ -138,12 +140,15 @@ class Outbox:
         deliverers: Mapping[str, Deliverer],
         retry_base_s: float = 5.0,
         retry_max_s: float = 600.0,
+        audited_kinds: frozenset[str] = frozenset(),
     ) -> None:
         self.engine = engine
         self._write_engine = engine.execution_options(**{WRITE_OPTION: True})
         self.deliverers = dict(deliverers)
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
+        # Kinds whose every delivery and failure goes to the audit log too (critical alerts).
+        self.audited_kinds = audited_kinds
 
     def _due(self, now: datetime) -> Any:
         earlier = aliased(OutboxRow)
@@ -201,6 +206,12 @@ class Outbox:
                 row.status = DELIVERED
                 row.delivered_at = now
                 row.last_error = ""
+            if row.kind in self.audited_kinds:
+                action = {DELIVERED: "alert-delivered", FAILED: "alert-failed"}.get(row.status, "alert-retry")
+                detail = {"channel": row.channel, "destination": row.destination, "message": message.message_id,
+                          "attempts": row.attempts, "error": row.last_error}  # fmt: skip
+                session.add(AuditRow(at=now, user_name="triage", action=action, study_uid=row.study_uid or None,
+                                     detail=detail))  # fmt: skip
             return message
 
     def deliver_due(self, now: datetime, limit: int = 100) -> int:

@@ -15,7 +15,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from triage.config import PrioritySettings
+from triage.config import AlertSettings, PrioritySettings
 from triage.domain import (
     AIStatus,
     ClinicalOrder,
@@ -30,10 +30,13 @@ from triage.domain import (
     UtcTime,
 )
 from triage.errors import ConflictError, NotFoundError, NotPermittedError
+from triage.worklist.accounts import AuditRow
+from triage.worklist.alerts import ALERT, ESCALATION, contacts_for
 from triage.worklist.db import WRITE_OPTION, create_engine_for
 from triage.worklist.events import STUDY_UPDATED, Broadcaster
-from triage.worklist.outbox import enqueue
+from triage.worklist.outbox import OutboxRow, enqueue
 from triage.worklist.priority import (
+    AI_FINDING,
     HEAD_START_MIN,
     LONG_WAIT,
     LONG_WAIT_MIN,
@@ -372,6 +375,8 @@ class Worklist:
         self.sites = Sites(self.engine, self.settings)
         # "host:port" of the RIS that AI results go to over HL7 (written to the outbox); None: not sent.
         self.hl7_destination: str | None = None
+        # Critical-alert contacts (set by the service from TRIAGE_ALERTS__* and the site records).
+        self.alert_settings = AlertSettings()
         self.rescore_studies()
 
     @classmethod
@@ -1123,8 +1128,10 @@ class Worklist:
         return stored
 
     def _announce(self, session: Session, study: Study, before: str, status: AIStatus, now: datetime) -> None:
-        """Write what the RIS is told about this analysis into the outbox, in the analysis's own transaction: the
-        AI's preliminary result (active models' findings only) and, when the priority moved, a notice of it."""
+        """Write what this analysis tells the outside into the outbox, in the analysis's own transaction: critical
+        alerts when an AI finding made the study stat, the AI's preliminary result for the RIS (active models'
+        findings only) and, when the priority moved, a notice of it."""
+        self._alert(session, study, before, now)
         if not self.hl7_destination or not study.accession_number:
             return
         # The reason for the level (a long wait moves the place in the order, not the level: not the RIS's news).
@@ -1144,6 +1151,92 @@ class Worklist:
             payload = {"accession_number": study.accession_number, "previous": before,
                        "current": study.priority_level, "reason": reason}  # fmt: skip
             enqueue(session, "hl7", self.hl7_destination, "priority-change", payload, now, study_uid=study.study_uid)
+
+    def _alert(self, session: Session, study: Study, before: str, now: datetime) -> None:
+        """Queue a critical alert to each contact of the study's site when an AI finding has just made it stat.
+        One alert per finding and contact, ever (the outbox's dedupe key): a re-analysis that flags it again, or a
+        second process, tells nobody twice."""
+        top = PriorityLevel.STAT.value
+        if before == top or study.priority_level != top:
+            return
+        raised = [r for r in study.priority_reasons or [] if r.get("code") == AI_FINDING and r.get("level") == top]
+        if not raised:
+            return
+        contacts = contacts_for(self.sites.find(study.site) if study.site_match else None, self.alert_settings)
+        findings = [f for f in _readable_findings(study.findings, study.study_uid) if f.flagged and not f.shadow]
+        queued = []
+        for finding in findings:
+            payload = {
+                "event": ALERT, "study_uid": study.study_uid, "accession_number": study.accession_number,
+                "site": study.site, "modality": study.modality, "study_description": study.study_description,
+                "finding": finding.label, "probability": round(finding.probability, 4), "model": finding.model,
+                "model_version": finding.model_version, "synthetic": finding.synthetic, "priority": top,
+                "reason": str(raised[-1].get("text", "")), "notice": "AI triage aid, not a diagnosis",
+            }  # fmt: skip
+            for channel, destination in contacts.first:
+                key = f"alert:{channel}:{destination}:{study.study_uid}:{finding.model}:{finding.label}"
+                if enqueue(session, channel, destination, ALERT, payload, now, study.study_uid, dedupe_key=key):
+                    queued.append(f"{channel}:{destination}")
+        if queued:
+            self._history(session, study.study_uid, "alert-queued", now, to=queued)
+            session.add(AuditRow(at=now, user_name="triage", action=ALERT, study_uid=study.study_uid,
+                                 detail={"to": queued, "findings": [f.label for f in findings]}))  # fmt: skip
+
+    def escalate_alerts(self, now: datetime) -> list[str]:
+        """Tell the escalation contacts about every study alerted more than its site's `escalate_after_min` ago
+        that nobody has claimed or reported yet (once per study and contact). Returns the studies escalated."""
+        now = require_utc(now, "now")
+        since = now - timedelta(days=2)
+        escalated: list[str] = []
+        with self._write() as session, session.begin():
+            first_alerts = session.execute(
+                select(OutboxRow.study_uid, func.min(OutboxRow.created_at))
+                .where(OutboxRow.kind == ALERT, OutboxRow.created_at >= since)
+                .group_by(OutboxRow.study_uid)
+            ).all()
+            for study_uid, first_at in first_alerts:
+                study = session.get(Study, study_uid)
+                if study is None or study.reported_at is not None or study.claimed_by is not None:
+                    continue
+                contacts = contacts_for(self.sites.find(study.site) if study.site_match else None, self.alert_settings)
+                waited_min = (now - first_at).total_seconds() / 60
+                if waited_min < contacts.escalate_after_min or not contacts.escalation:
+                    continue
+                payload = {
+                    "event": ESCALATION, "study_uid": study_uid, "accession_number": study.accession_number,
+                    "site": study.site, "modality": study.modality, "study_description": study.study_description,
+                    "priority": study.priority_level, "unclaimed_min": round(waited_min, 1),
+                    "notice": "AI triage aid, not a diagnosis",
+                }  # fmt: skip
+                told = [
+                    f"{channel}:{destination}"
+                    for channel, destination in contacts.escalation
+                    if enqueue(
+                        session,
+                        channel,
+                        destination,
+                        ESCALATION,
+                        payload,
+                        now,
+                        study_uid,
+                        dedupe_key=f"escalate:{channel}:{destination}:{study_uid}",
+                    )  # fmt: skip
+                ]
+                if told:
+                    self._history(session, study_uid, "alert-escalated", now, to=told, unclaimed_min=round(waited_min))
+                    session.add(AuditRow(at=now, user_name="triage", action=ESCALATION, study_uid=study_uid,
+                                         detail={"to": told, "unclaimed_min": round(waited_min)}))  # fmt: skip
+                    escalated.append(study_uid)
+        return escalated
+
+    def _acknowledge_alerts(self, session: Session, study_uid: str, user: str, now: datetime) -> None:
+        """A radiologist's claim acknowledges the study's critical alerts (audited, in the claim's transaction)."""
+        alerted = session.execute(
+            select(func.count()).select_from(OutboxRow).where(OutboxRow.study_uid == study_uid, OutboxRow.kind == ALERT)
+        ).scalar_one()
+        if alerted:
+            session.add(AuditRow(at=now, user_name=user[:64], action="alert-acknowledged", study_uid=study_uid,
+                                 detail={"alerts": int(alerted)}))  # fmt: skip
 
     def site_of(self, study_uid: str) -> str:
         """The study's site (Institution Name; "" when its sender named none).
@@ -1657,6 +1750,7 @@ class Worklist:
             study.claimed_at = now
             study.claim_active_at = now
             self._history(session, study_uid, "claimed", now, user=user)
+            self._acknowledge_alerts(session, study_uid, user, now)
         self._publish(study_uid, "claimed")
 
     def next_study(self, user: str, now: datetime, scope: ReadScope | None = None) -> WorklistItem | None:
@@ -1690,6 +1784,7 @@ class Worklist:
             study.claimed_at = now
             study.claim_active_at = now
             self._history(session, study.study_uid, "claimed", now, user=user, via="next study")
+            self._acknowledge_alerts(session, study.study_uid, user, now)
         item = self._item(study, now)
         self._publish(item.study_uid, "claimed")
         return item

@@ -71,6 +71,18 @@ class SiteResults(BaseModel):
     port: int = Field(default=104, ge=1, le=65535)
 
 
+class SiteAlerts(BaseModel):
+    """A site's own critical-alert contacts (in place of the service's `TRIAGE_ALERTS__*` ones)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    webhooks: list[str] = Field(default_factory=list)
+    emails: list[str] = Field(default_factory=list)
+    escalation_webhooks: list[str] = Field(default_factory=list)
+    escalation_emails: list[str] = Field(default_factory=list)
+    escalate_after_min: float | None = Field(default=None, gt=0)
+
+
 class Site(BaseModel):
     """One client hospital and its rules.
 
@@ -93,6 +105,7 @@ class Site(BaseModel):
     # Models allowed to run on this site's studies; None: every installed model (in its state at this site).
     models: list[str] | None = None
     results: SiteResults | None = None
+    alerts: SiteAlerts | None = None
     # A claim nobody touched for this long is released back to the worklist, with a note.
     claim_idle_min: float = Field(default=30.0, gt=0)
 

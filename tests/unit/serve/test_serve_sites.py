@@ -140,3 +140,17 @@ def test_a_stow_rs_client_account_recognises_its_site(site: Site) -> None:
     item = site.service.worklist.get_study(str(ds.StudyInstanceUID), utcnow())
     assert (item.site, item.site_match, item.site_time_zone) == ("CITY", "STOW-RS account city-bridge", "Asia/Kolkata")
     assert item.institution == "Some Name The Modality Wrote"
+
+
+def test_alerts_sent_about_a_study_are_listed_in_the_api_and_on_its_page(site: Site) -> None:
+    from serve_site import ich_finding
+
+    from triage.config import AlertSettings
+
+    site.service.worklist.alert_settings = AlertSettings(webhooks=["http://127.0.0.1:9/hook"])
+    site.sign_in()
+    ct_uid, _ = site.add_ct("ACC-ALERT")
+    site.finish(ct_uid, [ich_finding("1.2.3", site.service.worklist.series_of(ct_uid)[0].series_uid, None)])
+    (message,) = site.client.get(f"/api/v1/studies/{ct_uid}/messages").json()
+    assert (message["kind"], message["channel"], message["status"]) == ("critical-alert", "webhook", "pending")
+    assert "Alerts and messages sent" in site.client.get(f"/studies/{ct_uid}").text

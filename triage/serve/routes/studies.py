@@ -4,7 +4,7 @@ people take on it (claim, release, report) or an admin does (requeue). Every vie
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Response
 from pydantic import BaseModel, Field
@@ -128,6 +128,16 @@ def communicate(
         at=entry.at.isoformat(),
     )
     return entry
+
+
+@router.get(
+    "/{study_uid}/messages",
+    summary="What was sent about the study (critical alerts, HL7 to the RIS) and how delivery went",
+)
+def messages(study_uid: str, service: Service, user: CurrentUser, reading: ReadingDep) -> list[dict[str, Any]]:
+    reading.check(study_uid, "view-messages")
+    return [{k: v for k, v in m.items() if k != "payload"} | {"event": m["payload"].get("event", m["kind"])}
+            for m in service.outbox.messages(study_uid)]  # fmt: skip
 
 
 @router.post(
