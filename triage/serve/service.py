@@ -37,7 +37,7 @@ from triage.serve.delivery import (
     order_handler,
     server_tls,
 )
-from triage.serve.metrics import ModelMetrics
+from triage.serve.metrics import ModelMetrics, ServiceMetrics
 from triage.storage import LocalStore
 from triage.worklist.accounts import Accounts
 from triage.worklist.alerts import ALERT, EMAIL, ESCALATION, WEBHOOK
@@ -132,6 +132,7 @@ class TriageService:
         self._reindexing = False
         # Drift watch: the last check's alerts and each model's activity per site in the recent window.
         self.metrics = ModelMetrics()
+        self.service_metrics = ServiceMetrics(self.metrics.registry, self.worklist.engine)
         self.drift_alerts: list[DriftAlert] = []
         self.model_activity: list[dict[str, Any]] = []
         self._alerted: set[tuple[str, str, str, str]] = set()
@@ -154,7 +155,13 @@ class TriageService:
     def accept(self, ds: Dataset, calling_ae: str = "", encoded: bytes | None = None) -> StoredInstance:
         """Store and index one instance; returns only once it is durable (the sender may then hear success).
         `encoded`: the data set's bytes as received, stored as they are (see `DicomStore.write`)."""
-        return self.store.write(ds, calling_ae, encoded)
+        try:
+            stored = self.store.write(ds, calling_ae, encoded)
+        except TriageError as exc:
+            self.service_metrics.refused.labels("dicom", type(exc).__name__).inc()
+            raise
+        self.service_metrics.received.labels("dicom").inc()
+        return stored
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -445,6 +452,7 @@ class TriageService:
         with self._lock:
             self.outcomes.append(outcome)
             del self.outcomes[:-200]
+        self.service_metrics.observe_stages(outcome.results)
         self._send_results(outcome)
         return outcome
 

@@ -154,3 +154,37 @@ def test_alerts_sent_about_a_study_are_listed_in_the_api_and_on_its_page(site: S
     (message,) = site.client.get(f"/api/v1/studies/{ct_uid}/messages").json()
     assert (message["kind"], message["channel"], message["status"]) == ("critical-alert", "webhook", "pending")
     assert "Alerts and messages sent" in site.client.get(f"/studies/{ct_uid}").text
+
+
+def test_metrics_count_instances_studies_queue_outbox_and_stage_durations(site: Site) -> None:
+    import io
+
+    from serve_site import ich_finding
+
+    from tests.dicom_factory import make_radiograph
+    from triage.config import AlertSettings
+    from triage.domain import SeriesResult, StageTimings
+
+    _, token = site.accounts.add_user("prometheus", "service", None, utcnow())
+    auth = {"Authorization": f"Bearer {token}"}
+    site.service.worklist.alert_settings = AlertSettings(webhooks=["http://127.0.0.1:9/hook"])
+    ct_uid, _ = site.add_ct("ACC-M1")  # 6 instances over DICOM
+    site.finish(ct_uid, [ich_finding("1.2.3", site.service.worklist.series_of(ct_uid)[0].series_uid, None)])
+    film = make_radiograph("DX", 64, 64)
+    buffer = io.BytesIO()
+    film.save_as(buffer, enforce_file_format=True)
+    body = (b"--b1\r\nContent-Type: application/dicom\r\n\r\n" + buffer.getvalue() + b"\r\n--b1\r\n"
+            b"Content-Type: application/dicom\r\n\r\nnot dicom\r\n--b1--\r\n")  # fmt: skip
+    headers = {**auth, "Content-Type": 'multipart/related; type="application/dicom"; boundary=b1'}
+    assert site.client.post("/dicomweb/studies", content=body, headers=headers).status_code == 202
+    timings = StageTimings()
+    timings.add("inference", 0.3)
+    site.service.service_metrics.observe_stages([SeriesResult("s", "ct-head-ich", "1.0.0", True, [], "", timings)])
+    text = site.client.get("/metrics", headers=auth).text
+    assert 'triage_instances_received_total{source="dicom"} 6.0' in text
+    assert 'triage_instances_received_total{source="stow-rs"} 1.0' in text
+    assert 'triage_instances_refused_total{reason="0xC000",source="stow-rs"} 1.0' in text
+    assert 'triage_studies{ai_status="done"} 1.0' in text and 'triage_studies{ai_status="pending"} 1.0' in text
+    assert "triage_analysis_queue_depth 1.0" in text
+    assert 'triage_outbox_depth{channel="webhook",destination="http://127.0.0.1:9/hook"} 1.0' in text
+    assert 'triage_analysis_stage_seconds_count{model="ct-head-ich",stage="inference"} 1.0' in text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from typing import IO
+from typing import IO, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -99,4 +99,16 @@ async def stow(request: Request, service: Service, user: CurrentUser) -> Respons
             status_code=503,
             headers={"Retry-After": "60", "Connection": "close"},
         )
+    _count(service, payload)
     return JSONResponse(payload, status_code=status, media_type="application/dicom+json")
+
+
+def _count(service: Any, payload: dict[str, Any]) -> None:
+    """Instances stored and refused (by PS3.18 failure reason) in one STOW-RS response, for /metrics."""
+    metrics = service.service_metrics
+    stored = len((payload.get("00081199") or {}).get("Value") or [])
+    if stored:
+        metrics.received.labels("stow-rs").inc(stored)
+    for item in (payload.get("00081198") or {}).get("Value") or []:
+        reason = ((item.get("00081197") or {}).get("Value") or ["unknown"])[0]
+        metrics.refused.labels("stow-rs", f"0x{reason:04X}" if isinstance(reason, int) else str(reason)).inc()
