@@ -22,7 +22,7 @@ from triage.domain import utcnow
 from triage.serve import web
 from triage.serve.auth import SignInRequired, sign_in_location
 from triage.serve.errors import install_error_handlers
-from triage.serve.routes import api_router, dicomweb, ops
+from triage.serve.routes import api_router, dicomweb, dicomweb_read, ops
 from triage.serve.routes.ops import SWAGGER_ASSETS_DIR, SWAGGER_ASSETS_URL
 from triage.serve.service import TriageService
 from triage.worklist.accounts import ADMIN_NAME, Accounts, SharedSignInThrottle
@@ -109,6 +109,8 @@ def create_app(
         app.include_router(web.build_sign_in(templates, throttle))
         app.include_router(web.build_pages(templates))
         app.include_router(api_router())
+        # QIDO-RS and WADO-RS read what the worklist and the store hold: the API role answers them.
+        app.include_router(dicomweb_read.router)
     if ServiceRole.INGEST in roles:
         app.include_router(dicomweb.router)
     return app
