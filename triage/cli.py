@@ -227,12 +227,19 @@ def serve(
         f"  data {settings.data_dir.resolve()}" + (f"  runner {runner}" if ServiceRole.ANALYSIS in roles else "")
     )
     # A browser holding the live-update stream open must not keep the server from stopping.
+    from triage.tls import BCP195_CIPHERS
+
+    https: dict[str, Any] = {}
+    if settings.http.certfile and settings.http.keyfile:
+        https = {"ssl_certfile": settings.http.certfile, "ssl_keyfile": settings.http.keyfile,
+                 "ssl_ciphers": BCP195_CIPHERS}  # fmt: skip
     uvicorn.run(
         create_app(settings, runner_kind=runner, roles=roles),
         timeout_graceful_shutdown=3,
         host=settings.http.host,
         port=settings.http.port,
         log_level="warning",
+        **https,
     )
 
 

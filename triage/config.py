@@ -69,6 +69,12 @@ class DicomSettings(BaseModel):
     # The Called AE Title of an association must be `ae_title` (PS3.8 9.3.4: else "called AE title not
     # recognised"); False accepts any.
     require_called_aet: bool = True
+    # DICOM over TLS (PS3.15 B.9, BCP 195): the SCP's certificate and key (both set: TLS on that port, plain
+    # associations fail); with `tls_client_ca` senders must present a certificate that CA signed. Empty: plain
+    # TCP, for a private network.
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
+    tls_client_ca: str = ""
     # Storage SOP classes accepted, as UIDs or keywords ("MRImageStorage"); empty: every standard storage class.
     accepted_sop_classes: list[str] = Field(default_factory=list)
     # Limits checked on the header before any pixels are decoded; an instance beyond them is stored and its
@@ -86,6 +92,12 @@ class ResultsSettings(BaseModel):
     port: int = 104
     ae_title: str = "PACS"
     calling_ae: str = "TRIAGE"
+    # DICOM over TLS to the PACS (PS3.15 B.9, BCP 195): its certificate checked against `tls_ca` (empty: the
+    # system's CAs), ours presented when it asks (`tls_certfile`, `tls_keyfile`).
+    tls: bool = False
+    tls_ca: str = ""
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
 
 
 class Hl7Settings(BaseModel):
@@ -150,6 +162,10 @@ class OutboxSettings(BaseModel):
 class HttpSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
+    # HTTPS for the API and pages (both set): TLS 1.2+ with BCP 195 suites, HSTS sent, cookies marked Secure.
+    certfile: str = ""
+    keyfile: str = ""
+    hsts_max_age_s: int = Field(default=31_536_000, ge=0)
 
 
 class DicomWebSettings(BaseModel):

@@ -4,6 +4,7 @@ an overlay picture per finding as a Secondary Capture) and send them to PACS."""
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
@@ -180,6 +181,7 @@ def send_results(
     destination: Destination,
     calling_ae: str = "TRIAGE",
     timeout_s: float = 30.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> list[int]:
     """Send result instances to a storage SCP (PACS) with C-STORE, through the one C-STORE client
     (`triage.dicom.sender.send_datasets`).
@@ -189,6 +191,7 @@ def send_results(
         destination: (called AE title, host, port).
         calling_ae: our AE title, as the PACS knows it.
         timeout_s: ACSE, DIMSE and network timeout in seconds.
+        ssl_context: DICOM over TLS (PS3.15 B.9) to a PACS that asks for it; None: plain TCP.
 
     Returns:
         The C-STORE status of each dataset, in order (0x0000 success; 0xB000-0xBFFF warnings also mean stored).
@@ -201,7 +204,8 @@ def send_results(
     target = f"{called_ae}@{host}:{port}"
     if not datasets:
         return []
-    report = send_datasets(datasets, host, int(port), called_ae, calling_ae, timeout_s=timeout_s)
+    report = send_datasets(datasets, host, int(port), called_ae, calling_ae, timeout_s=timeout_s,
+                           ssl_context=ssl_context)  # fmt: skip
     unanswered = [r for r in report.results if r.status is None]
     if unanswered:
         stored = len(report.results) - len(unanswered)
@@ -332,6 +336,7 @@ def export_study_results(
     destination: Destination,
     calling_ae: str = "TRIAGE",
     codes_by_label: Mapping[str, Code] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> int:
     """Build the study's results (`build_study_results`: SEG, TID 1500 report, overlay captures) and send them to
     PACS.
@@ -356,7 +361,7 @@ def export_study_results(
         ResultsExportError: when the destination cannot be reached (see `send_results`).
     """
     datasets = build_study_results(store, study_uid, findings, codes_by_label)
-    statuses = send_results(datasets, destination, calling_ae=calling_ae)
+    statuses = send_results(datasets, destination, calling_ae=calling_ae, ssl_context=ssl_context)
     stored = sum(1 for s in statuses if status_category(s) in ("success", "warning"))
     called_ae, host, port = destination
     log.info(

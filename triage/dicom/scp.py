@@ -23,6 +23,7 @@ from triage.dicom.sopclasses import (
 )
 from triage.dicom.status import DicomStatus, describe_status, is_permanent_failure, status_for_exception
 from triage.errors import TriageError
+from triage.tls import server_context
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,10 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_closed),
         ]
         address = (self.settings.bind_address, int(self.settings.port))
-        self._server = self._ae.start_server(address, block=False, evt_handlers=handlers)
+        context = None
+        if self.settings.tls_certfile and self.settings.tls_keyfile:
+            context = server_context(self.settings.tls_certfile, self.settings.tls_keyfile, self.settings.tls_client_ca)
+        self._server = self._ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=context)
         settings = self.settings
         logger.info(
             "storage SCP %s listening on %s:%d (calling AEs allowed: %s; called AE checked: %s; at most %d "

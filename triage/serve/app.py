@@ -95,6 +95,9 @@ def create_app(
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("X-Frame-Options", "DENY")
         response.headers.setdefault("Referrer-Policy", "same-origin")
+        if request.url.scheme == "https" and settings.http.hsts_max_age_s:
+            # Browsers then refuse plain HTTP to this host (RFC 6797): the session cookie never travels in clear.
+            response.headers.setdefault("Strict-Transport-Security", f"max-age={settings.http.hsts_max_age_s}")
         # /docs sets its own (see docs_page).
         response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
         return response

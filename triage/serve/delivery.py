@@ -32,6 +32,7 @@ from triage.hl7.messages import (
     parse_orders,
 )
 from triage.hl7.mllp import MLLPError, send
+from triage.tls import client_context, server_context
 from triage.worklist.alerts import ESCALATION
 from triage.worklist.outbox import DeliveryError, Message
 
@@ -43,27 +44,17 @@ PRIORITY_CHANGE = "priority-change"
 
 
 def server_tls(settings: Hl7Settings) -> ssl.SSLContext | None:
-    """The listener's TLS context (BCP 195: TLS 1.2 or later), or None for plain MLLP on a private network."""
+    """The listener's TLS context (BCP 195), or None for plain MLLP on a private network."""
     if not (settings.certfile and settings.keyfile):
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(settings.certfile, settings.keyfile)
-    if settings.client_ca:
-        context.load_verify_locations(settings.client_ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
+    return server_context(settings.certfile, settings.keyfile, settings.client_ca)
 
 
 def ris_tls(settings: Hl7Settings) -> ssl.SSLContext | None:
     """The TLS context for sending to the RIS (its certificate verified), or None for plain MLLP."""
     if not settings.ris_tls:
         return None
-    context = ssl.create_default_context(cafile=settings.ris_ca or None)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if settings.ris_certfile:
-        context.load_cert_chain(settings.ris_certfile, settings.ris_keyfile or None)
-    return context
+    return client_context(settings.ris_ca, settings.ris_certfile, settings.ris_keyfile)
 
 
 def envelope(settings: Hl7Settings) -> Envelope:

@@ -39,6 +39,7 @@ from triage.serve.delivery import (
 )
 from triage.serve.metrics import ModelMetrics, ServiceMetrics
 from triage.storage import LocalStore
+from triage.tls import client_context
 from triage.worklist.accounts import Accounts
 from triage.worklist.alerts import ALERT, EMAIL, ESCALATION, WEBHOOK
 from triage.worklist.db import create_engine_for, migrate
@@ -468,8 +469,10 @@ class TriageService:
         try:
             # A client hospital with its own PACS gets its results there; others go to TRIAGE_RESULTS__*.
             site = self.worklist.sites.find(self.worklist.site_of(outcome.study_uid))
+            tls: Any = results
             if site is not None and site.results is not None:
                 destination = (site.results.ae_title, site.results.host, site.results.port)
+                tls = site.results
             if not destination[1]:
                 return
             sent = export_study_results(
@@ -481,6 +484,7 @@ class TriageService:
                 destination,
                 calling_ae=results.calling_ae,
                 codes_by_label=self.finding_codes(),
+                ssl_context=client_context(tls.tls_ca, tls.tls_certfile, tls.tls_keyfile) if tls.tls else None,
             )
             log.info("study %s: %d result instance(s) sent to %s", outcome.study_uid, sent, destination[0])
         except TriageError as exc:

@@ -69,6 +69,11 @@ class SiteResults(BaseModel):
     ae_title: str
     host: str
     port: int = Field(default=104, ge=1, le=65535)
+    # DICOM over TLS to this PACS, with this site's CA and (optionally) our client certificate for it.
+    tls: bool = False
+    tls_ca: str = ""
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
 
 
 class SiteAlerts(BaseModel):
