@@ -25,7 +25,7 @@ def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     settings.results.host = "127.0.0.1"  # a PACS to send results to (recorded below, not contacted)
     sent: list[tuple[str, list]] = []
     monkeypatch.setattr(
-        "triage.serve.service.export_study_results",
+        "triage.serve.delivery.export_study_results",
         lambda store, study_uid, findings, *args, **kwargs: sent.append((study_uid, list(findings))) or 1,
     )
     svc = TriageService(settings, runner_kind="inprocess", start_scp=False)
@@ -216,7 +216,7 @@ def test_a_site_record_decides_which_models_run_and_where_its_results_go(service
 
     destinations: list[tuple] = []
     monkeypatch.setattr(
-        "triage.serve.service.export_study_results",
+        "triage.serve.delivery.export_study_results",
         lambda store, study_uid, findings, status, reason, destination, **kw: destinations.append(destination) or 1,
     )
     now = utcnow()

@@ -16,9 +16,11 @@ from typing import Any
 
 import httpx
 
-from triage.config import AlertSettings, Hl7Settings
+from triage.config import AlertSettings, Hl7Settings, ResultsSettings
 from triage.dicom.phi import hash_identifier
-from triage.domain import ClinicalOrder, PriorityLevel
+from triage.dicom.results import ResultsExportError, export_study_results
+from triage.domain import ClinicalOrder, PriorityLevel, utcnow
+from triage.errors import TriageError
 from triage.hl7.messages import (
     AI_NOTICE,
     Envelope,
@@ -39,6 +41,7 @@ from triage.worklist.outbox import DeliveryError, Message
 log = logging.getLogger(__name__)
 
 HL7 = "hl7"
+DICOM = "dicom"
 AI_RESULT = "ai-result"
 PRIORITY_CHANGE = "priority-change"
 
@@ -215,3 +218,53 @@ def _with_link(message: Message, settings: AlertSettings) -> dict[str, Any]:
     if settings.base_url:
         data["link"] = f"{settings.base_url.rstrip('/')}/studies/{message.study_uid}"
     return data
+
+
+class DicomResultsDeliverer:
+    """Sends a study's results (TID 1500 report, SEG, overlay captures) to the PACS named by the message,
+    "AE@host:port", over TLS where the site's (or the service's) results settings ask. The findings sent are the
+    study's as stored now (active models only: a shadow finding is never sent out). A PACS that cannot be reached is
+    retried by the outbox; a study whose results cannot be built is failed for good, with the reason."""
+
+    def __init__(
+        self,
+        worklist: Any,
+        store: Any,
+        results: ResultsSettings,
+        codes: Callable[[], dict[str, tuple[str, str, str]]],
+    ) -> None:
+        self.worklist, self.store, self.results, self.codes = worklist, store, results, codes
+
+    def __call__(self, message: Message) -> None:
+        ae_title, _, address = message.destination.partition("@")
+        host, _, port = address.rpartition(":")
+        study = self.worklist.get_study(message.study_uid, utcnow())
+        findings = [f for f in study.findings if not f.shadow]
+        if not findings:
+            return  # nothing of an active model to send (a re-analysis removed it): done
+        site = self.worklist.sites.find(study.site) if study.site_match else None
+        tls: Any = site.results if site is not None and site.results is not None else self.results
+        context = client_context(tls.tls_ca, tls.tls_certfile, tls.tls_keyfile) if tls.tls else None
+        try:
+            sent = export_study_results(
+                self.store, message.study_uid, findings, study.ai_status, study.ai_reason, (ae_title, host, int(port)),
+                calling_ae=self.results.calling_ae, codes_by_label=self.codes(), ssl_context=context,
+            )  # fmt: skip
+        except ResultsExportError as exc:
+            raise DeliveryError(str(exc)) from exc
+        except TriageError as exc:
+            raise DeliveryError(f"results of study {message.study_uid} cannot be built: {exc}", permanent=True) from exc
+        log.info("study %s: %d result instance(s) stored by %s", message.study_uid, sent, message.destination)
+
+
+def results_destination(settings: ResultsSettings) -> Callable[[Any], str | None]:
+    """Where a site's results go: its own PACS, else TRIAGE_RESULTS__*; None when neither is set."""
+
+    def destination(site: Any) -> str | None:
+        if site is not None and site.results is not None and site.results.host:
+            return f"{site.results.ae_title}@{site.results.host}:{site.results.port}"
+        if settings.host:
+            return f"{settings.ae_title}@{settings.host}:{settings.port}"
+        return None
+
+    return destination

@@ -20,26 +20,27 @@ from pydicom import Dataset
 
 from triage.analysis import AnalysisOutcome, RetryPolicy, analyse_study
 from triage.config import ALL_ROLES, ServiceRole, Settings
-from triage.dicom.results import export_study_results
 from triage.dicom.scp import StorageSCP
 from triage.dicom.store import DicomStore, StoredInstance, StorePolicy
-from triage.domain import AIStatus, InstanceMeta, utcnow
+from triage.domain import InstanceMeta, utcnow
 from triage.errors import TriageError
 from triage.hl7.mllp import MLLPServer
 from triage.models.registry import InstalledModel, ModelRegistry
 from triage.pipelines.routing import RoutingRules
 from triage.pipelines.runner import Runner, make_runner
 from triage.serve.delivery import (
+    DICOM,
     HL7,
+    DicomResultsDeliverer,
     EmailDeliverer,
     Hl7Deliverer,
     WebhookDeliverer,
     order_handler,
+    results_destination,
     server_tls,
 )
 from triage.serve.metrics import ModelMetrics, ServiceMetrics
 from triage.storage import LocalStore
-from triage.tls import client_context
 from triage.worklist.accounts import Accounts
 from triage.worklist.alerts import ALERT, EMAIL, ESCALATION, WEBHOOK
 from triage.worklist.db import create_engine_for, migrate
@@ -97,6 +98,8 @@ class TriageService:
             self.worklist.hl7_destination = f"{settings.hl7.ris_host}:{settings.hl7.ris_port}"
             deliverers[HL7] = Hl7Deliverer(settings.hl7)
         self.worklist.alert_settings = settings.alerts
+        self.worklist.results_destination = results_destination(settings.results)
+        deliverers[DICOM] = DicomResultsDeliverer(self.worklist, self.files, settings.results, self.finding_codes)
         deliverers[WEBHOOK] = WebhookDeliverer(settings.alerts)
         if settings.alerts.smtp_host:
             deliverers[EMAIL] = EmailDeliverer(settings.alerts)
@@ -454,41 +457,13 @@ class TriageService:
             self.outcomes.append(outcome)
             del self.outcomes[:-200]
         self.service_metrics.observe_stages(outcome.results)
-        self._send_results(outcome)
-        return outcome
-
-    def _send_results(self, outcome: AnalysisOutcome) -> None:
-        """Send the analysis back to PACS when one is configured. After the worklist is updated, and a PACS that
-        is down only costs a log line: it never touches the study's place on the worklist."""
-        results = self.settings.results
-        destination = (results.ae_title, results.host, results.port)
-        # Shadow findings are never sent out: the hospital sees only what active models found.
-        findings = [f for f in outcome.findings if not f.shadow]
-        if outcome.ai_status != AIStatus.DONE or not findings:
-            return
+        # What the analysis wrote to the outbox (results for the PACS, HL7 for the RIS, alerts) goes out now;
+        # what cannot be delivered now is retried by the outbox thread.
         try:
-            # A client hospital with its own PACS gets its results there; others go to TRIAGE_RESULTS__*.
-            site = self.worklist.sites.find(self.worklist.site_of(outcome.study_uid))
-            tls: Any = results
-            if site is not None and site.results is not None:
-                destination = (site.results.ae_title, site.results.host, site.results.port)
-                tls = site.results
-            if not destination[1]:
-                return
-            sent = export_study_results(
-                self.files,
-                outcome.study_uid,
-                findings,
-                str(outcome.ai_status),
-                outcome.reason,
-                destination,
-                calling_ae=results.calling_ae,
-                codes_by_label=self.finding_codes(),
-                ssl_context=client_context(tls.tls_ca, tls.tls_certfile, tls.tls_keyfile) if tls.tls else None,
-            )
-            log.info("study %s: %d result instance(s) sent to %s", outcome.study_uid, sent, destination[0])
-        except TriageError as exc:
-            log.warning("study %s: AI results not sent to %s: %s", outcome.study_uid, destination[0], exc)
+            self.outbox.deliver_due(utcnow(), study_uid=study_uid)
+        except Exception:  # noqa: BLE001 - delivery never touches the analysis or the worklist
+            log.exception("study %s: outbox delivery failed", study_uid)
+        return outcome
 
     def finding_codes(self) -> dict[str, tuple[str, str, str]]:
         """The coded finding type per label, from the installed models' cards (written into the SR and SEG)."""

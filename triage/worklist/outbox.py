@@ -150,7 +150,7 @@ class Outbox:
         # Kinds whose every delivery and failure goes to the audit log too (critical alerts).
         self.audited_kinds = audited_kinds
 
-    def _due(self, now: datetime) -> Any:
+    def _due(self, now: datetime, study_uid: str | None = None) -> Any:
         earlier = aliased(OutboxRow)
         blocked = exists().where(
             and_(
@@ -172,15 +172,17 @@ class Outbox:
             .order_by(OutboxRow.id)
             .limit(1)
         )
+        if study_uid is not None:
+            query = query.where(OutboxRow.study_uid == study_uid)
         if self.engine.dialect.name == "postgresql":
             query = query.with_for_update(skip_locked=True, of=OutboxRow)
         return query
 
-    def deliver_one(self, now: datetime) -> Message | None:
+    def deliver_one(self, now: datetime, study_uid: str | None = None) -> Message | None:
         """Deliver the oldest due message (holding its row while the peer answers, so that two workers never send
         the same message at once). Returns it (with its outcome stored), or None when nothing is due."""
         with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
-            row = session.execute(self._due(now)).scalars().first()
+            row = session.execute(self._due(now, study_uid)).scalars().first()
             if row is None:
                 return None
             message = Message(
@@ -214,10 +216,11 @@ class Outbox:
                                      detail=detail))  # fmt: skip
             return message
 
-    def deliver_due(self, now: datetime, limit: int = 100) -> int:
-        """Deliver due messages until none is left (or `limit`); returns how many were tried."""
+    def deliver_due(self, now: datetime, limit: int = 100, study_uid: str | None = None) -> int:
+        """Deliver due messages (of one study, or all) until none is left (or `limit`); returns how many were
+        tried."""
         tried = 0
-        while tried < limit and self.deliver_one(now) is not None:
+        while tried < limit and self.deliver_one(now, study_uid) is not None:
             tried += 1
         return tried
 

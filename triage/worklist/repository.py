@@ -377,6 +377,8 @@ class Worklist:
         self.hl7_destination: str | None = None
         # Critical-alert contacts (set by the service from TRIAGE_ALERTS__* and the site records).
         self.alert_settings = AlertSettings()
+        # Where a site's AI results go ("AE@host:port" of its PACS, else the service's), None: not sent.
+        self.results_destination: Callable[[Site | None], str | None] = lambda site: None
         self.rescore_studies()
 
     @classmethod
@@ -1132,6 +1134,13 @@ class Worklist:
         alerts when an AI finding made the study stat, the AI's preliminary result for the RIS (active models'
         findings only) and, when the priority moved, a notice of it."""
         self._alert(session, study, before, now)
+        site = self.sites.find(study.site) if study.site_match else None
+        pacs = self.results_destination(site)
+        active = [f for f in _readable_findings(study.findings, study.study_uid) if not f.shadow]
+        if pacs and status is AIStatus.DONE and active:
+            # The PACS gets the analysis's results (SR, SEG, captures), retried by the outbox while it is down.
+            payload = {"generation": study.analysed_generation, "site": study.site}
+            enqueue(session, "dicom", pacs, "ai-results", payload, now, study_uid=study.study_uid)
         if not self.hl7_destination or not study.accession_number:
             return
         # The reason for the level (a long wait moves the place in the order, not the level: not the RIS's news).
