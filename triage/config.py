@@ -359,6 +359,10 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # Password of the first admin, created at first start; empty: generated and printed once on stderr.
     admin_password: str = ""
+    # "Open in viewer" on the study page: a URL with {study_uid} (and {accession}) filled in, for example an OHIF
+    # viewer on triage's DICOMweb ("https://ohif.example.org/viewer?StudyInstanceUIDs={study_uid}") or on the site's
+    # PACS. Empty: no link.
+    viewer_url_template: str = ""
     # Sign-in sessions expire after this many hours.
     session_ttl_h: float = 12.0
     # Whether a service account (API token) may mark a study reported, as a RIS bridge does when the report is

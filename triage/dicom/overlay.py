@@ -21,6 +21,9 @@ from triage.errors import InvalidStudyError, UnsupportedInputError
 # Brain window (PS3.3 C.11.2.1.2: a window of 80 HU centred on 40 HU): 0 HU black, 80 HU white. The window a
 # radiologist reads a head CT for haemorrhage in.
 BRAIN_WINDOW_HU = (0.0, 80.0)
+# The windows a head CT is read in (low, high HU): brain (W80 L40), subdural (W200 L80: a thin collection against
+# the skull stands out) and bone (W2800 L600: fractures).
+WINDOWS_HU = {"brain": BRAIN_WINDOW_HU, "subdural": (-20.0, 180.0), "bone": (-800.0, 2000.0)}
 CT_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1")
 BURNED_IN_WARNING = "NOT FOR DIAGNOSTIC USE"
 OVERLAY_RGB = (255, 40, 40)
@@ -38,7 +41,9 @@ class DisplayImage:
     kind: str  # "ct" or "radiograph"
 
 
-def display_image(ds: Any, frame: int | None = None, source: str = "") -> DisplayImage:
+def display_image(
+    ds: Any, frame: int | None = None, source: str = "", window_hu: tuple[float, float] | None = None
+) -> DisplayImage:
     """A decoded instance as a viewer shows it: CT in the brain window, anything else through its own Modality
     and VOI LUTs (see `radiograph_from_dataset`). An Enhanced CT shows `frame` (the middle one by default).
 
@@ -70,7 +75,7 @@ def display_image(ds: Any, frame: int | None = None, source: str = "") -> Displa
         hu = _enhanced_frame_hu(ds, pixels, index)
     else:
         hu = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
-    return DisplayImage(_to_uint8(hu, *BRAIN_WINDOW_HU), uid, "ct")
+    return DisplayImage(_to_uint8(hu, *(window_hu or BRAIN_WINDOW_HU)), uid, "ct")
 
 
 def _enhanced_frame_hu(ds: Any, pixels: np.ndarray, index: int) -> np.ndarray:

@@ -472,6 +472,21 @@ def _counts_text(counts: dict[str, int]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- pages
+def _viewer(detail: Any, template: str) -> dict[str, Any]:
+    """What the study page's image scroller starts with: the series to offer, the one analysed by the first finding
+    (else the first), the image the AI region was drawn on, and the "open in viewer" link."""
+    series = [s for s in detail.series if s.n_instances > 0 and s.modality not in ("SR", "PR", "KO", "SEG")]
+    analysed = next((f.series_uid for f in detail.findings if f.series_uid), "")
+    default = analysed if any(s.series_uid == analysed for s in series) else (series[0].series_uid if series else "")
+    key_sop = next((f.overlay_sop_instance_uid or "" for f in detail.findings if f.series_uid == default), "")
+    link = ""
+    if template:
+        link = template.replace("{study_uid}", quote(detail.study_uid)).replace(
+            "{accession}", quote(detail.accession_number or "")
+        )
+    return {"viewer_series": series, "viewer_default": default, "viewer_key_sop": key_sop, "viewer_link": link}
+
+
 def build_pages(templates: Jinja2Templates) -> APIRouter:
     """Every page here needs a signed-in user; without one the browser is redirected to /login."""
     router = APIRouter(tags=["pages"], include_in_schema=False, dependencies=[Depends(page_user)])
@@ -655,6 +670,7 @@ def build_pages(templates: Jinja2Templates) -> APIRouter:
             told_at_default=now.astimezone(zone).strftime("%Y-%m-%dT%H:%M"),
             told_zone_default=detail.site_time_zone or "UTC",
             messages=await asyncio.to_thread(service.outbox.messages, study_uid),
+            **_viewer(detail, service.settings.viewer_url_template),
         )
 
     @router.post("/studies/{study_uid}/communications")

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -223,3 +224,105 @@ def preview_png(
 
 class PreviewError(InvalidStudyError):
     """The stored image or overlay could not be drawn as a preview."""
+
+
+def _position_along_normal(header: Any) -> float:
+    """Where a slice lies along its normal (mm), for ordering a series as a scroller shows it."""
+    position = header.get("ImagePositionPatient")
+    orientation = header.get("ImageOrientationPatient")
+    if position is None or orientation is None or len(orientation) != 6:
+        return float(header.get("InstanceNumber", 0) or 0)
+    row, col = np.array(orientation[:3], dtype=float), np.array(orientation[3:], dtype=float)
+    return float(np.dot(np.cross(row, col), np.array(position, dtype=float)))
+
+
+def series_slices(worklist: Worklist, store: Store, study_uid: str, series_uid: str) -> list[tuple[str, str]]:
+    """(SOP Instance UID, store key) of a series' images in order along the slice normal (headers read once per
+    series and number of instances)."""
+    files = series_files(worklist.engine, study_uid, series_uid)
+    if not files:
+        raise NotFoundError(f"study {study_uid!r} has no series {series_uid!r}")
+    return list(_ordered(tuple(files), store))
+
+
+_PLACEMENT_TAGS = ["ImagePositionPatient", "ImageOrientationPatient", "InstanceNumber"]
+_ORDER_CACHE: dict[tuple[tuple[str, str], ...], list[tuple[str, str]]] = {}
+
+
+def _ordered(files: tuple[tuple[str, str], ...], store: Store) -> list[tuple[str, str]]:
+    cached = _ORDER_CACHE.get(files)
+    if cached is not None:
+        return cached
+    import pydicom
+
+    placed = []
+    for uid, key in files:
+        try:
+            with store.open(key) as handle:
+                header = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=_PLACEMENT_TAGS)
+            placed.append((_position_along_normal(header), uid, key))
+        except Exception:  # noqa: BLE001 - an unreadable header goes last rather than hiding the series
+            placed.append((float("inf"), uid, key))
+    ordered = [(uid, key) for _, uid, key in sorted(placed)]
+    if len(_ORDER_CACHE) > 64:
+        _ORDER_CACHE.clear()
+    _ORDER_CACHE[files] = ordered
+    return ordered
+
+
+def slice_png(
+    worklist: Worklist,
+    store: Store,
+    study_uid: str,
+    series_uid: str,
+    index: int,
+    window: str = "brain",
+    overlay: bool = True,
+    include_shadow: bool = False,
+) -> bytes:
+    """One image of a series for the study page's scroller: in `window` (brain, subdural, bone; radiographs as
+    presented), with the AI's segmentation or overlay of that image drawn when `overlay` (findings of models in
+    shadow only for `include_shadow`). Captioned "NOT FOR DIAGNOSTIC USE".
+
+    Raises:
+        NotFoundError: no such series or image index.
+        ValueError: an unknown window.
+        InvalidStudyError: the image cannot be decoded.
+    """
+    import pydicom
+
+    from triage.dicom.overlay import WINDOWS_HU
+    from triage.storage import segmentation_from_bytes
+
+    if window not in WINDOWS_HU:
+        raise ValueError(f"unknown window {window!r}; valid: {sorted(WINDOWS_HU)}")
+    slices = series_slices(worklist, store, study_uid, series_uid)
+    if not 0 <= index < len(slices):
+        raise NotFoundError(f"series {series_uid!r} has {len(slices)} images; no image {index}")
+    sop_uid, key = slices[index]
+    with store.open(key) as handle:
+        ds = pydicom.dcmread(handle)
+    image = display_image(ds, source=key_name(key), window_hu=WINDOWS_HU[window])
+    drawn: Overlay | None = None
+    caption = f"image {index + 1} of {len(slices)}, {window} window"
+    if overlay:
+        detail = worklist.get_study(study_uid, datetime.now().astimezone())
+        for finding in detail.findings:
+            if finding.shadow and not include_shadow:
+                continue
+            try:
+                if finding.segmentation_file and finding.series_uid == series_uid:
+                    masks = segmentation_from_bytes(store.get_overlay(study_uid, finding.segmentation_file))
+                    if sop_uid in masks.sop_instance_uids:
+                        mask = masks.masks[masks.sop_instance_uids.index(sop_uid)].astype(np.float32)
+                        drawn = Overlay(sop_uid, mask, 1)
+                elif finding.overlay_file:
+                    candidate = load_overlay(store, study_uid, finding.overlay_file)
+                    if candidate.sop_instance_uid == sop_uid:
+                        drawn = candidate
+            except TriageError as exc:
+                log.warning("study %s: AI region of %s not drawn: %s", study_uid, finding.label, exc)
+            if drawn is not None:
+                caption += f"; AI: {finding.label.replace('_', ' ')} ({finding.model} {finding.model_version})"
+                break
+    return render_png(image, drawn, caption)

@@ -15,7 +15,7 @@ from triage.serve.deps import Admin, Audit, Claimant, CurrentUser, Human, Readin
 from triage.serve.schemas import ActionResult
 from triage.serve.visibility import for_reader, sees_shadow
 from triage.worklist.accounts import Role
-from triage.worklist.preview import preview_png
+from triage.worklist.preview import preview_png, series_slices, slice_png
 from triage.worklist.repository import Communication, StudyDetail
 
 router = APIRouter(prefix="/studies", tags=["worklist"])
@@ -128,6 +128,43 @@ def communicate(
         at=entry.at.isoformat(),
     )
     return entry
+
+
+@router.get(
+    "/{study_uid}/series/{series_uid}/slices",
+    summary="The images of a series in order along the slice normal, for the study page's scroller",
+)
+def slices(study_uid: str, series_uid: str, service: Service, reading: ReadingDep) -> dict[str, Any]:
+    reading.check(study_uid, "view-image")
+    ordered = series_slices(service.worklist, service.files, study_uid, series_uid)
+    return {"count": len(ordered), "sop_instance_uids": [uid for uid, _ in ordered]}
+
+
+@router.get(
+    "/{study_uid}/series/{series_uid}/slices/{index}.png",
+    summary="One image of a series in a window (brain, subdural, bone), the AI region drawn (not for diagnostic use)",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def slice_image(
+    study_uid: str,
+    series_uid: str,
+    index: int,
+    service: Service,
+    user: CurrentUser,
+    reading: ReadingDep,
+    audit: Audit,
+    window: Annotated[str, Query(description="brain, subdural or bone")] = "brain",
+    overlay: Annotated[bool, Query(description="Draw the AI region")] = True,
+) -> Response:
+    reading.check(study_uid, "view-image")
+    try:
+        png = slice_png(service.worklist, service.files, study_uid, series_uid, index, window, overlay,
+                        include_shadow=sees_shadow(user))  # fmt: skip
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from exc
+    audit(user, "view-image", study_uid, series=series_uid, image=index, window=window)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 @router.get(
