@@ -183,7 +183,8 @@ def save_overlay(store: Store | None, study_uid: str, finding: Finding) -> str |
     None without an overlay, or without a store to keep it in (`triage infer`)."""
     if finding.overlay is None or store is None:
         return None
-    name = f"{finding.model}-{finding.label}.npz"
+    # With the version: a newer version on trial in shadow must not overwrite the active version's overlay.
+    name = f"{finding.model}-{finding.model_version}-{finding.label}.npz"
     store.put_overlay(study_uid, name, overlay_bytes(finding.overlay))
     return name
 
