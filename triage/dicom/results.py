@@ -373,4 +373,11 @@ def export_study_results(
         host,
         port,
     )
+    if stored < len(datasets):
+        # The PACS answered but refused some instances: not done (the outbox tries again, and says why).
+        refused = sorted({f"0x{s:04X}" for s in statuses if status_category(s) not in ("success", "warning")})
+        raise ResultsExportError(
+            f"{called_ae}@{host}:{port} stored {stored} of {len(datasets)} result instances"
+            f" (refused: {', '.join(refused)})"
+        )
     return stored

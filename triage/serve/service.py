@@ -266,6 +266,9 @@ class TriageService:
         while not self._stop.wait(self.settings.outbox.interval_s):
             try:
                 self.worklist.escalate_alerts(utcnow())
+            except Exception:  # noqa: BLE001 - an escalation error must not stop delivery
+                log.exception("alert escalation failed")
+            try:
                 self.outbox.deliver_due(utcnow())
             except Exception:  # noqa: BLE001 - delivery must outlive any single failure (the database restarting)
                 log.exception("outbox delivery failed")

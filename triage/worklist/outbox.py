@@ -197,13 +197,14 @@ class Outbox:
                 row.last_error = f"{type(exc).__name__}: {exc}"[:2000]
                 if permanent:
                     row.status = FAILED
-                    log.error("outbox %s %s to %s failed permanently: %s", row.channel, row.kind, row.destination,
-                              row.last_error)  # fmt: skip
+                    # The peer's own words stay in the database (they may quote the patient), not in the log.
+                    log.error("outbox %s %s to %s failed permanently (%s)", row.channel, row.kind, row.destination,
+                              type(exc).__name__)  # fmt: skip
                 else:
                     wait = backoff_s(row.attempts, self.retry_base_s, self.retry_max_s)
                     row.next_attempt_at = now + timedelta(seconds=wait)
                     log.warning("outbox %s %s to %s: attempt %d failed (%s); retry in %.0f s", row.channel, row.kind,
-                                row.destination, row.attempts, row.last_error, wait)  # fmt: skip
+                                row.destination, row.attempts, type(exc).__name__, wait)  # fmt: skip
             else:
                 row.status = DELIVERED
                 row.delivered_at = now

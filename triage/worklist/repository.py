@@ -1079,24 +1079,29 @@ class Worklist:
                 # Instances arrived during this analysis: the newer analysis supersedes it. Until then its
                 # findings are the best the study has (a study that keeps growing must still show a bleed),
                 # so they are kept provisionally when nothing newer is stored; the study stays queued.
-                if generation > study.analysed_generation and status is not AIStatus.FAILED:
+                if generation > study.analysed_generation and status not in (AIStatus.FAILED, AIStatus.NOT_APPLICABLE):
                     study.findings = stored_findings
                     study.routing = stored_routing
                     study.analysed_generation = generation
                     study.analysis_finished_at = now
+                    self._refresh_priority(study, now)  # the provisional findings raise the study now
                 if study.analysing_generation == generation:
                     study.ai_status = AIStatus.PENDING.value
                     study.ai_reason = f"new instances arrived during analysis {generation}; re-analysis queued"
                     self._refresh_priority(study, now)
+                # A bleed found by an analysis that newer instances superseded already raised the study: its alert
+                # goes out now, not after the next analysis (which would find the study stat already).
+                self._alert(session, study, "", now)
                 self._history(
                     session, study_uid, "analysis-superseded", now, generation=generation, status=status.value
                 )
                 self._close_run(session, study_uid, generation, "superseded", now, reason, stages)
                 stored = False
             else:
-                if status is not AIStatus.FAILED:
+                if status not in (AIStatus.FAILED, AIStatus.NOT_APPLICABLE):
                     # A failed re-analysis keeps the findings stored before it: an AI failure never lowers
-                    # a priority.
+                    # a priority. Nor does one that ran no model (its model unavailable or turned off meanwhile):
+                    # it says nothing new about the images.
                     study.findings = stored_findings
                 study.routing = stored_routing
                 study.ai_status = status.value
@@ -1166,13 +1171,19 @@ class Worklist:
         One alert per finding and contact, ever (the outbox's dedupe key): a re-analysis that flags it again, or a
         second process, tells nobody twice."""
         top = PriorityLevel.STAT.value
-        if before == top or study.priority_level != top:
+        if study.priority_level != top:
             return
+        # Once per finding and contact (the dedupe key), whenever an AI finding is what made the study stat.
         raised = [r for r in study.priority_reasons or [] if r.get("code") == AI_FINDING and r.get("level") == top]
         if not raised:
             return
+        raising_text = " ".join(str(r.get("text", "")) for r in raised)
         contacts = contacts_for(self.sites.find(study.site) if study.site_match else None, self.alert_settings)
-        findings = [f for f in _readable_findings(study.findings, study.study_uid) if f.flagged and not f.shadow]
+        findings = [
+            f
+            for f in _readable_findings(study.findings, study.study_uid)
+            if f.flagged and not f.shadow and f"{f.label} flagged" in raising_text
+        ]
         queued = []
         for finding in findings:
             payload = {

@@ -57,7 +57,9 @@ def test_a_radiologist_gets_only_the_studies_of_sites_they_may_read(site: Site) 
     assert site.client.post("/api/v1/worklist/next", headers=headers).status_code == 204
     # Sites are changed by admins only.
     assert site.client.post("/api/v1/sites", json={"name": "Z"}, headers=headers).status_code == 403
-    assert [s["name"] for s in site.client.get("/api/v1/sites").json()] == ["CITY HOSPITAL", "HILL CLINIC"]
+    # Readers get the names and clocks of the sites they may read, not other clients' records.
+    assert [s["name"] for s in site.client.get("/api/v1/sites").json()] == ["CITY HOSPITAL"]
+    assert site.client.get("/api/v1/sites/HILL CLINIC").status_code == 403
 
 
 def test_an_admin_sees_every_site_and_a_rule_change_rescores(site: Site) -> None:

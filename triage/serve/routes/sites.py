@@ -9,7 +9,7 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel
 
 from triage.domain import utcnow
-from triage.serve.deps import AccountsDep, Admin, CurrentUser, WorklistDep
+from triage.serve.deps import AccountsDep, Admin, CurrentUser, ReadingDep, WorklistDep
 from triage.worklist.accounts import Role
 from triage.worklist.sites import Privilege, Site, parse_site
 
@@ -46,13 +46,23 @@ def _out(p: Privilege) -> PrivilegeOut:
     )
 
 
-@router.get("/sites", response_model=list[Site], summary="The client hospitals and their rules")
-def list_sites(worklist: WorklistDep, user: CurrentUser) -> list[Site]:
-    return worklist.sites.all()
+@router.get(
+    "/sites",
+    response_model=list[Site],
+    summary="The client hospitals and their rules (admins: every record; others: name and time zone of the sites"
+    " they may read)",
+)
+def list_sites(worklist: WorklistDep, user: CurrentUser, reading: ReadingDep) -> list[Site]:
+    sites = worklist.sites.all()
+    if user.role == Role.ADMIN:
+        return sites
+    # Another client's contacts, PACS and webhooks are not for readers or machines: names and clocks only.
+    allowed = None if reading.scope is None else reading.scope.sites
+    return [Site(name=s.name, time_zone=s.time_zone) for s in sites if allowed is None or s.name in allowed]
 
 
-@router.get("/sites/{name}", response_model=Site, summary="One client hospital")
-def get_site(name: str, worklist: WorklistDep, user: CurrentUser) -> Site:
+@router.get("/sites/{name}", response_model=Site, summary="One client hospital (admins)")
+def get_site(name: str, worklist: WorklistDep, user: Admin) -> Site:
     return worklist.sites.get(name)
 
 

@@ -47,6 +47,7 @@ def preview(
     finding: Annotated[int | None, Query(description="Index into the study's findings")] = None,
 ) -> Response:
     reading.check(study_uid, "view-image")
+    worklist.touch_claim(study_uid, user.name, utcnow())
     png = preview_png(worklist, service.files, study_uid, finding, utcnow(), include_shadow=sees_shadow(user))
     audit(user, "view-image", study_uid, finding=finding)
     # An image of a patient: not cached anywhere.
@@ -158,6 +159,8 @@ def slice_image(
     overlay: Annotated[bool, Query(description="Draw the AI region")] = True,
 ) -> Response:
     reading.check(study_uid, "view-image")
+    # Scrolling the images is working on the study: the claimant's claim is not idle.
+    service.worklist.touch_claim(study_uid, user.name, utcnow())
     try:
         png = slice_png(service.worklist, service.files, study_uid, series_uid, index, window, overlay,
                         include_shadow=sees_shadow(user))  # fmt: skip
