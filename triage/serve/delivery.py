@@ -242,7 +242,7 @@ class DicomResultsDeliverer:
         findings = [f for f in study.findings if not f.shadow]
         if not findings:
             return  # nothing of an active model to send (a re-analysis removed it): done
-        site = self.worklist.sites.find(study.site) if study.site_match else None
+        site = self.worklist.site_record(study.site, study.site_match)
         tls: Any = site.results if site is not None and site.results is not None else self.results
         context = client_context(tls.tls_ca, tls.tls_certfile, tls.tls_keyfile) if tls.tls else None
         try:

@@ -483,6 +483,11 @@ class Worklist:
             return self.sender_priority[ae], f"from sending AE {ae}{note}"
         return PriorityLevel.ROUTINE, f"default{note}"
 
+    def site_record(self, site: str, site_match: str | None) -> Site | None:
+        """The registered site a study was recognised as (its `site` and `site_match`), or None for a sender no
+        site claims."""
+        return self.sites.find(site) if site_match else None
+
     def _site_of(self, calling_ae: str, institution: str) -> tuple[str, str]:
         """(site, how recognised): a registered site, else the Institution Name with no match."""
         found = self.sites.recognise(calling_ae or "", institution or "")
@@ -547,7 +552,7 @@ class Worklist:
     def _item(self, study: Study, now: datetime) -> WorklistItem:
         priority = self._priority(study, now)
         wait = turnaround(base_level(priority), study.received_at, now, self.sites.policy_for(study.site)[0])
-        site = self.sites.find(study.site) if study.site_match else None
+        site = self.site_record(study.site, study.site_match)
         return WorklistItem(
             study_uid=study.study_uid,
             accession_number=study.accession_number,
@@ -1091,7 +1096,7 @@ class Worklist:
                     self._refresh_priority(study, now)
                 # A bleed found by an analysis that newer instances superseded already raised the study: its alert
                 # goes out now, not after the next analysis (which would find the study stat already).
-                self._alert(session, study, "", now)
+                self._alert(session, study, now)
                 self._history(
                     session, study_uid, "analysis-superseded", now, generation=generation, status=status.value
                 )
@@ -1138,8 +1143,8 @@ class Worklist:
         """Write what this analysis tells the outside into the outbox, in the analysis's own transaction: critical
         alerts when an AI finding made the study stat, the AI's preliminary result for the RIS (active models'
         findings only) and, when the priority moved, a notice of it."""
-        self._alert(session, study, before, now)
-        site = self.sites.find(study.site) if study.site_match else None
+        self._alert(session, study, now)
+        site = self.site_record(study.site, study.site_match)
         pacs = self.results_destination(site)
         active = [f for f in _readable_findings(study.findings, study.study_uid) if not f.shadow]
         if pacs and status is AIStatus.DONE and active:
@@ -1166,7 +1171,7 @@ class Worklist:
                        "current": study.priority_level, "reason": reason}  # fmt: skip
             enqueue(session, "hl7", self.hl7_destination, "priority-change", payload, now, study_uid=study.study_uid)
 
-    def _alert(self, session: Session, study: Study, before: str, now: datetime) -> None:
+    def _alert(self, session: Session, study: Study, now: datetime) -> None:
         """Queue a critical alert to each contact of the study's site when an AI finding has just made it stat.
         One alert per finding and contact, ever (the outbox's dedupe key): a re-analysis that flags it again, or a
         second process, tells nobody twice."""
@@ -1178,7 +1183,7 @@ class Worklist:
         if not raised:
             return
         raising_text = " ".join(str(r.get("text", "")) for r in raised)
-        contacts = contacts_for(self.sites.find(study.site) if study.site_match else None, self.alert_settings)
+        contacts = contacts_for(self.site_record(study.site, study.site_match), self.alert_settings)
         findings = [
             f
             for f in _readable_findings(study.findings, study.study_uid)
@@ -1218,7 +1223,7 @@ class Worklist:
                 study = session.get(Study, study_uid)
                 if study is None or study.reported_at is not None or study.claimed_by is not None:
                     continue
-                contacts = contacts_for(self.sites.find(study.site) if study.site_match else None, self.alert_settings)
+                contacts = contacts_for(self.site_record(study.site, study.site_match), self.alert_settings)
                 waited_min = (now - first_at).total_seconds() / 60
                 if waited_min < contacts.escalate_after_min or not contacts.escalation:
                     continue
@@ -1837,7 +1842,7 @@ class Worklist:
                 .all()
             )
             for study in studies:
-                site = self.sites.find(study.site) if study.site_match else None
+                site = self.site_record(study.site, study.site_match)
                 limit_min = site.claim_idle_min if site is not None else default_idle_min
                 active = study.claim_active_at or study.claimed_at or now
                 idle_min = (now - active).total_seconds() / 60
