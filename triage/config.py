@@ -157,6 +157,11 @@ class OutboxSettings(BaseModel):
     interval_s: float = Field(default=2.0, gt=0)
     retry_base_s: float = Field(default=5.0, gt=0)
     retry_max_s: float = Field(default=600.0, gt=0)
+    # A message still failing transiently this long after it was written is kept as failed, for an admin.
+    give_up_after_h: float = Field(default=72.0, gt=0)
+    # A claimed message is due again after this long (a worker that died while sending): above every channel's
+    # own timeout.
+    lease_s: float = Field(default=300.0, gt=0)
 
 
 class HttpSettings(BaseModel):

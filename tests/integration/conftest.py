@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -32,7 +33,31 @@ def study_lines(items: list[dict]) -> str:
     return "\n".join(lines) or "  (no studies on the worklist)"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
+    """A loopback port that is free now and outside the kernel's ephemeral range.
+
+    A port the kernel handed out for bind(0) comes from the range it also gives outgoing connections, so while a
+    server starts (Ray opens many connections) another socket can take it first: the server then died with
+    "address already in use". Below the range only listeners compete, and start_server retries anyway.
+    """
+    low, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -139,18 +164,41 @@ def start_server(
 
     A service account's API token is created for the tests unless `token` is given (processes sharing one
     database share one token). With TRIAGE_DATABASE_URL in `extra_env` the process uses that database.
+    A start that lost its port to another process (it exits "address already in use") is tried again on new ports.
     """
-    if find_dcmtk("storescu") is None:
-        pytest.fail("dcmtk's storescu is required for integration tests (apt-get install dcmtk)")
-    http_port, dicom_port = free_port(), free_port()
-    env = {**os.environ, "TRIAGE_DICOM__STABLE_AGE_S": "2", **(extra_env or {})}
     if token is None:
         # The API needs a signed-in user or an API token: the tests act as a service account.
         settings = Settings()
         settings.data_dir = data_dir
-        if env.get("TRIAGE_DATABASE_URL"):
-            settings.database_url = env["TRIAGE_DATABASE_URL"]
+        database_url = (extra_env or {}).get("TRIAGE_DATABASE_URL") or os.environ.get("TRIAGE_DATABASE_URL")
+        if database_url:
+            settings.database_url = database_url
         _, token = add_user(settings, "ci-service", "service")
+    for attempt in range(3):
+        try:
+            return _start_server(data_dir, extra_env, runner, roles, token, name)
+        except _PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class _PortTaken(AssertionError):
+    pass
+
+
+def _start_server(
+    data_dir: Path,
+    extra_env: dict[str, str] | None,
+    runner: str,
+    roles: tuple[str, ...],
+    token: str,
+    name: str | None,
+) -> Server:
+    if find_dcmtk("storescu") is None:
+        pytest.fail("dcmtk's storescu is required for integration tests (apt-get install dcmtk)")
+    http_port, dicom_port = free_port(), free_port()
+    env = {**os.environ, "TRIAGE_DICOM__STABLE_AGE_S": "2", **(extra_env or {})}
     log_path = data_dir.parent / f"{name or data_dir.name}-server.log"
     command = [
         sys.executable,
@@ -174,7 +222,10 @@ def start_server(
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
+            tail = log_path.read_text()[-4000:]
+            if "address already in use" in tail.lower():
+                raise _PortTaken(f"server exited ({proc.returncode}), its port was taken:\n{tail}")
+            raise AssertionError(f"server exited ({proc.returncode}):\n{tail}")
         try:
             if httpx.get(server.url + "/readyz", timeout=2).status_code == 200:
                 return server

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import pydicom
 import pytest
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
 
+from tests.integration.conftest import free_port
 from triage.dicom.results import export_study_results
 from triage.domain import Finding, Overlay, SliceMasks
 from triage.storage import LocalStore, overlay_bytes, segmentation_bytes
@@ -31,12 +31,6 @@ ORTHANC_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/O
 START_TIMEOUT_S = 20.0
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _not_available(reason: str) -> NoReturn:
@@ -62,7 +56,7 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     binary = shutil.which("Orthanc") or next((p for p in ORTHANC_CANDIDATES if Path(p).is_file()), None)
     if binary is None:
         _not_available("Orthanc is not installed")
-    http_port, dicom_port = _free_port(), _free_port()
+    http_port, dicom_port = free_port(), free_port()
     config = {
         "Name": "triage-test-pacs",
         "StorageDirectory": str(tmp_path / "orthanc" / "storage"),

@@ -109,6 +109,8 @@ class TriageService:
             settings.outbox.retry_base_s,
             settings.outbox.retry_max_s,
             audited_kinds=frozenset({ALERT, ESCALATION}),
+            give_up_after_s=settings.outbox.give_up_after_h * 3600,
+            lease_s=settings.outbox.lease_s,
         )
         self._outbox_thread: threading.Thread | None = None
         self.hl7_listener: MLLPServer | None = None

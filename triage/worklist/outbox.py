@@ -8,8 +8,9 @@ with exponential backoff; a permanent one (the peer refuses the message itself) 
 for an admin. Messages of one study to one destination go out in the order they were written: a later one waits
 while an earlier one is still pending, so a RIS never sees a priority notice before the result it refers to.
 
-Delivery is at least once: a crash between the peer's acknowledgement and the commit resends that message, with
-the same identifier (`message_id`), so that the peer can recognise the repeat.
+Delivery is at least once: a crash between the peer's acknowledgement and the commit resends that message (once its
+lease has run out), with the same identifier (`message_id`), so that the peer can recognise the repeat. A message
+that still fails transiently after `give_up_after_s` is kept as failed, like a refused one.
 """
 
 from __future__ import annotations
@@ -131,6 +132,9 @@ class Outbox:
         deliverers: Channel name -> function that sends one message and returns once the peer acknowledged it,
             raising `DeliveryError` (or any exception: treated as transient) otherwise.
         retry_base_s, retry_max_s: The backoff of transient failures (x3 per attempt, capped).
+        give_up_after_s: A message still failing transiently this long after it was written is kept as failed
+            (with the reason, for an admin) instead of being retried for ever.
+        lease_s: How long a claimed message is not due again: longer than any deliverer's own timeout.
         audited_kinds: Message kinds whose deliveries and failures are written to the audit log as well.
     """
 
@@ -141,12 +145,16 @@ class Outbox:
         retry_base_s: float = 5.0,
         retry_max_s: float = 600.0,
         audited_kinds: frozenset[str] = frozenset(),
+        give_up_after_s: float = 72 * 3600.0,
+        lease_s: float = 300.0,
     ) -> None:
         self.engine = engine
         self._write_engine = engine.execution_options(**{WRITE_OPTION: True})
         self.deliverers = dict(deliverers)
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
+        self.give_up_after_s = give_up_after_s
+        self.lease_s = lease_s
         # Kinds whose every delivery and failure goes to the audit log too (critical alerts).
         self.audited_kinds = audited_kinds
 
@@ -179,43 +187,75 @@ class Outbox:
         return query
 
     def deliver_one(self, now: datetime, study_uid: str | None = None) -> Message | None:
-        """Deliver the oldest due message (holding its row while the peer answers, so that two workers never send
-        the same message at once). Returns it (with its outcome stored), or None when nothing is due."""
+        """Deliver the oldest due message. Returns it (with its outcome stored), or None when nothing is due.
+
+        The message is claimed in a short transaction (a lease: it is not due again for `lease_s`), sent with no
+        database transaction open, and its outcome recorded in a second one. A slow or dead peer so never holds
+        a lock on the worklist database, and a worker that dies while sending leaves the message to be sent
+        again (with the same `message_id`) once the lease runs out.
+        """
+        message = self._claim(now, study_uid)
+        if message is None:
+            return None
+        try:
+            self.deliverers[message.channel](message)
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded; the worker goes on
+            self._record(message, now, exc)
+        else:
+            self._record(message, now, None)
+        return message
+
+    def _claim(self, now: datetime, study_uid: str | None) -> Message | None:
         with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
             row = session.execute(self._due(now, study_uid)).scalars().first()
             if row is None:
                 return None
-            message = Message(
-                row.id, row.channel, row.destination, row.study_uid, row.kind, json.loads(row.payload),
-                row.attempts + 1, row.created_at,
-            )  # fmt: skip
             row.attempts += 1
-            try:
-                self.deliverers[row.channel](message)
-            except Exception as exc:  # noqa: BLE001 - every failure is recorded; the worker goes on
+            row.next_attempt_at = now + timedelta(seconds=self.lease_s)
+            return Message(
+                row.id, row.channel, row.destination, row.study_uid, row.kind, json.loads(row.payload),
+                row.attempts, row.created_at,
+            )  # fmt: skip
+
+    def _record(self, message: Message, now: datetime, exc: Exception | None) -> None:
+        with Session(self._write_engine) as session, session.begin():
+            row = session.get(OutboxRow, message.id, with_for_update=self.engine.dialect.name == "postgresql")
+            if row is None or row.status != PENDING or row.attempts != message.attempts:
+                # The lease ran out while the peer was answering and another worker took the message over:
+                # its outcome is the one that counts.
+                log.warning("outbox %s %s to %s: outcome of attempt %d dropped, the message was taken over",
+                            message.channel, message.kind, message.destination, message.attempts)  # fmt: skip
+                return
+            if exc is None:
+                row.status = DELIVERED
+                row.delivered_at = now
+                row.last_error = ""
+            else:
                 permanent = isinstance(exc, DeliveryError) and exc.permanent
                 row.last_error = f"{type(exc).__name__}: {exc}"[:2000]
+                age_s = (now - row.created_at).total_seconds()
                 if permanent:
                     row.status = FAILED
                     # The peer's own words stay in the database (they may quote the patient), not in the log.
                     log.error("outbox %s %s to %s failed permanently (%s)", row.channel, row.kind, row.destination,
                               type(exc).__name__)  # fmt: skip
+                elif age_s >= self.give_up_after_s:
+                    row.status = FAILED
+                    row.last_error = (f"gave up after {row.attempts} attempts over {age_s / 3600:.1f} h; last: "
+                                      + row.last_error)[:2000]  # fmt: skip
+                    log.error("outbox %s %s to %s: gave up after %d attempts over %.1f h (%s)", row.channel,
+                              row.kind, row.destination, row.attempts, age_s / 3600, type(exc).__name__)  # fmt: skip
                 else:
                     wait = backoff_s(row.attempts, self.retry_base_s, self.retry_max_s)
                     row.next_attempt_at = now + timedelta(seconds=wait)
                     log.warning("outbox %s %s to %s: attempt %d failed (%s); retry in %.0f s", row.channel, row.kind,
                                 row.destination, row.attempts, type(exc).__name__, wait)  # fmt: skip
-            else:
-                row.status = DELIVERED
-                row.delivered_at = now
-                row.last_error = ""
             if row.kind in self.audited_kinds:
                 action = {DELIVERED: "alert-delivered", FAILED: "alert-failed"}.get(row.status, "alert-retry")
                 detail = {"channel": row.channel, "destination": row.destination, "message": message.message_id,
                           "attempts": row.attempts, "error": row.last_error}  # fmt: skip
                 session.add(AuditRow(at=now, user_name="triage", action=action, study_uid=row.study_uid or None,
                                      detail=detail))  # fmt: skip
-            return message
 
     def deliver_due(self, now: datetime, limit: int = 100, study_uid: str | None = None) -> int:
         """Deliver due messages (of one study, or all) until none is left (or `limit`); returns how many were

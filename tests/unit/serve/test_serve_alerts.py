@@ -128,4 +128,3 @@ def test_an_ai_stat_study_alerts_once_escalates_when_unclaimed_and_the_claim_ack
     kinds = [h.kind for h in wl.get_study(uid("1"), T0 + timedelta(minutes=14)).history]
     assert "alert-queued" in kinds and "alert-escalated" in kinds
     wl.close()
-
