@@ -189,6 +189,9 @@ class ClinicalOrder:
     reason: str = ""
     ordering_site: str = ""
     sending_application: str = ""
+    sending_facility: str = ""
+    # The Study Instance UID the RIS assigned (OMI^O23 IPC-3, ZDS-1); "" when the order names none.
+    study_instance_uid: str = ""
 
 
 @dataclass(frozen=True)

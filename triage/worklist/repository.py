@@ -54,7 +54,7 @@ from triage.worklist.priority import (
     validate_settings,
 )
 from triage.worklist.sites import Site, Sites
-from triage.worklist.tables import AnalysisRun, Instance, OrderRow, Series, Study, StudyEvent
+from triage.worklist.tables import UID_LEN, AnalysisRun, Instance, OrderRow, Series, Study, StudyEvent
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +428,7 @@ class Worklist:
 
     def _priority(self, study: Study, now: datetime) -> Priority:
         try:
-            policy, rule_source = self.sites.policy_for(study.site)
+            policy, rule_source = self.sites.policy_for(self.rules_site(study.site, study.site_match))
             return compute_priority(
                 PriorityLevel(study.clinical_priority),
                 load_findings(study.findings, study.study_uid),
@@ -452,7 +452,8 @@ class Worklist:
     def _queue_order(self, study: Study, priority: Priority) -> QueueOrder:
         if any(r.code == PRIORITY_ERROR for r in priority.reasons):
             return QueueOrder(PriorityLevel.STAT, None, None)
-        return queue_order(base_level(priority), study.received_at, self.sites.policy_for(study.site)[0])
+        policy = self.sites.policy_for(self.rules_site(study.site, study.site_match))[0]
+        return queue_order(base_level(priority), study.received_at, policy)
 
     def _refresh_priority(self, study: Study, now: datetime) -> None:
         """Store the priority at `now` and the clock-independent columns the worklist query orders by.
@@ -468,7 +469,7 @@ class Worklist:
         study.priority_target_min = order.target_min
         study.priority_promote_at = order.promote_at
         study.received_us = epoch_us(study.received_at)
-        study.priority_policy = self.sites.fingerprint_for(study.site)
+        study.priority_policy = self.sites.fingerprint_for(self.rules_site(study.site, study.site_match))
 
     def _clinical_priority(self, meta: InstanceMeta) -> tuple[PriorityLevel, str]:
         note = ""
@@ -482,6 +483,17 @@ class Worklist:
         if ae in self.sender_priority:
             return self.sender_priority[ae], f"from sending AE {ae}{note}"
         return PriorityLevel.ROUTINE, f"default{note}"
+
+    def rules_site(self, site: str, site_match: str | None) -> str:
+        """The name a study's site rules (priority policy, models allowed, model states) are looked up under.
+
+        A study recognised as a registered site: that site. A sender no site claims: its Institution Name, unless
+        a registered site bears that name, since that site's contract was not agreed for this sender ("": the
+        service default).
+        """
+        if site_match:
+            return site
+        return "" if self.sites.find(site) is not None else site
 
     def site_record(self, site: str, site_match: str | None) -> Site | None:
         """The registered site a study was recognised as (its `site` and `site_match`), or None for a sender no
@@ -551,7 +563,8 @@ class Worklist:
 
     def _item(self, study: Study, now: datetime) -> WorklistItem:
         priority = self._priority(study, now)
-        wait = turnaround(base_level(priority), study.received_at, now, self.sites.policy_for(study.site)[0])
+        policy = self.sites.policy_for(self.rules_site(study.site, study.site_match))[0]
+        wait = turnaround(base_level(priority), study.received_at, now, policy)
         site = self.site_record(study.site, study.site_match)
         return WorklistItem(
             study_uid=study.study_uid,
@@ -1264,16 +1277,17 @@ class Worklist:
                                  detail={"alerts": int(alerted)}))  # fmt: skip
 
     def site_of(self, study_uid: str) -> str:
-        """The study's site (Institution Name; "" when its sender named none).
+        """The name the study's site rules are looked up under (`rules_site`): its registered site, else its
+        Institution Name ("" when its sender named none or named a registered site that did not claim it).
 
         Raises:
             NotFoundError: when the study is not on the worklist.
         """
         with self._read() as session:
-            site = session.scalar(select(Study.site).where(Study.study_uid == study_uid))
-            if site is None:
+            row = session.execute(select(Study.site, Study.site_match).where(Study.study_uid == study_uid)).first()
+            if row is None:
                 raise NotFoundError(f"study {study_uid!r} is not on the worklist")
-            return str(site)
+            return self.rules_site(str(row.site or ""), row.site_match)
 
     def analysis_attempts(self, study_uid: str) -> int:
         """Failed attempts so far at the study's pending generation (0 for a first attempt).
@@ -1637,11 +1651,14 @@ class Worklist:
             How many studies were rescored.
         """
         now = require_utc(now, "now") if now is not None else datetime.now(UTC)
-        # Each study is scored with its site's policy (the default one for senders no site claims).
+        # Each study is scored with its site's policy (the default one for senders no site claims, whatever their
+        # Institution Name: see `rules_site`).
         per_site = self.sites.fingerprints()
         expected: Any = literal(self.sites.default_fingerprint)
         if per_site:
-            expected = case(per_site, value=Study.site, else_=literal(self.sites.default_fingerprint))
+            recognised = and_(Study.site_match.is_not(None), Study.site_match != "")
+            whens = [(and_(recognised, Study.site == name), literal(fp)) for name, fp in per_site.items()]
+            expected = case(*whens, else_=literal(self.sites.default_fingerprint))
         stale = or_(Study.priority_policy != expected, Study.priority_policy.is_(None))
         done = 0
         for open_only in (True, False):
@@ -1911,15 +1928,22 @@ class Worklist:
         return _communication(user, now, detail)
 
     def record_order(self, order: ClinicalOrder, now: datetime) -> str | None:
-        """Keep an order from the RIS and join it to its study by accession number, whichever arrives first.
+        """Keep an order from the RIS and join it to its study, whichever arrives first.
+
+        Which study: the one with the Study Instance UID the order carries (OMI^O23 IPC-3, ZDS-1), whatever its
+        accession number; else the open study with its accession number, within the order's site when its
+        ordering or sending facility names a registered site (a reading centre serves hospitals whose RIS number
+        their accessions independently). When several open studies would match, none is joined: the order is
+        kept with the reason and each of those studies says so in its history, so a reader can tell which it is;
+        a wrong join would move another patient's study.
 
         The order's priority is a floor: it raises the study's clinical priority, never lowers it; its reason for
         the exam becomes the study's indication when the images named none. A cancel (ORC-1 "CA") is recorded in
         the study's history and changes nothing else: a study is never hidden by a message.
 
         Returns:
-            The Study Instance UID it joined, or None when no study with that accession number is open yet (the
-            study joins it when it arrives).
+            The Study Instance UID it joined, or None when it joined none (no such study is open yet, and it
+            joins the study when it arrives; or several matched).
 
         Raises:
             ValueError: when the order has no accession number or names an unknown priority level.
@@ -1930,27 +1954,54 @@ class Worklist:
             raise ValueError("the order has no accession number, so no study can be joined to it")
         if order.priority:
             level_of(order.priority)
+        study_instance_uid = order.study_instance_uid.strip()
         with self._write() as session, session.begin():
             row = OrderRow(
                 accession_number=accession, message_type=order.message_type, control_id=order.control_id,
                 order_control=order.order_control, requested_procedure=order.requested_procedure,
                 priority=order.priority, reason=order.reason, ordering_site=order.ordering_site,
-                sending_application=order.sending_application, received_at=now,
+                sending_application=order.sending_application, received_at=now, site=self._order_site(order),
+                study_instance_uid=study_instance_uid if len(study_instance_uid) <= UID_LEN else "",
             )  # fmt: skip
             session.add(row)
-            study = session.execute(
-                select(Study)
-                .where(Study.accession_number == accession, Study.reported_at.is_(None))
-                .order_by(Study.received_at)
-                .limit(1)
-                .with_for_update()
-            ).scalar_one_or_none()
-            if study is None:
+            candidates = self._order_candidates(session, row)
+            if len(candidates) > 1:
+                of_site = f" of site {row.site}" if row.site else ""
+                row.join_note = f"not joined: {len(candidates)} open studies{of_site} have this accession number"
+                for study in candidates:
+                    self._history(session, study.study_uid, "order-ambiguous", now, message_type=row.message_type,
+                                  control_id=row.control_id, studies=len(candidates))  # fmt: skip
+                log.warning("HL7 order %s %s: %d open studies share its accession number; joined none",
+                            row.message_type, row.control_id, len(candidates))  # fmt: skip
+                uids = [study.study_uid for study in candidates]
+            elif not candidates:
                 return None
-            self._apply_order(session, study, row, now)
-            uid = study.study_uid
-        self._publish(uid, "order")
-        return uid
+            else:
+                self._apply_order(session, candidates[0], row, now)
+                uids = [candidates[0].study_uid]
+        for uid in uids:
+            self._publish(uid, "order")
+        return uids[0] if len(uids) == 1 else None
+
+    def _order_site(self, order: ClinicalOrder) -> str:
+        """The registered site an order is from: its ordering facility (ORC-21), else its sending facility
+        (MSH-4), as a site's Institution Names; "" when neither names one."""
+        for facility in (order.ordering_site, order.sending_facility):
+            found = self.sites.recognise("", facility or "")
+            if found is not None:
+                return found[0]
+        return ""
+
+    def _order_candidates(self, session: Session, row: OrderRow) -> list[Study]:
+        """The open studies an order could join now (locked): see `record_order`."""
+        query = select(Study).where(Study.reported_at.is_(None)).order_by(Study.received_at).with_for_update()
+        if row.study_instance_uid:
+            query = query.where(Study.study_uid == row.study_instance_uid)
+        else:
+            query = query.where(Study.accession_number == row.accession_number)
+            if row.site:
+                query = query.where(Study.site == row.site, Study.site_match != "")
+        return list(session.execute(query.limit(20)).scalars().all())
 
     def _apply_order(self, session: Session, study: Study, row: OrderRow, now: datetime) -> None:
         """Join one order to its study inside the caller's transaction (see `record_order`)."""
@@ -1969,13 +2020,20 @@ class Worklist:
         self._history(session, study.study_uid, "order-joined", now, **detail)
 
     def _join_waiting_orders(self, session: Session, study: Study, now: datetime) -> None:
-        """A new study takes the orders that arrived before it (same accession number)."""
-        if not study.accession_number:
-            return
+        """A new study takes the orders that arrived before it: those naming its Study Instance UID, and those
+        naming none with its accession number from its own site (or from no registered site)."""
+        same_accession = and_(OrderRow.study_instance_uid == "", OrderRow.accession_number == study.accession_number)
+        if study.site_match:
+            same_accession = and_(same_accession, or_(OrderRow.site == "", OrderRow.site == study.site))
+        else:
+            same_accession = and_(same_accession, OrderRow.site == "")
+        match = OrderRow.study_instance_uid == study.study_uid
+        if study.accession_number:
+            match = or_(match, same_accession)
         rows = (
             session.execute(
                 select(OrderRow)
-                .where(OrderRow.accession_number == study.accession_number, OrderRow.study_uid.is_(None))
+                .where(match, OrderRow.study_uid.is_(None), OrderRow.join_note == "")
                 .order_by(OrderRow.id)
             )
             .scalars()

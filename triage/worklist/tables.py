@@ -222,8 +222,9 @@ class AnalysisRun(Base):
 
 
 class OrderRow(Base):
-    """An order received from the RIS (HL7 ORM^O01 / OMI^O23). It joins its study by accession number, whichever
-    arrives first, and sets the study's clinical priority floor (never lowering it)."""
+    """An order received from the RIS (HL7 ORM^O01 / OMI^O23). It joins its study, whichever arrives first: by the
+    Study Instance UID it carries, else by accession number within its ordering site; it sets the study's clinical
+    priority floor (never lowering it)."""
 
     __tablename__ = "orders"
 
@@ -240,3 +241,9 @@ class OrderRow(Base):
     sending_application: Mapped[str] = mapped_column(Text, default="")
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     study_uid: Mapped[str | None] = mapped_column(String(UID_LEN), nullable=True)
+    # The registered site the order was recognised as (its ordering or sending facility); "" for none.
+    site: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # The Study Instance UID the RIS assigned (IPC-3 or ZDS-1): it joins the study whatever its accession.
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LEN), default="", server_default="", index=True)
+    # Why a matching study was not joined (several open studies of the site share the accession); "" otherwise.
+    join_note: Mapped[str] = mapped_column(Text, default="", server_default="")

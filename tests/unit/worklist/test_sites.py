@@ -86,6 +86,27 @@ def test_site_rules_decide_the_level_and_the_target_and_are_named_in_the_reasons
     assert city.turnaround_target_min == 240
 
 
+def test_a_sender_no_site_claims_gets_the_default_rules_even_when_it_writes_a_site_name(wl):
+    """A registered site's contract belongs to the senders it recognises: another hospital whose Institution Name
+    happens to be the site's name is listed under that name with the default policy, models and states."""
+    wl.save_site(CITY, "admin", T0)  # recognised by AE title, account or "City General Hospital" only
+    wl.record_instance(meta("1", calling_ae="ELSEWHERE", institution="CITY HOSPITAL"), T0)
+    analysed(wl, "1", [ich()], T0)
+    item = items_by_uid(wl, T0 + timedelta(minutes=1))[uid("1")]
+    assert item.site == "CITY HOSPITAL" and item.site_match == ""
+    assert item.priority.level is PriorityLevel.STAT  # the default policy's level, not the city's "urgent"
+    finding = next(r for r in item.priority.reasons if r.code == "ai-finding")
+    assert finding.text.endswith("[default policy]")
+    assert wl.site_of(uid("1")) == ""  # models and model states: the service default
+    assert wl.site_record(item.site, item.site_match) is None
+    # Rescoring after a change of the city's rules leaves it alone.
+    wl.update_site("CITY HOSPITAL", {"finding_levels": {"intracranial_haemorrhage": "routine"}}, "admin", T0)
+    assert items_by_uid(wl, T0 + timedelta(minutes=1))[uid("1")].priority.level is PriorityLevel.STAT
+    # A sender whose Institution Name is no registered site keeps it as its key for model states.
+    wl.record_instance(meta("2", calling_ae="ELSEWHERE", institution="North"), T0)
+    assert wl.site_of(uid("2")) == "North"
+
+
 def test_changing_a_site_rescores_its_open_studies_and_never_lowers_below_clinical(wl):
     wl.save_site(CITY, "admin", T0)
     wl.record_instance(meta("1", calling_ae="CITY_CT"), T0)
@@ -242,3 +263,47 @@ def test_an_order_joins_its_study_whichever_arrives_first_and_only_raises_the_cl
     assert uid("8") in items_by_uid(wl, T0)
     with pytest.raises(ValueError, match="accession"):
         wl.record_order(ClinicalOrder("", "ORM^O01"), T0)
+
+
+def test_an_order_joins_within_its_site_or_by_study_uid_and_never_guesses_between_studies(wl):
+    """Hospitals number their accessions independently: an order joins a study of its own ordering site, the study
+    it names by Study Instance UID, and none when several could be meant."""
+    from triage.domain import ClinicalOrder
+
+    wl.save_site(CITY, "admin", T0)
+    wl.save_site(HILL, "admin", T0)
+    wl.record_instance(meta("1", calling_ae="CITY_CT", accession_number="A100"), T0)
+    wl.record_instance(meta("2", calling_ae="HILL_DX", accession_number="A100"), T0)
+    # From the city (ORC-21 names its institution): the city's study, not the clinic's.
+    city_order = ClinicalOrder(
+        "A100", "ORM^O01", control_id="C1", priority="stat", ordering_site="City General Hospital"
+    )
+    assert wl.record_order(city_order, T0) == uid("1")
+    assert wl.get_study(uid("2"), T0).clinical_priority == "routine"
+    # From a RIS no site is recognised by: two open studies have the accession, so it joins neither.
+    unknown = ClinicalOrder("A100", "ORM^O01", control_id="U1", priority="stat", sending_facility="Somewhere")
+    assert wl.record_order(unknown, T0) is None
+    clinic = wl.get_study(uid("2"), T0)
+    assert clinic.clinical_priority == "routine"
+    assert [h.kind for h in clinic.history][-1] == "order-ambiguous"
+    assert "order-ambiguous" in [h.kind for h in wl.get_study(uid("1"), T0).history]
+    # The Study Instance UID the RIS assigned decides, whatever the accession says.
+    by_uid = ClinicalOrder("A100", "OMI^O23", control_id="U2", priority="urgent", study_instance_uid=uid("2"))
+    assert wl.record_order(by_uid, T0) == uid("2")
+    assert wl.get_study(uid("2"), T0).clinical_priority == "urgent"
+    # Orders waiting for their study: the clinic's study does not take the city's order, the city's does.
+    waiting = ClinicalOrder(
+        "B200", "ORM^O01", control_id="C2", priority="stat", sending_facility="City General Hospital"
+    )
+    assert wl.record_order(waiting, T0) is None
+    wl.record_instance(meta("3", calling_ae="HILL_DX", accession_number="B200"), T0)
+    assert wl.get_study(uid("3"), T0).clinical_priority == "routine"
+    wl.record_instance(meta("4", calling_ae="CITY_CT", accession_number="B200"), T0)
+    assert wl.get_study(uid("4"), T0).clinical_priority == "stat"
+    # An order naming a study that has not arrived joins that study only, not another with its accession.
+    ahead = ClinicalOrder("C300", "OMI^O23", control_id="U3", priority="stat", study_instance_uid=uid("6"))
+    assert wl.record_order(ahead, T0) is None
+    wl.record_instance(meta("5", calling_ae="CITY_CT", accession_number="C300"), T0)
+    assert wl.get_study(uid("5"), T0).clinical_priority == "routine"
+    wl.record_instance(meta("6", calling_ae="CITY_CT", accession_number="C999"), T0)
+    assert wl.get_study(uid("6"), T0).clinical_priority == "stat"
