@@ -190,3 +190,23 @@ def test_metrics_count_instances_studies_queue_outbox_and_stage_durations(site: 
     assert "triage_analysis_queue_depth 1.0" in text
     assert 'triage_outbox_depth{channel="webhook",destination="http://127.0.0.1:9/hook"} 1.0' in text
     assert 'triage_analysis_stage_seconds_count{model="ct-head-ich",stage="inference"} 1.0' in text
+
+
+def test_the_event_stream_tells_a_radiologist_only_of_studies_they_may_read(site: Site) -> None:
+    ct_uid, xr_uid, _ = setup_sites(site)
+    site.sign_in("reader", RADIOLOGIST_PASSWORD)
+    seen: list[str] = []
+    with site.client.stream("GET", "/api/v1/events") as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(lines).startswith(": connected")
+        # Another site's study changes first, then the reader's own, then an event about no study.
+        site.service.events.publish({"type": "study-updated", "study_uid": xr_uid, "change": "claim"})
+        site.service.events.publish({"type": "study-updated", "study_uid": ct_uid, "change": "claim"})
+        for line in lines:
+            if line.startswith("data: "):
+                seen.append(line)
+                if ct_uid in line:
+                    break
+    assert len(seen) == 1 and ct_uid in seen[0]
+    assert not any(xr_uid in line for line in seen)
