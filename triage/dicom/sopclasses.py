@@ -105,6 +105,9 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = NATIVE_TRANSFER_SYNTAXES + ENCAPSU
 # UID under the 2.25 root (PS3.5 B.2), fixed so that files written by any triage installation are recognisable.
 IMPLEMENTATION_CLASS_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'triage/dicom-store').int}"
 IMPLEMENTATION_VERSION_NAME = "TRIAGE_0_1"
+# Private Information Creator UID (0002,0100) of the File Meta's Private Information (0002,0102), in which the
+# store keeps who sent the instance in full (a STOW-RS account does not fit the 16 characters of an AE title).
+SOURCE_INFO_CREATOR_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'triage/dicom-store/source').int}"
 
 
 def is_accepted_sop_class(uid: str) -> bool:

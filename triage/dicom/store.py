@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,6 +27,7 @@ from triage.dicom.sopclasses import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     PIXEL_DATA_KEYWORDS,
+    SOURCE_INFO_CREATOR_UID,
     is_accepted_transfer_syntax,
     is_image_sop_class,
     is_native_transfer_syntax,
@@ -741,8 +743,8 @@ class DicomStore:
     def reindex(self) -> tuple[int, int, int]:
         """Offer every stored instance to `index` again, e.g. on start-up after the database was lost or restored.
 
-        Reads headers only (no pixels). The calling AE comes back from the File Meta's Source Application Entity
-        Title, which `write` records.
+        Reads headers only (no pixels). The sender (calling AE title, or STOW-RS client account) comes back from
+        the File Meta, where `write` records it (`stored_source`), so a site recognised by it is recognised again.
 
         Returns:
             (newly indexed, already indexed, unreadable) instance counts; unreadable ones are logged, not raised.
@@ -752,7 +754,7 @@ class DicomStore:
             try:
                 with self.files.open(key) as handle:
                     ds = dcmread(handle, stop_before_pixels=True)
-                calling_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "")
+                calling_ae = stored_source(ds.file_meta)
                 meta = extract_meta(ds, key, calling_ae, self.salt)
                 if meta.key != key:
                     raise InvalidStudyError("its UIDs do not match where it is stored")
@@ -783,7 +785,24 @@ class DicomStore:
         ae = (calling_ae or "").strip()
         if ae:
             file_meta.SourceApplicationEntityTitle = ae[:16]
+            if len(ae) > 16:
+                # The sender in full (a STOW-RS account) as PS3.10 private information of this implementation.
+                file_meta.PrivateInformationCreatorUID = UID(SOURCE_INFO_CREATOR_UID)
+                file_meta.PrivateInformation = json.dumps({"source": ae}).encode()
         return file_meta
+
+
+def stored_source(file_meta: Dataset) -> str:
+    """Who sent a stored instance, as `DicomStore.write` recorded it in the File Meta: the full sender kept in
+    triage's private information, else the Source Application Entity Title."""
+    if str(file_meta.get("PrivateInformationCreatorUID", "") or "") == SOURCE_INFO_CREATOR_UID:
+        try:
+            source = json.loads(bytes(file_meta.PrivateInformation).decode())["source"]
+            if isinstance(source, str) and source.strip():
+                return source.strip()
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+    return str(file_meta.get("SourceApplicationEntityTitle", "") or "").strip()
 
 
 def _encode(ds: Dataset, handle: BinaryIO) -> None:

@@ -367,6 +367,17 @@ def test_reindex_offers_every_stored_file_again(tmp_path: Path, store: DicomStor
     assert fresh.metas[written[1].sop_instance_uid] == written[1]
 
 
+def test_reindex_gives_back_a_stow_account_longer_than_an_ae_title(store: DicomStore):
+    """A STOW-RS client account names the sender (and its site); an AE title holds 16 characters only."""
+    source = "STOW-RS:city-general-bridge-01"
+    written = store.write(make_ct_series(1)[0], calling_ae=source).meta
+    fresh = MemoryIndex()
+    assert DicomStore(store.root, SALT, fresh).reindex() == (1, 0, 0)
+    assert fresh.metas[written.sop_instance_uid].calling_ae == source
+    file_meta = pydicom.dcmread(store.files.open(written.key), stop_before_pixels=True).file_meta
+    assert file_meta.SourceApplicationEntityTitle == source[:16]  # what other DICOM tools read
+
+
 def test_received_bytes_are_stored_bit_for_bit_after_the_file_meta(store: DicomStore, index: MemoryIndex):
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
