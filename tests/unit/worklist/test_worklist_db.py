@@ -84,6 +84,40 @@ def test_sqlite_foreign_keys_are_enforced(tmp_path):
     engine.dispose()
 
 
+def test_sqlite_migrations_down_and_up_keep_every_series_and_instance(tmp_path, monkeypatch):
+    """A batch ALTER of `studies` on SQLite copies and drops the table: with foreign keys enforced, that DROP
+    deleted every series and instance (ON DELETE CASCADE). Migrations now run with enforcement off and check the
+    references before they commit."""
+    from alembic import command
+
+    from tests.unit.worklist.test_worklist_repository import SETTINGS, T0, meta
+    from triage.worklist.repository import Worklist
+
+    monkeypatch.setenv("TRIAGE_DATA_DIR", str(tmp_path / "data"))
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    worklist = Worklist.open(url, SETTINGS)
+    worklist.record_instance(meta("1"), T0)
+    worklist.close()
+    engine = create_engine_for(url)
+
+    def counts() -> tuple[int, int, int, int]:
+        with engine.connect() as conn:
+            return tuple(  # type: ignore[return-value]
+                int(conn.exec_driver_sql(q).scalar() or 0)
+                for q in ("SELECT count(*) FROM studies", "SELECT count(*) FROM series",
+                          "SELECT count(*) FROM instances", "PRAGMA foreign_keys")
+            )  # fmt: skip
+
+    try:
+        command.downgrade(alembic_config(engine=engine), "0002")
+        assert counts() == (1, 1, 1, 1)
+        migrate(engine)
+        assert counts() == (1, 1, 1, 1)
+        assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.postgres
 def test_plain_postgresql_url_uses_psycopg3():
     engine = create_engine_for("postgresql://postgres@127.0.0.1:5432/postgres")
