@@ -1,13 +1,19 @@
-"""Storage addressed by key: where instance files and overlays live, behind one interface.
+"""Storage addressed by key: where instance files, overlays and AI results live, behind one interface.
 
 Everything else in triage names a stored thing by its key, never by a path: an instance is
 "<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm" (what the database's `instances.store_key`
-holds), an overlay is its study UID and a file name. Only a store knows where (or whether) a key is a file,
-so a reader on another machine asks the store for bytes instead of assuming a shared file system.
+holds), an overlay is its study UID and a file name, a result instance (triage's own SR, SEG and overlay capture)
+is "<StudyInstanceUID>/<results id>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm". Only a store knows where (or
+whether) a key is a file, so a reader on another machine asks the store for bytes instead of assuming a shared file
+system.
+
+Results are kept apart from received instances (their own area, their own key shape): they are never listed by
+`instance_keys`, so they are never indexed, analysed or counted as received images.
 
 Three implementations:
-- `LocalStore`: the service's folder (default `<data_dir>/dicom` and `<data_dir>/overlays`); writes are atomic
-  and durable (temporary file, fsync, rename; the folder is fsynced by the caller, see `fsync_folders`).
+- `LocalStore`: the service's folder (default `<data_dir>/dicom`, `<data_dir>/overlays` and `<data_dir>/results`);
+  writes are atomic and durable (temporary file, fsync, rename; the folder is fsynced by the caller, see
+  `fsync_folders`; a study's results are replaced as one set).
 - `PathSource`: read-only, keys are file paths (`triage infer PATH` on a folder outside the store, tests).
 - `MemorySource`: read-only, keys mapped to bytes fetched elsewhere (what a Ray task on a node without the
   store's disk receives).
@@ -19,6 +25,7 @@ import contextlib
 import io
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -36,6 +43,8 @@ UID_MAX_CHARS = 64
 INSTANCE_SUFFIX = ".dcm"
 TEMP_SUFFIX = ".tmp"
 _OVERLAY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+# A results id names one build of a study's results (lowercase hex, e.g. a digest of what they were built from).
+_RESULTS_ID = re.compile(r"^[0-9a-f]{8,64}$")
 
 
 def _is_uid(text: str) -> bool:
@@ -66,6 +75,41 @@ def parse_instance_key(key: str) -> tuple[str, str, str]:
         if _is_uid(study) and _is_uid(series) and _is_uid(sop):
             return study, series, sop
     raise NotFoundError(f"{str(key)[:200]!r} is not an instance key (<study>/<series>/<sop>.dcm)")
+
+
+def result_key(study_uid: str, results_id: str, series_uid: str, sop_instance_uid: str) -> str:
+    """The key of one result instance: "<study>/<results id>/<series>/<sop>.dcm".
+
+    Raises:
+        InvalidStudyError: a UID is not a valid UID (PS3.5 9.1), or `results_id` is not lowercase hex (8-64).
+    """
+    if not _RESULTS_ID.match(str(results_id)):
+        raise InvalidStudyError(f"results id {str(results_id)[:80]!r} is not 8 to 64 lowercase hex digits")
+    study, series, sop = parse_instance_key(instance_key(study_uid, series_uid, sop_instance_uid))
+    return f"{study}/{results_id}/{series}/{sop}{INSTANCE_SUFFIX}"
+
+
+def parse_result_key(key: str) -> tuple[str, str, str, str]:
+    """(study UID, results id, series UID, SOP instance UID) of a result key.
+
+    Raises:
+        NotFoundError: `key` is not a result key (so no path outside the store can be named with one).
+    """
+    parts = str(key).split("/")
+    if len(parts) == 4 and _RESULTS_ID.match(parts[1]):
+        with contextlib.suppress(NotFoundError):
+            study, series, sop = parse_instance_key(f"{parts[0]}/{parts[2]}/{parts[3]}")
+            return study, parts[1], series, sop
+    raise NotFoundError(f"{str(key)[:200]!r} is not a result key (<study>/<results id>/<series>/<sop>.dcm)")
+
+
+def is_result_key(key: str) -> bool:
+    """Whether `key` names a result instance (rather than a received one)."""
+    try:
+        parse_result_key(key)
+    except NotFoundError:
+        return False
+    return True
 
 
 def _check_overlay(study_uid: str, name: str) -> None:
@@ -121,6 +165,23 @@ class Store(InstanceSource, Protocol):
 
     def remove_stale_temp_files(self, older_than_s: float = 3600.0) -> int: ...
 
+    def put_results(self, study_uid: str, results_id: str, instances: Mapping[str, bytes]) -> None:
+        """Keep a study's results (result key -> Part-10 bytes) as the set `results_id`, whole or not at all, and
+        remove the study's other result sets (a re-analysis replaces what an earlier one left)."""
+        ...
+
+    def result_keys(self, study_uid: str, results_id: str) -> list[str]:
+        """The keys of the study's result set `results_id`, series by series; [] when it is not stored."""
+        ...
+
+    def open_result(self, key: str) -> BinaryIO:
+        """A result instance's Part-10 file (the caller closes it).
+
+        Raises:
+            NotFoundError: nothing is stored under `key`, or it is not a result key.
+        """
+        ...
+
 
 def fsync_directory(directory: Path) -> None:
     """Make a rename or a new entry in `directory` durable (POSIX: fsync the directory itself)."""
@@ -132,28 +193,37 @@ def fsync_directory(directory: Path) -> None:
 
 
 class LocalStore:
-    """Instances under `root` as <study>/<series>/<sop>.dcm, overlays under `overlay_root` as <study>/<name>.
+    """Instances under `root` as <study>/<series>/<sop>.dcm, overlays under `overlay_root` as <study>/<name>, AI
+    results under `results_root` as <study>/<results id>/<series>/<sop>.dcm.
 
-    Picklable (two paths), so a Ray task pinned to this node can be handed the store and read from it.
+    Picklable (three paths), so a Ray task pinned to this node can be handed the store and read from it.
 
     Args:
         root: the instance folder (created if missing).
         overlay_root: the overlay folder; default `root`/../overlays.
+        results_root: the results folder; default `root`/../results (never inside `root`: results are not
+            received instances and must not be re-indexed as such).
     """
 
-    def __init__(self, root: Path | str, overlay_root: Path | str | None = None) -> None:
+    def __init__(
+        self, root: Path | str, overlay_root: Path | str | None = None, results_root: Path | str | None = None
+    ) -> None:
         self.root = Path(root)
         self.overlay_root = Path(overlay_root) if overlay_root is not None else self.root.parent / "overlays"
+        self.results_root = Path(results_root) if results_root is not None else self.root.parent / "results"
         self.root.mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
-        return f"LocalStore({str(self.root)!r}, {str(self.overlay_root)!r})"
+        return f"LocalStore({str(self.root)!r}, {str(self.overlay_root)!r}, {str(self.results_root)!r})"
+
+    def _roots(self) -> tuple[Path, Path, Path]:
+        return self.root, self.overlay_root, self.results_root
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, LocalStore) and (self.root, self.overlay_root) == (other.root, other.overlay_root)
+        return isinstance(other, LocalStore) and self._roots() == other._roots()
 
     def __hash__(self) -> int:
-        return hash((self.root, self.overlay_root))
+        return hash(self._roots())
 
     # ------------------------------------------------------------------ instances
     def _path(self, key: str) -> Path:
@@ -253,7 +323,83 @@ class LocalStore:
                     removed += 1
             except FileNotFoundError:
                 continue
+        # A results set being written is a temporary folder of the study (see `put_results`).
+        for path in self.results_root.glob(f"*/.*{TEMP_SUFFIX}") if self.results_root.is_dir() else ():
+            try:
+                if path.stat().st_mtime < cutoff:
+                    shutil.rmtree(path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
         return removed
+
+    # ------------------------------------------------------------------ results
+    def _results_folder(self, study_uid: str, results_id: str) -> Path:
+        if not _is_uid(study_uid) or not _RESULTS_ID.match(results_id):
+            raise NotFoundError(f"results {results_id!r} of study {study_uid!r} are not stored")
+        return self.results_root / study_uid / results_id
+
+    def put_results(self, study_uid: str, results_id: str, instances: Mapping[str, bytes]) -> None:
+        """Write the set into a temporary folder (each file fsynced), rename it to <study>/<results id>, then remove
+        the study's other sets. A reader sees the whole set or none of it; storing a set that is already there
+        (the same results built twice) keeps the one stored.
+
+        Raises:
+            InvalidStudyError: a key is not a result key of this study and set.
+            OSError: writing failed (disk full, read-only file system).
+        """
+        target = self._results_folder(study_uid, results_id)
+        for key in instances:
+            study, rid, _series, _sop = parse_result_key(key)
+            if (study, rid) != (study_uid, results_id):
+                raise InvalidStudyError(f"{key_name(key)} is not a result of study {study_uid} set {results_id}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.is_dir():
+            temp = Path(tempfile.mkdtemp(prefix=f".{results_id}.", suffix=TEMP_SUFFIX, dir=target.parent))
+            try:
+                for key, data in instances.items():
+                    _study, _rid, series, sop = parse_result_key(key)
+                    path = temp / series / f"{sop}{INSTANCE_SUFFIX}"
+                    path.parent.mkdir(exist_ok=True)
+                    with path.open("wb") as handle:
+                        handle.write(data)
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                for folder in {p.parent for p in temp.glob(f"*/*{INSTANCE_SUFFIX}")} | {temp}:
+                    fsync_directory(folder)
+                try:
+                    os.rename(temp, target)
+                except OSError:
+                    if not target.is_dir():
+                        raise
+                    # Stored meanwhile by another builder of the same results: that copy stands.
+                fsync_directory(target.parent)
+            finally:
+                shutil.rmtree(temp, ignore_errors=True)
+        for other in target.parent.iterdir():
+            if other.name != results_id and _RESULTS_ID.match(other.name):
+                shutil.rmtree(other, ignore_errors=True)
+
+    def result_keys(self, study_uid: str, results_id: str) -> list[str]:
+        try:
+            folder = self._results_folder(study_uid, results_id)
+        except NotFoundError:
+            return []
+        if not folder.is_dir():
+            return []
+        return [
+            f"{study_uid}/{results_id}/{series.name}/{path.name}"
+            for series in sorted(p for p in folder.iterdir() if p.is_dir() and _is_uid(p.name))
+            for path in sorted(series.iterdir())
+            if path.name.endswith(INSTANCE_SUFFIX) and _is_uid(path.name[: -len(INSTANCE_SUFFIX)])
+        ]
+
+    def open_result(self, key: str) -> BinaryIO:
+        study, results_id, series, sop = parse_result_key(key)
+        try:
+            return (self.results_root / study / results_id / series / f"{sop}{INSTANCE_SUFFIX}").open("rb")
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"result {key_name(key)} of study {study} is not stored") from exc
 
     # ------------------------------------------------------------------ overlays
     def put_overlay(self, study_uid: str, name: str, data: bytes) -> None:

@@ -11,7 +11,7 @@ one by one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import highdicom as hd
@@ -67,6 +67,14 @@ _COMMENT = CodedConcept("121106", "DCM", "Comment")
 
 Code = tuple[str, str, str]  # (value, scheme designator, meaning)
 
+# The observer device of every report (TID 1004 Device Observer UID): triage itself, the same in every report.
+DEVICE_UID = generate_uid(entropy_srcs=[MANUFACTURER, MODEL_NAME, "device observer"])
+
+
+def random_uid(*_parts: object) -> str:
+    """A new UID whatever it is for (where no stable identity is asked for)."""
+    return str(generate_uid())
+
 
 # Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that highdicom copies from
 # the source: a source that leaves them out gets them empty, as the standard allows, rather than no result.
@@ -120,6 +128,8 @@ def build_segmentation(
     finding: Finding,
     code: CodedConcept,
     series_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    tracking_uid: str | None = None,
 ) -> Dataset:
     """A binary DICOM Segmentation of `finding` on the source series' own images (tilt and uneven spacing kept:
     each frame references its source image and takes that image's position).
@@ -129,7 +139,10 @@ def build_segmentation(
         segmentation: The masks per source image (`SliceMasks`, full pixel grid).
         finding: The finding the segment shows (its model and version are the segment's algorithm).
         code: The segmented property type (the finding's coded type).
-        series_uid: The SEG's series (one per export); a new one when omitted.
+        series_uid: The SEG's series (one per analysis); a new one when omitted.
+        sop_instance_uid: The SEG's SOP Instance UID; a new one when omitted (`triage.dicom.results` derives it
+            from the analysis, so that a resend carries the same UID).
+        tracking_uid: The segment's Tracking UID; a new one when omitted.
 
     Raises:
         InvalidStudyError: when a masked image is not among `source_images`, or a mask's shape is not its image's.
@@ -154,7 +167,7 @@ def build_segmentation(
         algorithm_identification=hd.AlgorithmIdentificationSequence(
             name=finding.model, family=codes.cid7162.ArtificialIntelligence, version=finding.model_version
         ),
-        tracking_uid=generate_uid(),
+        tracking_uid=tracking_uid or generate_uid(),
         tracking_id=f"{finding.model} {finding.label}"[:64],
     )
     notice = NOT_FOR_DIAGNOSIS + (f" {SYNTHETIC_NOTICE}." if finding.synthetic else "")
@@ -165,7 +178,7 @@ def build_segmentation(
         segment_descriptions=[description],
         series_instance_uid=series_uid or generate_uid(),
         series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=sop_instance_uid or generate_uid(),
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MODEL_NAME,
@@ -229,6 +242,7 @@ def build_measurement_report(
     codes_by_label: Mapping[str, Code],
     segmentations: Mapping[int, Dataset] | None = None,
     overlays: Mapping[int, Overlay] | None = None,
+    uid: Callable[..., str] | None = None,
 ) -> Dataset:
     """A TID 1500 Measurement Report (Comprehensive 3D SR) with one measurement group per finding.
 
@@ -239,6 +253,9 @@ def build_measurement_report(
         codes_by_label: The coded finding type per label (from the model cards).
         segmentations: The SEG written for finding i (its segment 1 is that finding), by index into `findings`.
         overlays: The overlay of finding i (a point on its image locates a finding without a SEG).
+        uid: Makes the report's UIDs from a name: uid("sr-series"), uid("sr"), uid("tracking", i) for finding i
+            (`triage.dicom.results` derives them from the analysis, so that a resend carries the same UIDs); new
+            random UIDs when omitted.
 
     Returns:
         The SR, unverified and complete ("not for diagnostic use" and the synthetic-model notice in a comment
@@ -251,13 +268,14 @@ def build_measurement_report(
         raise InvalidStudyError("a measurement report needs at least one instance of the analysed study")
     segmentations = segmentations or {}
     overlays = overlays or {}
+    uid = uid or random_uid
     evidence = _complete(evidence)
     source = evidence[0]
     frame_of_reference = str(source.get("FrameOfReferenceUID", "") or "")
     series_of = {str(ds.SOPInstanceUID): ds for ds in evidence}
     groups: list[Any] = []
     for i, finding in enumerate(findings):
-        tracking = TrackingIdentifier(uid=generate_uid(), identifier=f"{finding.model} {finding.label}"[:64])
+        tracking = TrackingIdentifier(uid=uid("tracking", i), identifier=f"{finding.model} {finding.label}"[:64])
         common: dict[str, Any] = {
             "tracking_identifier": tracking,
             "finding_type": finding_code(finding, codes_by_label),
@@ -294,7 +312,7 @@ def build_measurement_report(
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(), name="triage", manufacturer_name=MANUFACTURER, model_name=MODEL_NAME
+            uid=DEVICE_UID, name="triage", manufacturer_name=MANUFACTURER, model_name=MODEL_NAME
         ),
     )
     report = MeasurementReport(
@@ -314,9 +332,9 @@ def build_measurement_report(
     sr = Comprehensive3DSR(
         evidence=list(evidence),
         content=report[0],
-        series_instance_uid=generate_uid(),
+        series_instance_uid=uid("sr-series"),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=uid("sr"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,

@@ -18,7 +18,7 @@ import httpx
 
 from triage.config import AlertSettings, Hl7Settings, ResultsSettings
 from triage.dicom.phi import hash_identifier
-from triage.dicom.results import ResultsExportError, export_study_results
+from triage.dicom.results import ResultsExportError, export_study_results, reportable
 from triage.domain import ClinicalOrder, PriorityLevel, utcnow
 from triage.errors import TriageError
 from triage.hl7.messages import (
@@ -223,8 +223,11 @@ def _with_link(message: Message, settings: AlertSettings) -> dict[str, Any]:
 class DicomResultsDeliverer:
     """Sends a study's results (TID 1500 report, SEG, overlay captures) to the PACS named by the message,
     "AE@host:port", over TLS where the site's (or the service's) results settings ask. The findings sent are the
-    study's as stored now (active models only: a shadow finding is never sent out). A PACS that cannot be reached is
-    retried by the outbox; a study whose results cannot be built is failed for good, with the reason."""
+    study's as stored now (active models only: a shadow finding is never sent out). The results are those kept in the
+    store for these findings (built and kept on first use, the same ones triage's DICOMweb shows), so every attempt
+    sends the same instances with the same UIDs: a retry after a partial send completes it, it leaves no second
+    report in the PACS. A PACS that cannot be reached is retried by the outbox; a study whose results cannot be built
+    is failed for good, with the reason."""
 
     def __init__(
         self,
@@ -239,7 +242,7 @@ class DicomResultsDeliverer:
         ae_title, _, address = message.destination.partition("@")
         host, _, port = address.rpartition(":")
         study = self.worklist.get_study(message.study_uid, utcnow())
-        findings = [f for f in study.findings if not f.shadow]
+        findings = reportable(study.findings)
         if not findings:
             return  # nothing of an active model to send (a re-analysis removed it): done
         site = self.worklist.site_record(study.site, study.site_match)

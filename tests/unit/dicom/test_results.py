@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,10 @@ from triage.dicom.results import (
     ResultsExportError,
     build_overlay_capture,
     export_study_results,
+    read_results,
+    results_identity,
     send_results,
+    study_results,
 )
 from triage.domain import Finding
 from triage.errors import InvalidStudyError, TriageError
@@ -234,3 +238,51 @@ def test_an_unreachable_pacs_raises_a_triage_error_naming_it():
         send_results([sr], ("PACS", "127.0.0.1", port), timeout_s=5)
     assert isinstance(raised.value, TriageError)
     assert "association refused or timed out" in str(raised.value)
+
+
+def test_results_are_kept_once_with_stable_uids_and_apart_from_the_received_images(tmp_path: Path):
+    store = LocalStore(tmp_path / "store", tmp_path / "overlays")
+    study_uid, findings, _key = _stored_study(tmp_path / "store", tmp_path / "overlays")
+    received = list(store.instance_keys(study_uid))
+
+    keys = study_results(store, study_uid, findings)
+    uids = {str(ds.SOPInstanceUID) for ds in read_results(store, keys)}
+    assert sorted(str(ds.SOPClassUID) for ds in read_results(store, keys)) == sorted(
+        [Comprehensive3DSRStorage, SecondaryCaptureImageStorage]
+    )
+    assert study_results(store, study_uid, findings) == keys  # kept: not built again
+    # Built again from scratch (the results area lost), the same analysis gets the same UIDs: they derive from it.
+    shutil.rmtree(tmp_path / "results")
+    rebuilt = study_results(store, study_uid, findings)
+    assert {str(ds.SOPInstanceUID) for ds in read_results(store, rebuilt)} == uids
+    assert {str(ds.SeriesInstanceUID) for ds in read_results(store, rebuilt)} == {
+        str(ds.SeriesInstanceUID) for ds in read_results(store, keys)
+    }
+    # Results are not received images: the store's instance listing (what is indexed and analysed) is unchanged.
+    assert list(store.instance_keys(study_uid)) == received
+    assert not any(uid in key for key in store.instance_keys() for uid in uids)
+
+
+def test_a_re_analysis_with_other_findings_replaces_the_kept_results(tmp_path: Path):
+    store = LocalStore(tmp_path / "store", tmp_path / "overlays")
+    study_uid, findings, key = _stored_study(tmp_path / "store", tmp_path / "overlays")
+    before = study_results(store, study_uid, findings)
+    old_uids = {str(ds.SOPInstanceUID) for ds in read_results(store, before)}
+    old_id = results_identity(store, study_uid, findings)
+
+    changed = [findings[0].model_copy(update={"probability": 0.42}), findings[1]]
+    after = study_results(store, study_uid, changed)
+
+    assert results_identity(store, study_uid, changed) != old_id
+    assert old_uids.isdisjoint({str(ds.SOPInstanceUID) for ds in read_results(store, after)})
+    assert store.result_keys(study_uid, old_id) == []  # the earlier analysis's results are gone
+    assert [p.name for p in (tmp_path / "results" / study_uid).iterdir()] == [
+        results_identity(store, study_uid, changed)
+    ]
+    # A new mask under the same overlay name is another result too.
+    current = results_identity(store, study_uid, changed)
+    np.savez_compressed(
+        tmp_path / "overlays" / study_uid / "ct-head-ich-ich.npz",
+        mask=np.ones((16, 16), dtype=np.float32), stride=4, sop_instance_uid=str(key.SOPInstanceUID), kind="mask",
+    )  # fmt: skip
+    assert results_identity(store, study_uid, changed) != current
