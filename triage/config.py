@@ -294,6 +294,12 @@ class PrioritySettings(BaseModel):
     turnaround_min: dict[str, float] = Field(default_factory=lambda: {"stat": 60.0, "urgent": 240.0, "routine": 1440.0})
     # A study is promoted one level once this fraction of its turnaround target has elapsed.
     promote_at_fraction: float = 0.75
+    # Quick reads (studies whose every modality is one of these: radiographs) are ordered as if they had waited
+    # this many minutes longer than they have, among studies without the stat head start: a study that takes a
+    # minute to read no longer queues behind studies that take ten. 0 turns it off. Tuned with `triage simulate`
+    # (README: "Tuning the default policy").
+    quick_read_head_start_min: float = Field(default=15.0, ge=0)
+    quick_read_modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
 
 
 class ReadingSettings(BaseModel):

@@ -76,7 +76,8 @@ class ReadTime(BaseModel):
 class StudyType(BaseModel):
     """A kind of study: its share of arrivals, how often it holds a critical finding, who reads it how fast.
 
-    `model` names the installed model that analyses it (None: no model applies); `detectable_share` is the share
+    `modality` is the DICOM modality the worklist sees. `model` names the installed model that analyses it (None:
+    no model applies); `detectable_share` is the share
     of its critical positives that are the model's finding (a head CT model finds bleeds, not every critical head
     CT); the result is known `analysis_min` after arrival, and the study is pending until then.
     """
@@ -91,6 +92,9 @@ class StudyType(BaseModel):
     model: str | None = None
     detectable_share: float = Field(default=1.0, ge=0, le=1)
     analysis_min: float = Field(default=0.0, ge=0)
+    # The DICOM modality the worklist would see ("CT", "CR", "DX", "MR"): the service's policy orders quick reads
+    # (`quick_read_modalities`) ahead; "" for none named.
+    modality: str = ""
 
 
 class ModelBehaviour(BaseModel):
@@ -338,6 +342,7 @@ class SimStudy:
     read_us: int
     analysed_us: int | None = None
     finding: Finding | None = None
+    modality: str = ""
 
     @property
     def klass(self) -> str:
@@ -533,6 +538,7 @@ def draw_studies(
                 read_us=max(1, _minutes_us(read_min)),
                 analysed_us=analysed_us,
                 finding=finding,
+                modality=study_type.modality,
             )
         )
     return studies
@@ -641,6 +647,7 @@ def service_priority(state: StudyState, now: datetime, rules: SiteRules, clock: 
         rules.settings[study.site],
         clinical_source=_CLINICAL_SOURCE,
         rule_source=rules.sources[study.site],
+        modality=study.modality,
     )
 
 
@@ -714,12 +721,13 @@ class FifoQueue:
 class PolicyQueue:
     """A policy's order with `compute_priority` called only for the studies that can be at the top.
 
-    Studies are grouped as the worklist stores them (`queue_order`: the level before waiting, the target and the
-    wait after which waiting promotes; by site, so credentials can filter). Within a group the oldest study always
-    ranks first: it has waited longest, so its level (promotion comes after the same wait) and its score (minutes
-    waited plus a head start that never falls as the level rises) are at least the others', and on a tie it is
-    older. So each decision ranks one study per group with `key` (the service's `compute_priority` and
-    `sort_key`), which gives the same first study as ranking all of them (tested against `order_studies`).
+    Studies are grouped as the worklist stores them (`queue_order`: the level before waiting, the target, the
+    wait after which waiting promotes and the quick-read head start; by site, so credentials can filter). Within a
+    group the oldest study always ranks first: it has waited longest, so its level (promotion comes after the same
+    wait) and its score (minutes waited plus a head start that never falls as the level rises) are at least the
+    others', and on a tie it is older. So each decision ranks one study per group with `key` (the service's
+    `compute_priority` and `sort_key`), which gives the same first study as ranking all of them (tested against
+    `order_studies`).
     """
 
     def __init__(self, rules: SiteRules, clock: Clock, key: RankKey = service_key) -> None:
@@ -733,9 +741,9 @@ class PolicyQueue:
         study = state.study
         priority = service_priority(state, self.clock.at(now_us), self.rules, self.clock)
         received = self.clock.at(study.arrival_us)
-        order = queue_order(base_level(priority), received, self.rules.settings[study.site])
+        order = queue_order(base_level(priority), received, self.rules.settings[study.site], study.modality)
         promote_after = None if order.promote_at is None else epoch_us(order.promote_at) - epoch_us(received)
-        return (study.site, order.base.rank, order.target_min, promote_after)
+        return (study.site, order.base.rank, order.target_min, promote_after, order.quick_read_min)
 
     def add(self, state: StudyState, now_us: int) -> None:
         group = self._group(state, now_us)

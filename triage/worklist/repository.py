@@ -439,6 +439,7 @@ class Worklist:
                 ai_reason=study.ai_reason,
                 clinical_source=study.clinical_priority_source,
                 rule_source=rule_source,
+                modality=study.modality or "",
             )
         except (ValueError, KeyError, TypeError) as exc:
             # One unreadable row must never hide the worklist or this study: list it at the highest level it
@@ -453,7 +454,7 @@ class Worklist:
         if any(r.code == PRIORITY_ERROR for r in priority.reasons):
             return QueueOrder(PriorityLevel.STAT, None, None)
         policy = self.sites.policy_for(self.rules_site(study.site, study.site_match))[0]
-        return queue_order(base_level(priority), study.received_at, policy)
+        return queue_order(base_level(priority), study.received_at, policy, study.modality or "")
 
     def _refresh_priority(self, study: Study, now: datetime) -> None:
         """Store the priority at `now` and the clock-independent columns the worklist query orders by.
@@ -468,6 +469,7 @@ class Worklist:
         study.priority_base_rank = order.base.rank
         study.priority_target_min = order.target_min
         study.priority_promote_at = order.promote_at
+        study.priority_quick_read_min = order.quick_read_min
         study.received_us = epoch_us(study.received_at)
         study.priority_policy = self.sites.fingerprint_for(self.rules_site(study.site, study.site_match))
 
@@ -1621,10 +1623,10 @@ class Worklist:
         """SQL expressions for a study's level rank and score at `now`, from the stored queue columns.
 
         The same arithmetic as `compute_priority` (`score_of`) in the same order on IEEE doubles (integer
-        microseconds -> seconds -> minutes, plus the head start of the level reached, or the top level's from
-        LONG_WAIT_MIN on), so the score is the policy's to the last bit and ties fall to received_at as they do in
-        Python. A study whose columns are not computed yet is listed at the top level (never demoted for want of a
-        score).
+        microseconds -> seconds -> minutes, plus the head start of the level reached, or the quick-read head
+        start where larger below the top level, or the top level's from LONG_WAIT_MIN on), so the score is the
+        policy's to the last bit and ties fall to received_at as they do in Python. A study whose columns are not
+        computed yet is listed at the top level (never demoted for want of a score).
         """
         now_us = epoch_us(now)
         promoted = and_(Study.priority_promote_at.is_not(None), Study.priority_promote_at <= now)
@@ -1633,11 +1635,13 @@ class Worklist:
         minutes = cast(waited_us, Float) / literal(1e6, Float) / literal(60.0, Float)
         minutes = case((minutes > 0.0, minutes), else_=literal(0.0, Float))
         top_start = literal(HEAD_START_MIN[_TOP_LEVEL], Float)
-        head_start = case(
-            (minutes >= literal(LONG_WAIT_MIN, Float), top_start),
-            *[(rank == level.rank, literal(HEAD_START_MIN[level], Float)) for level in PriorityLevel],
-            else_=top_start,
-        )
+        quick = func.coalesce(Study.priority_quick_read_min, literal(0.0, Float))
+        below_top = []
+        for level in PriorityLevel:
+            if level is not _TOP_LEVEL:
+                own = literal(HEAD_START_MIN[level], Float)
+                below_top.append((rank == level.rank, case((quick > own, quick), else_=own)))
+        head_start = case((minutes >= literal(LONG_WAIT_MIN, Float), top_start), *below_top, else_=top_start)
         return rank, minutes + head_start
 
     def rescore_studies(self, now: datetime | None = None) -> int:

@@ -162,12 +162,15 @@ class Site(BaseModel):
         """The site's priority policy: its own rules where it sets them, the service default elsewhere."""
         # The site's own entries over the default's: a contract that names only its stat target keeps the
         # default urgent and routine targets; a finding it gives "routine" raises nothing there.
-        return PrioritySettings(
-            finding_levels={**default.finding_levels, **(self.finding_levels or {})},
-            turnaround_min={**default.turnaround_min, **(self.turnaround_min or {})},
-            promote_at_fraction=(
-                self.promote_at_fraction if self.promote_at_fraction is not None else default.promote_at_fraction
-            ),
+        return default.model_copy(
+            update={
+                "finding_levels": {**default.finding_levels, **(self.finding_levels or {})},
+                "turnaround_min": {**default.turnaround_min, **(self.turnaround_min or {})},
+                "promote_at_fraction": (
+                    self.promote_at_fraction if self.promote_at_fraction is not None else default.promote_at_fraction
+                ),
+            },
+            deep=True,
         )
 
     @property

@@ -142,11 +142,13 @@ class Study(Base):
     priority_reasons: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     # What the worklist query orders by, none of which moves with the clock (priority.QueueOrder): the rank of
     # the level before promotion for waiting (clinical + AI), that level's turnaround target, the first instant
-    # waiting promotes it (None: never), received_at in microseconds since the epoch (exact integer arithmetic
-    # for the score in SQL) and a digest of the policy they were computed with (a changed policy rescores).
+    # waiting promotes it (None: never), its quick-read head start, received_at in microseconds since the epoch
+    # (exact integer arithmetic for the score in SQL) and a digest of the policy they were computed with (a
+    # changed policy rescores).
     priority_base_rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
     priority_target_min: Mapped[float | None] = mapped_column(Float, nullable=True)
     priority_promote_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    priority_quick_read_min: Mapped[float | None] = mapped_column(Float, nullable=True)
     received_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     priority_policy: Mapped[str] = mapped_column(Text, default="", server_default="")
 

@@ -285,7 +285,9 @@ def _random_worklist(rng: random.Random, n: int, sites: list[str]):
         if out and rng.random() < 0.1:
             arrival_us = out[-1][0].arrival_us  # the same arrival: ties fall to the Study Instance UID
         clinical = rng.choice([PriorityLevel.ROUTINE, PriorityLevel.ROUTINE, PriorityLevel.URGENT, PriorityLevel.STAT])
-        study = SimStudy(f"1.2.826.0.7.{i}", rng.choice(sites), "head-ct", clinical, False, arrival_us, US_PER_MIN)
+        kind, modality = rng.choice([("head-ct", "CT"), ("head-ct", "CT"), ("chest-xr", "DX"), ("chest-xr", "CR")])
+        study = SimStudy(f"1.2.826.0.7.{i}", rng.choice(sites), kind, clinical, False, arrival_us, US_PER_MIN,
+                         modality=modality)  # fmt: skip
         status = rng.choice([AIStatus.PENDING, AIStatus.DONE, AIStatus.DONE, AIStatus.FAILED, AIStatus.NOT_APPLICABLE])
         findings: tuple[Finding, ...] = ()
         if status is AIStatus.DONE:
@@ -299,7 +301,7 @@ def _record(wl: Worklist, clock: Clock, study: SimStudy, status: AIStatus, findi
     wl.record_instance(
         InstanceMeta(
             study_uid=study.uid, series_uid=f"{study.uid}.1", sop_instance_uid=f"{study.uid}.1.1", sop_class_uid=CT,
-            modality="CT", key=f"{study.uid}/1/1.dcm", requested_priority=study.clinical.value.upper(),
+            modality=study.modality, key=f"{study.uid}/1/1.dcm", requested_priority=study.clinical.value.upper(),
             calling_ae="MODALITY1", institution=institution,
         ),
         received,

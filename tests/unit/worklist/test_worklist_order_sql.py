@@ -90,7 +90,9 @@ def populate(wl: Worklist, seed: int, n: int = 70) -> list[datetime]:
         if arrivals and rng.random() < 0.15:
             received = arrivals[-1]  # the same arrival time: ties fall to the Study Instance UID
         else:
-            received = T0 - timedelta(minutes=rng.uniform(0, 3 * 1440), microseconds=rng.randrange(1_000_000))
+            # A third within the last two and a half hours, where quick reads start ahead and long waits begin.
+            span = 150 if rng.random() < 0.35 else 3 * 1440
+            received = T0 - timedelta(minutes=rng.uniform(0, span), microseconds=rng.randrange(1_000_000))
         arrivals.append(received)
         m = meta(i, rng)
         wl.record_instance(m, received)
@@ -125,8 +127,9 @@ def python_order(wl: Worklist, now: datetime, include_reported: bool = False, le
         if s.reported_at is not None and not include_reported:
             continue
         priority = compute_priority(
-            PriorityLevel(s.clinical_priority), load_findings(s.findings), s.ai_status, s.received_at, now, wl.settings
-        )
+            PriorityLevel(s.clinical_priority), load_findings(s.findings), s.ai_status, s.received_at, now,
+            wl.settings, modality=s.modality,
+        )  # fmt: skip
         if level and priority.level != level:
             continue
         ranked.append(((*sort_key(priority, s.received_at), s.study_uid), s.study_uid, priority.level.value))
@@ -162,6 +165,9 @@ def test_sql_order_equals_the_policy_order(engine, seed):
     late = dict(python_order(wl, T0 + timedelta(days=4)))
     assert set(early.values()) == {"routine", "urgent", "stat"}
     assert any(early[uid] != late[uid] for uid in early)
+    # Radiographs (CR, DX) start ahead as quick reads, in SQL as in Python.
+    codes = {r.code for item in wl.list_worklist(T0) for r in item.priority.reasons}
+    assert "quick-read" in codes
 
 
 def test_level_filter_and_pages_come_from_the_same_order(engine):

@@ -325,6 +325,35 @@ def test_head_starts_never_fall_as_the_level_rises():
     assert LONG_WAIT_MIN > 0
 
 
+def test_quick_reads_start_ahead_of_longer_reads_below_stat_only():
+    now = T0 + timedelta(hours=6)
+
+    def priority(level, waited_min, modality, settings=SETTINGS):
+        return compute_priority(level, [], "done", now - timedelta(minutes=waited_min), now, settings,
+                                modality=modality)  # fmt: skip
+
+    quick = SETTINGS.quick_read_head_start_min
+    assert quick == 15 and SETTINGS.quick_read_modalities == ["CR", "DX"]
+    # A radiograph that arrived up to the head start after a CT is read before it, whatever their levels below stat.
+    assert priority(ROUTINE, 5, "CR").score == 5 + quick
+    assert priority(ROUTINE, 5, "CR").score > priority(URGENT, 19, "CT").score
+    assert priority(ROUTINE, 5, "DX").score < priority(URGENT, 21, "CT").score
+    reason = priority(ROUTINE, 5, "DX").reasons[-1]
+    assert reason.code == "quick-read" and "15 min ahead" in reason.text and reason.text.endswith("[default policy]")
+    # Every modality of the study must be a quick read (a CT with a scout radiograph is not).
+    assert priority(ROUTINE, 5, "CR\\CT").score == 5
+    assert priority(ROUTINE, 5, "cr\\DX").score == 5 + quick
+    # Stat studies and long waits keep the stat head start, with no quick-read reason.
+    for p, score in ((priority(STAT, 5, "CR"), 125.0), (priority(ROUTINE, 130, "CR"), 250.0)):
+        assert p.score == score
+        assert all(r.code != "quick-read" for r in p.reasons)
+    # Off at 0; never at or above the stat head start (a promotion to stat must not move a study down).
+    off = SETTINGS.model_copy(update={"quick_read_head_start_min": 0.0})
+    assert priority(ROUTINE, 5, "CR", off).score == 5
+    with pytest.raises(ValueError, match="quick_read_head_start_min"):
+        validate_settings(SETTINGS.model_copy(update={"quick_read_head_start_min": HEAD_START_MIN[STAT]}))
+
+
 def test_same_score_falls_to_the_one_received_first():
     a = compute_priority(ROUTINE, [], "pending", T0, T0, SETTINGS)
     b = compute_priority(ROUTINE, [], "pending", T0 + timedelta(seconds=1), T0 + timedelta(seconds=1), SETTINGS)
