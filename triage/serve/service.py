@@ -20,6 +20,7 @@ from pydicom import Dataset
 
 from triage.analysis import AnalysisOutcome, RetryPolicy, analyse_study
 from triage.config import ALL_ROLES, ServiceRole, Settings
+from triage.dicom.results import reportable, study_results
 from triage.dicom.scp import StorageSCP
 from triage.dicom.store import DicomStore, StoredInstance, StorePolicy
 from triage.domain import InstanceMeta, utcnow
@@ -468,7 +469,27 @@ class TriageService:
             self.outbox.deliver_due(utcnow(), study_uid=study_uid)
         except Exception:  # noqa: BLE001 - delivery never touches the analysis or the worklist
             log.exception("study %s: outbox delivery failed", study_uid)
+        self.keep_results(study_uid)
         return outcome
+
+    def keep_results(self, study_uid: str) -> bool:
+        """Build and keep the study's AI results (TID 1500 SR, SEG, preview) in the store, so that triage's
+        DICOMweb lists them beside the images from the start, whether or not a PACS is configured (a delivery to
+        a PACS sends these very instances). After the worklist is updated; a failure here changes nothing there.
+
+        Returns:
+            Whether results of active models are kept for the study now.
+        """
+        try:
+            findings = reportable(self.worklist.get_study(study_uid, utcnow()).findings)
+            if not findings:
+                return False
+            return bool(study_results(self.files, study_uid, findings, self.finding_codes()))
+        except Exception as exc:  # noqa: BLE001 - results for viewers never touch the analysis or the worklist
+            # No exception text: it may quote the study's headers.
+            log.warning("study %s: AI results not kept for DICOMweb (%s); built when first asked for", study_uid,
+                        type(exc).__name__)  # fmt: skip
+            return False
 
     def finding_codes(self) -> dict[str, tuple[str, str, str]]:
         """The coded finding type per label, from the installed models' cards (written into the SR and SEG)."""

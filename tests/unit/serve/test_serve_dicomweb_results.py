@@ -173,3 +173,17 @@ def test_results_follow_the_readers_scope_and_metadata_and_refusals_are_audited(
 def _stored(site: Site, key: str) -> pydicom.Dataset:
     with site.service.files.open(key) as handle:
         return pydicom.dcmread(handle)
+
+
+def test_results_are_kept_after_an_analysis_without_a_pacs_and_listed_from_the_start(site: Site) -> None:
+    """The service keeps a study's results once its analysis is recorded: the study listing counts them before
+    anyone opened the study, and a study with no active finding gets none."""
+    site.sign_in()
+    study_uid, datasets = site.add_ct("ACC-KEPT")
+    analysed_ct(site, study_uid, datasets)
+    assert site.service.keep_results(study_uid) is True
+    (study,) = dicomweb(site).search_for_studies(search_filters={"AccessionNumber": "ACC-KEPT"})
+    assert set(pydicom.Dataset.from_json(study).ModalitiesInStudy) == {"CT", "SR", "SEG", "OT"}
+    other_uid, _ = site.add_ct("ACC-NONE")
+    site.finish(other_uid, [])
+    assert site.service.keep_results(other_uid) is False
