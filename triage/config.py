@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -144,11 +144,27 @@ class AlertSettings(BaseModel):
     smtp_port: int = Field(default=25, ge=1, le=65535)
     smtp_from: str = "triage@localhost"
     smtp_starttls: bool = False
+    # Implicit TLS from the first byte (SMTPS, usually port 465) in place of STARTTLS.
+    smtp_ssl: bool = False
+    # The CA bundle the mail server's certificate is checked against (empty: the system's CAs).
+    smtp_tls_ca: str = ""
     smtp_user: str = ""
     smtp_password: str = ""
     timeout_s: float = Field(default=15.0, gt=0)
     # The study page's address in alerts: "{base_url}/studies/{study_uid}" (empty: no link).
     base_url: str = ""
+
+    @model_validator(mode="after")
+    def _no_password_in_clear(self) -> AlertSettings:
+        if self.smtp_user and not (self.smtp_starttls or self.smtp_ssl):
+            raise ValueError(
+                "alerts.smtp_user is set but the connection to the mail server is not encrypted: set"
+                " TRIAGE_ALERTS__SMTP_STARTTLS=true (or __SMTP_SSL=true for SMTPS) so the password never travels in"
+                " clear"
+            )
+        if self.smtp_starttls and self.smtp_ssl:
+            raise ValueError("alerts.smtp_starttls and alerts.smtp_ssl exclude each other: choose one")
+        return self
 
 
 class OutboxSettings(BaseModel):

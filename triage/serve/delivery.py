@@ -10,6 +10,7 @@ import json
 import logging
 import smtplib
 import ssl
+import time
 from collections.abc import Callable
 from email.message import EmailMessage
 from typing import Any
@@ -139,19 +140,27 @@ def order_handler(record: Callable[[ClinicalOrder], str | None], salt: str) -> C
 
 class WebhookDeliverer:
     """POSTs a critical alert as JSON, signed: X-Triage-Signature: sha256=HMAC-SHA256(secret, body) in hex (the
-    receiver recomputes it over the exact body), X-Triage-Delivery: the message id (the same on every retry).
-    2xx delivers; 4xx other than 408/429 is permanent (the receiver refuses the message); the rest is retried."""
+    receiver recomputes it over the exact body), X-Triage-Delivery: the message id (the same on every retry),
+    X-Triage-Timestamp and the body's `sent_at`: when this attempt was sent (Unix seconds; signed, so a receiver can
+    refuse a replayed old delivery). 2xx delivers; 4xx other than 408/429 is permanent (the receiver refuses the
+    message); the rest is retried. Without a secret the alerts go unsigned, with a warning in the log."""
 
     def __init__(self, settings: AlertSettings) -> None:
         self.settings = settings
+        self._warned_unsigned = False
 
     def __call__(self, message: Message) -> None:
-        body = json.dumps(_with_link(message, self.settings), sort_keys=True).encode()
+        sent_at = int(time.time())
+        body = json.dumps({**_with_link(message, self.settings), "sent_at": sent_at}, sort_keys=True).encode()
         headers = {"Content-Type": "application/json", "X-Triage-Delivery": message.message_id,
-                   "X-Triage-Event": message.kind}  # fmt: skip
+                   "X-Triage-Event": message.kind, "X-Triage-Timestamp": str(sent_at)}  # fmt: skip
         if self.settings.webhook_secret:
             digest = hmac.new(self.settings.webhook_secret.encode(), body, hashlib.sha256).hexdigest()
             headers["X-Triage-Signature"] = f"sha256={digest}"
+        elif not self._warned_unsigned:
+            self._warned_unsigned = True
+            log.warning("webhook alerts are sent unsigned: set TRIAGE_ALERTS__WEBHOOK_SECRET so receivers can tell "
+                        "them from forgeries")  # fmt: skip
         try:
             response = httpx.post(message.destination, content=body, headers=headers, timeout=self.settings.timeout_s)
         except httpx.HTTPError as exc:
@@ -199,13 +208,16 @@ class EmailDeliverer:
         lines += ["", str(data.get("notice", "AI triage aid, not a diagnosis")) + "."]
         mail.set_content("\n".join(lines))
         try:
-            with smtplib.SMTP(
-                self.settings.smtp_host, self.settings.smtp_port, timeout=self.settings.timeout_s
-            ) as smtp:
-                if self.settings.smtp_starttls:
-                    smtp.starttls(context=ssl.create_default_context())
-                if self.settings.smtp_user:
-                    smtp.login(self.settings.smtp_user, self.settings.smtp_password)
+            settings = self.settings
+            context = client_context(settings.smtp_tls_ca) if settings.smtp_ssl or settings.smtp_starttls else None
+            smtp_class = smtplib.SMTP_SSL if settings.smtp_ssl else smtplib.SMTP
+            extra = {"context": context} if settings.smtp_ssl else {}
+            with smtp_class(settings.smtp_host, settings.smtp_port, timeout=settings.timeout_s, **extra) as smtp:
+                if settings.smtp_starttls:
+                    smtp.starttls(context=context)
+                if settings.smtp_user:
+                    # AlertSettings refuses a user without TLS: the password never goes over a plain connection.
+                    smtp.login(settings.smtp_user, settings.smtp_password)
                 smtp.send_message(mail)
         except smtplib.SMTPRecipientsRefused as exc:
             raise DeliveryError(f"mail server refused {message.destination}: {exc}", permanent=True) from exc

@@ -9,6 +9,7 @@ import hmac
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from email import message_from_bytes
@@ -99,6 +100,8 @@ def test_an_ai_stat_study_alerts_once_escalates_when_unclaimed_and_the_claim_ack
     expected = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
     assert headers["X-Triage-Signature"] == f"sha256={expected}"
     alert = json.loads(body)
+    # When it was sent is signed with it (a receiver can refuse a replayed old delivery).
+    assert str(alert["sent_at"]) == headers["X-Triage-Timestamp"] and abs(alert["sent_at"] - time.time()) < 60
     assert alert["event"] == ALERT and alert["finding"] == "intracranial_haemorrhage" and alert["priority"] == "stat"
     assert alert["link"] == f"https://triage.example.org/studies/{uid('1')}"
     assert "3f2a9c" not in body.decode()  # no patient (hash) in an alert
@@ -128,3 +131,43 @@ def test_an_ai_stat_study_alerts_once_escalates_when_unclaimed_and_the_claim_ack
     kinds = [h.kind for h in wl.get_study(uid("1"), T0 + timedelta(minutes=14)).history]
     assert "alert-queued" in kinds and "alert-escalated" in kinds
     wl.close()
+
+
+def test_an_smtp_login_goes_only_over_tls(tmp_path) -> None:
+    """A user name and password are sent after STARTTLS with the server's certificate checked against the CA given;
+    a configuration that would send them in clear is refused when it is read."""
+    import ssl
+
+    from aiosmtpd.smtp import AuthResult
+
+    from tests.unit.dicom.test_scp_tls import make_pki
+    from triage.worklist.outbox import Message
+
+    with pytest.raises(ValueError, match="not encrypted"):
+        AlertSettings(smtp_host="127.0.0.1", smtp_user="triage", smtp_password="secret")
+
+    pki = make_pki(tmp_path / "pki")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(pki["server_cert"], pki["server_key"])
+    logins: list[tuple[str, bool]] = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):  # noqa: ANN001 - aiosmtpd's signature
+        logins.append((auth_data.login.decode(), session.ssl is not None))
+        return AuthResult(success=auth_data.login == b"triage" and auth_data.password == b"secret")
+
+    box = Mailbox()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    controller = Controller(box, hostname="127.0.0.1", port=port, tls_context=tls, require_starttls=True,
+                            authenticator=authenticator, auth_required=True)  # fmt: skip
+    controller.start()
+    try:
+        settings = AlertSettings(smtp_host="127.0.0.1", smtp_port=port, smtp_starttls=True, smtp_tls_ca=str(pki["ca"]),
+                                 smtp_user="triage", smtp_password="secret")  # fmt: skip
+        message = Message(1, EMAIL, "night-lead@example.org", uid("1"), ALERT, {"finding": "pneumothorax"}, 1, T0)
+        EmailDeliverer(settings).__call__(message)
+    finally:
+        controller.stop()
+    assert logins == [("triage", True)]
+    assert [to for to, _ in box.mails] == [["night-lead@example.org"]]
