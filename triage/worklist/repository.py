@@ -447,8 +447,12 @@ class Worklist:
             log.error("study %s: priority could not be computed (%s); listed at stat", study.study_uid, exc)
             reason = PriorityReason(PRIORITY_ERROR, f"priority could not be computed ({exc}); listed at stat",
                                     PriorityLevel.STAT)  # fmt: skip
-            # Scored as a stat study with no waiting fraction (the SQL order gives it the same place).
-            return Priority(PriorityLevel.STAT, score_of(PriorityLevel.STAT, 0.0), (reason,))
+            # Scored as a stat study that has waited since it arrived, as the SQL order places it.
+            try:
+                waited_min = max(0.0, (now - require_utc(study.received_at, "received_at")).total_seconds() / 60)
+            except (ValueError, TypeError):
+                waited_min = 0.0
+            return Priority(PriorityLevel.STAT, score_of(PriorityLevel.STAT, waited_min), (reason,))
 
     def _queue_order(self, study: Study, priority: Priority) -> QueueOrder:
         if any(r.code == PRIORITY_ERROR for r in priority.reasons):

@@ -720,3 +720,6 @@ def test_an_unreadable_stored_finding_lists_the_study_at_stat_with_the_reason(wl
     assert item.priority.level == "stat" and item.priority.reasons[-1].code == "priority-error"
     assert item.findings == []
     assert uid("bad") in caplog.text
+    # The score shown is the one it is ordered by: a stat study's head start plus the minutes it has waited.
+    [later] = wl.list_worklist(T0 + timedelta(minutes=30))
+    assert later.priority.score == 150.0
