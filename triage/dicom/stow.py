@@ -1,15 +1,20 @@
-"""STOW-RS without HTTP: split a multipart/related body of DICOM instances, store each, build the DICOM JSON answer."""
+"""STOW-RS without HTTP: receive a multipart/related body part by part, store each, build the DICOM JSON answer."""
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from email.message import Message
+from pathlib import Path
+from types import TracebackType
 from typing import IO, Any, Protocol
 
 from pydicom.dataset import Dataset
+from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
 
 from triage.dicom.status import DicomStatus, status_for_exception
 from triage.dicom.store import StoredInstance, read_dataset_bytes, validate_uid
@@ -20,11 +25,13 @@ logger = logging.getLogger(__name__)
 DICOM_MEDIA_TYPE = "application/dicom"
 _ACCEPTED_PART_ENCODINGS = ("", "binary", "8bit", "7bit")
 
-# The body is scanned in blocks of this size, so a large body is never read into memory whole.
-_SCAN_BLOCK_BYTES = 1 << 20
-# A boundary line is "--boundary" (at most 72 bytes, RFC 2046 5.1.1) plus transport padding and CRLF.
-_MAX_BOUNDARY_LINE_BYTES = 1024
-# The header section of one part (Content-Type, Content-Transfer-Encoding, Content-Location, ...).
+# The parts of one request keep at most this many bytes in memory together; the rest goes to temporary files.
+DEFAULT_SPOOL_MEMORY_BYTES = 8 * 1024**2
+# A body held in a file or in memory is handed to the parser in blocks of this size.
+_FEED_BLOCK_BYTES = 1 << 20
+# The header section of one part: a STOW-RS sender may add Content-Length, Content-Location, Content-ID and
+# Content-Description to Content-Type, more than python-multipart's default of 8 header lines allows for.
+_MAX_PART_HEADERS = 32
 _MAX_PART_HEADER_BYTES = 16 * 1024
 
 # (SOP Class UID, SOP Instance UID, Failure Reason); UIDs are "" when the part could not be parsed.
@@ -92,181 +99,245 @@ def refusal_for_content_type(content_type: str) -> tuple[int, dict[str, Any]] | 
     return None
 
 
-class _Body:
-    """Random access to a request body held in a seekable binary file, read in bounded pieces."""
+def _part_refusal(number: int, headers: dict[str, str]) -> TriageError | None:
+    """Why part `number` cannot be taken, from its own header fields (names in lower case), or None.
 
-    def __init__(self, stream: IO[bytes]) -> None:
-        self._stream = stream
-        self.size = stream.seek(0, io.SEEK_END)
-
-    def read(self, start: int, length: int) -> bytes:
-        self._stream.seek(start)
-        return self._stream.read(max(0, min(length, self.size - start)))
-
-    def startswith(self, prefix: bytes, position: int) -> bool:
-        return self.read(position, len(prefix)) == prefix
-
-    def find(self, pattern: bytes, start: int) -> int:
-        """Offset of the first `pattern` at or after `start`, or -1; scans block by block."""
-        overlap = len(pattern) - 1
-        position = start
-        while position < self.size:
-            block = self.read(position, _SCAN_BLOCK_BYTES + overlap)
-            found = block.find(pattern)
-            if found >= 0:
-                return position + found
-            position += _SCAN_BLOCK_BYTES
-        return -1
+    A part may omit Content-Type (the request's type applies); `application/dicom` may carry a transfer-syntax
+    parameter (PS3.18 8.7.3.5), which names the encoding the Part-10 File Meta states anyway.
+    """
+    media_type, _ = _content_type_parts(headers.get("content-type", DICOM_MEDIA_TYPE))
+    if media_type != DICOM_MEDIA_TYPE:
+        return UnsupportedInputError(
+            f"part {number} has Content-Type {headers.get('content-type')!r}; only {DICOM_MEDIA_TYPE} is accepted"
+        )
+    encoding = headers.get("content-transfer-encoding", "").lower()
+    if encoding not in _ACCEPTED_PART_ENCODINGS:
+        return UnsupportedInputError(
+            f"part {number} has Content-Transfer-Encoding {encoding!r}; only binary is accepted"
+        )
+    return None
 
 
-@dataclass(frozen=True)
-class BodyPart:
-    """One body part of a multipart/related request: where its content lies in the body, or why it is unusable.
+@dataclass(eq=False)
+class ReceivedPart:
+    """One body part of a STOW-RS request: its content in a spooled temporary file, or why it was refused.
 
-    `error` is set when the part's own headers make it unusable (another media type, base64); the other parts
-    are not affected by it.
+    `error` is set when the part's own header fields make it unusable (another media type, base64); its content
+    is then not kept, and the other parts are not affected.
     """
 
     number: int
-    start: int
-    end: int
     error: TriageError | None = None
+    size: int = 0
+    content: IO[bytes] | None = field(default=None, repr=False)
+
+    def read(self) -> bytes:
+        """The part's content, read back from its spool file (one instance in memory)."""
+        if self.content is None:
+            return b""
+        self.content.seek(0)
+        return self.content.read()
+
+    def close(self) -> None:
+        """Let go of the spool file (unlinked on creation: closing it frees the disk space)."""
+        if self.content is not None:
+            self.content.close()
+            self.content = None
 
 
-def split_multipart_related(stream: IO[bytes], content_type: str) -> list[BodyPart]:
-    """Find the body parts of a STOW-RS request body (PS3.18 10.5) without reading it into memory whole.
+class MultipartRelatedReceiver:
+    """A STOW-RS request body (PS3.18 10.5), taken chunk by chunk as it arrives and split into its parts.
 
-    The request must be `multipart/related; type="application/dicom"; boundary=...` (the `type` parameter may
-    be omitted); each part may say `Content-Type: application/dicom` and must not use any other content transfer
-    encoding than binary. Per RFC 2046 5.1.1 the preamble before the first boundary and the epilogue after the
-    closing boundary are ignored, the CRLF before each boundary belongs to the boundary, and whitespace may
-    follow a boundary on its line. Bare LF line ends are tolerated.
+    python-multipart's streaming `MultipartParser` finds the delimiters (RFC 2046 5.1.1: the CRLF before a
+    delimiter belongs to it, whitespace may follow it on its line, a line that only starts like it is content,
+    anything after the closing delimiter is ignored) and reads each part's header fields. Each part's content
+    goes to its own spooled temporary file in `spool_dir`. A request whose parts together fit in
+    `spool_memory_bytes` stays in memory; once they outgrow it, every part goes to disk, so memory stays about
+    one instance whatever the size of the body.
 
-    Args:
-        stream: the whole body, seekable (a file the request was spooled to, or `io.BytesIO`).
-        content_type: the request's Content-Type header.
+    Nothing is stored here: a body that breaks off before its closing delimiter (a dropped upload) is refused
+    whole by `finish`, so that none of it is half-stored. Line ends must be CRLF, as RFC 2046 requires.
 
-    Returns:
-        The parts in order; a part with unusable headers carries its error (UnsupportedInputError for another
-        media type or encoding, InvalidStudyError for a header section without its blank line).
-
-    Raises:
-        UnsupportedInputError: the request is not multipart/related with type application/dicom.
-        InvalidStudyError: no or an invalid boundary, a malformed boundary line, no parts, or no closing boundary
-            (a truncated upload): the framing itself is broken, so no part can be trusted.
+    Use it as a context manager, or call `close`: the spool files go when it is closed.
     """
-    boundary = request_boundary(content_type)
-    delimiter = b"--" + boundary
-    body = _Body(stream)
 
-    # The first boundary: at the very start, or at the start of a line after the preamble.
-    if body.startswith(delimiter, 0):
-        position = 0
+    def __init__(
+        self,
+        content_type: str,
+        *,
+        spool_dir: Path | str | None = None,
+        spool_memory_bytes: int = DEFAULT_SPOOL_MEMORY_BYTES,
+    ) -> None:
+        """Check the request's Content-Type and get ready for its body.
+
+        Raises:
+            UnsupportedInputError: the request is not multipart/related with type application/dicom.
+            InvalidStudyError: no or an invalid boundary.
+        """
+        self.boundary = request_boundary(content_type)
+        self._spool_dir = None if spool_dir is None else str(spool_dir)
+        self._memory_left = spool_memory_bytes
+        self._in_memory: list[ReceivedPart] = []  # complete parts whose content is still in memory
+        self._parts: list[ReceivedPart] = []
+        self._current: ReceivedPart | None = None
+        self._current_max_memory = 0
+        self._headers: dict[str, str] = {}
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+        self._begun = 0  # parts begun, the preamble counted (see below)
+        self._ended = False
+        self._received = 0
+        self._parser = MultipartParser(
+            self.boundary,
+            {
+                "on_part_begin": self._on_part_begin,
+                "on_header_begin": self._on_header_begin,
+                "on_header_field": self._on_header_field,
+                "on_header_value": self._on_header_value,
+                "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished,
+                "on_part_data": self._on_part_data,
+                "on_part_end": self._on_part_end,
+                "on_end": self._on_end,
+            },
+            max_header_count=_MAX_PART_HEADERS,
+            max_header_size=_MAX_PART_HEADER_BYTES,
+        )
+        # RFC 2046 5.1.1: the preamble before the first delimiter is ignored, and that delimiter is found at the
+        # start of the body or after a CRLF. python-multipart wants the body to start with the delimiter, so it
+        # is first told of a part without header fields, then given a CRLF ahead of the body: the preamble (if
+        # any) is that part's content, the first delimiter ends it, and the parser's own delimiter matching (and
+        # tolerance of whitespace after a delimiter) applies to the first delimiter line as to all others.
+        self._parser.write(b"--" + self.boundary + b"\r\n\r\n\r\n")
+
+    def feed(self, chunk: bytes) -> None:
+        """Parse the next piece of the body and write what it holds of each part's content to that part's file.
+
+        Raises:
+            InvalidStudyError: the framing is broken (a part's header section is not header lines, a blank line,
+                then content): no part after it can be trusted, so the request is refused whole.
+            OSError: a spool file cannot be written (the disk under `spool_dir` is full).
+        """
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError as exc:
+            offset = max(getattr(exc, "offset", 0) or 0, 0)
+            part = max(self._begun - 1, 1)
+            raise InvalidStudyError(
+                f"the multipart body is malformed near byte {self._received + offset}, in part {part}: {exc}; "
+                "each part is header lines, a blank line, then its content, with CRLF line ends (RFC 2046 5.1.1)"
+            ) from exc
+        self._received += len(chunk)
+
+    def finish(self) -> list[ReceivedPart]:
+        """The parts, in order, once the whole body has been fed; each with its content or its refusal.
+
+        Raises:
+            InvalidStudyError: no part, or no closing delimiter (a truncated upload): the framing itself is broken.
+        """
+        boundary = self.boundary.decode("latin-1")
+        if not self._ended:
+            if self._begun <= 1:
+                raise InvalidStudyError(
+                    f"the body contains no part delimited by boundary {boundary!r} "
+                    "(a delimiter line starts a line and ends in CRLF, RFC 2046 5.1.1)"
+                )
+            complete = len(self._parts) - (1 if self._current is not None else 0)
+            raise InvalidStudyError(
+                f"the body ends without the closing boundary '--{boundary}--' (truncated upload?) "
+                f"after {complete} complete parts; nothing was stored"
+            )
+        if not self._parts:
+            raise InvalidStudyError("the multipart body has no parts")
+        return list(self._parts)
+
+    def close(self) -> None:
+        for part in self._parts:
+            part.close()
+
+    def __enter__(self) -> MultipartRelatedReceiver:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # python-multipart's callbacks: data callbacks get (buffer, start, end), possibly several per header or part.
+
+    def _on_part_begin(self) -> None:
+        self._begun += 1
+        self._headers = {}
+
+    def _on_header_begin(self) -> None:
+        self._header_field.clear()
+        self._header_value.clear()
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        name = self._header_field.decode("latin-1").strip().lower()
+        self._headers[name] = self._header_value.decode("latin-1").strip()
+
+    def _on_headers_finished(self) -> None:
+        if self._begun == 1:
+            return  # the preamble: its content is dropped
+        number = self._begun - 1
+        part = ReceivedPart(number, _part_refusal(number, self._headers))
+        if part.error is None:
+            part.content = self._spool_file()
+        self._parts.append(part)
+        self._current = part
+
+    def _spool_file(self) -> IO[bytes]:
+        """A spooled file for the next part: in memory while the request's memory allowance lasts."""
+        self._current_max_memory = max(self._memory_left, 0)
+        # The file belongs to the part, which closes it (ReceivedPart.close, or this receiver's close).
+        spool = tempfile.SpooledTemporaryFile(max_size=self._current_max_memory, dir=self._spool_dir)  # noqa: SIM115
+        if self._current_max_memory == 0:
+            spool.rollover()  # straight to disk (for a SpooledTemporaryFile, max_size=0 means "never")
+        return spool
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._current
+        if part is not None and part.content is not None:
+            part.content.write(data[start:end])
+            part.size += end - start
+
+    def _on_part_end(self) -> None:
+        part, self._current = self._current, None
+        if part is None or part.content is None:
+            return
+        if part.size <= self._current_max_memory:  # still in memory (a SpooledTemporaryFile rolls over past it)
+            self._in_memory.append(part)
+            self._memory_left -= part.size
+            return
+        # The request has outgrown its memory allowance: the parts kept so far go to disk too, and all after them.
+        for kept in self._in_memory:
+            if isinstance(kept.content, tempfile.SpooledTemporaryFile):
+                kept.content.rollover()
+        self._in_memory.clear()
+        self._memory_left = 0
+
+    def _on_end(self) -> None:
+        self._ended = True
+
+
+def _chunks(body: bytes | IO[bytes] | Iterable[bytes]) -> Iterator[bytes]:
+    """A body given whole, as a binary file or as chunks, in pieces for `MultipartRelatedReceiver.feed`."""
+    if isinstance(body, bytes | bytearray | memoryview):
+        whole = bytes(body)
+        for start in range(0, len(whole), _FEED_BLOCK_BYTES):
+            yield whole[start : start + _FEED_BLOCK_BYTES]
+    elif hasattr(body, "read"):
+        while block := body.read(_FEED_BLOCK_BYTES):
+            yield block
     else:
-        found = body.find(b"\n" + delimiter, 0)
-        if found < 0:
-            raise InvalidStudyError(f"the body contains no part delimited by boundary {boundary.decode('latin-1')!r}")
-        position = found + 1
-
-    parts: list[BodyPart] = []
-    while True:
-        position += len(delimiter)
-        if body.startswith(b"--", position):  # the closing boundary
-            break
-        line = body.read(position, _MAX_BOUNDARY_LINE_BYTES)
-        line_end = line.find(b"\n")
-        if line_end < 0 or line[:line_end].strip(b" \t\r"):
-            raise InvalidStudyError(
-                f"malformed boundary line for boundary {boundary.decode('latin-1')!r} at byte {position}"
-            )
-        start = position + line_end + 1
-        next_line = _find_delimiter_line(body, delimiter, start)
-        if next_line < 0:
-            raise InvalidStudyError(
-                f"the body ends without the closing boundary '--{boundary.decode('latin-1')}--' (truncated upload?) "
-                f"after {len(parts)} complete parts"
-            )
-        # The line break before the boundary belongs to the boundary (RFC 2046 5.1.1), not to the content.
-        end = next_line - 1
-        if end > start and body.read(end - 1, 1) == b"\r":
-            end -= 1
-        parts.append(_part_content(body, start, max(end, start), len(parts) + 1))
-        position = next_line
-    if not parts:
-        raise InvalidStudyError("the multipart body has no parts")
-    return parts
-
-
-def parse_multipart_related(body: bytes, content_type: str) -> list[bytes]:
-    """The content of each part of a STOW-RS body held in memory, strictly: a part with unusable headers raises.
-
-    See `split_multipart_related` for the rules; `stow_instances` uses that instead, so that one bad part does
-    not refuse the whole request.
-
-    Raises:
-        UnsupportedInputError: the request or a part has another media type (quoted), or a part uses base64 or
-            quoted-printable encoding.
-        InvalidStudyError: no or an invalid boundary, no parts, or no closing boundary (a truncated upload).
-    """
-    stream = io.BytesIO(body)
-    parts = split_multipart_related(stream, content_type)
-    for part in parts:
-        if part.error is not None:
-            raise part.error
-    return [body[part.start : part.end] for part in parts]
-
-
-def _find_delimiter_line(body: _Body, delimiter: bytes, start: int) -> int:
-    """Offset of the next line that is a boundary (`--boundary` then `--`, whitespace or a line end), or -1."""
-    search = start
-    while True:
-        found = body.find(b"\n" + delimiter, max(search - 1, 0))
-        if found < 0:
-            return -1
-        after = found + 1 + len(delimiter)
-        tail = body.read(after, 2)
-        if tail == b"--" or tail[:1] in (b"\r", b"\n", b" ", b"\t") or after >= body.size:
-            return found + 1
-        search = after
-
-
-def _part_content(body: _Body, start: int, end: int, number: int) -> BodyPart:
-    """The content of one body part after its header section; checks its Content-Type and encoding."""
-    head = body.read(start, min(end - start, _MAX_PART_HEADER_BYTES))
-    if head.startswith(b"\r\n"):
-        return BodyPart(number, start + 2, end)  # no header fields
-    if head.startswith(b"\n"):
-        return BodyPart(number, start + 1, end)
-    separator = head.find(b"\r\n\r\n")
-    skip = 4
-    bare = head.find(b"\n\n")
-    if bare >= 0 and (separator < 0 or bare < separator):
-        separator, skip = bare, 2
-    if separator < 0:
-        error = InvalidStudyError(
-            f"part {number} has no blank line between its headers and its content "
-            f"(within its first {_MAX_PART_HEADER_BYTES} bytes)"
-        )
-        return BodyPart(number, end, end, error)
-    headers: dict[str, str] = {}
-    for line in head[:separator].decode("latin-1").splitlines():
-        name, colon, value = line.partition(":")
-        if colon:
-            headers[name.strip().lower()] = value.strip()
-    content = BodyPart(number, start + separator + skip, end)
-    media_type, _ = _content_type_parts(headers.get("content-type", DICOM_MEDIA_TYPE))
-    if media_type != DICOM_MEDIA_TYPE:
-        unsupported = UnsupportedInputError(
-            f"part {number} has Content-Type {headers.get('content-type')!r}; only {DICOM_MEDIA_TYPE} is accepted"
-        )
-        return BodyPart(number, content.start, end, unsupported)
-    encoding = headers.get("content-transfer-encoding", "").lower()
-    if encoding not in _ACCEPTED_PART_ENCODINGS:
-        unsupported = UnsupportedInputError(
-            f"part {number} has Content-Transfer-Encoding {encoding!r}; only binary is accepted"
-        )
-        return BodyPart(number, content.start, end, unsupported)
-    return content
+        yield from body
 
 
 def _decode_every_element(ds: Dataset) -> None:
@@ -363,8 +434,7 @@ def build_stow_response(
 
 
 def _store_part(
-    part: BodyPart,
-    read: Callable[[int, int], bytes],
+    part: ReceivedPart,
     total: int,
     store: InstanceWriter,
     study_uid: str | None,
@@ -382,7 +452,8 @@ def _store_part(
         return ("", "", int(DicomStatus.CANNOT_UNDERSTAND))
 
     try:
-        content = read(part.start, part.end - part.start)
+        content = part.read()
+        part.close()  # its spool file is not needed any more: the disk space goes back before the next part
         ds = read_dataset_bytes(content)
         # The data set holds its own copy of every value; the in-memory file it was read from (pydicom keeps it
         # for deferred values, and none are deferred here) would keep the part's bytes alive as a second copy.
@@ -446,47 +517,29 @@ def _describe(exc: BaseException) -> str:
     return text if isinstance(exc, TriageError) else f"{type(exc).__name__}: {text}"
 
 
-def stow_instances(
-    body: bytes | IO[bytes],
-    content_type: str,
+def store_received(
+    parts: list[ReceivedPart],
     store: InstanceWriter,
     base_url: str,
     *,
     study_uid: str | None = None,
     source: str = "STOW-RS",
 ) -> tuple[int, dict[str, Any]]:
-    """Everything of a STOW-RS Store Instances transaction (PS3.18 10.5) except HTTP itself.
+    """Store the parts of a received STOW-RS request one at a time and answer for each (PS3.18 10.5.3).
 
     Each part is parsed and written with `store.write(ds, calling_ae=source)` on its own: a part that fails, for
     whatever reason, gets its own entry in the Failed SOP Sequence and does not affect the others. Only one part
-    is held in memory at a time. With `study_uid` (POST /studies/{study}), instances of another study are
-    refused (0xA900).
-
-    Args:
-        body: the request body, as bytes or a seekable binary file (e.g. the file the request was spooled to).
-        content_type: the request's Content-Type header.
-        store: where instances go (a `DicomStore`).
-        base_url: DICOMweb base URL for Retrieve URLs.
-        study_uid: the study named in the request path, if any.
-        source: recorded as the instances' calling AE (at most 16 characters are kept in the file).
+    is held in memory at a time, and each part's spool file is closed once it has been read. `store.write` returns
+    once the instance is durable, so the answer promises only what is on disk. With `study_uid`
+    (POST /studies/{study}), instances of another study are refused (0xA900).
 
     Returns:
-        (HTTP status, DICOM JSON body): 200 all stored, 202 some failed, 409 none stored (PS3.18 Table 10.5.3-1);
-        415 wrong media type and 400 malformed multipart framing, each with {"error": message}.
+        (HTTP status, DICOM JSON body): 200 all stored, 202 some failed, 409 none stored (PS3.18 Table 10.5.3-1).
     """
-    stream: IO[bytes] = io.BytesIO(body) if isinstance(body, bytes | bytearray | memoryview) else body
-    try:
-        parts = split_multipart_related(stream, content_type)
-    except UnsupportedInputError as exc:
-        return 415, {"error": str(exc)}
-    except InvalidStudyError as exc:
-        return 400, {"error": str(exc)}
-    reader = _Body(stream)
-
     stored: list[StoredInstance] = []
     failures: list[Failure] = []
     for part in parts:
-        outcome = _store_part(part, reader.read, len(parts), store, study_uid, source)
+        outcome = _store_part(part, len(parts), store, study_uid, source)
         if isinstance(outcome, StoredInstance):
             stored.append(outcome)
         else:
@@ -501,3 +554,50 @@ def stow_instances(
     if failures:
         logger.info("STOW-RS: %d of %d parts stored, %d failed", len(stored), len(parts), len(failures))
     return http_status, build_stow_response(stored, failures, base_url)
+
+
+def stow_instances(
+    body: bytes | IO[bytes] | Iterable[bytes],
+    content_type: str,
+    store: InstanceWriter,
+    base_url: str,
+    *,
+    study_uid: str | None = None,
+    source: str = "STOW-RS",
+    spool_dir: Path | str | None = None,
+    spool_memory_bytes: int = DEFAULT_SPOOL_MEMORY_BYTES,
+) -> tuple[int, dict[str, Any]]:
+    """Everything of a STOW-RS Store Instances transaction (PS3.18 10.5) except HTTP itself.
+
+    The body is split as it is read (`MultipartRelatedReceiver`), then the parts are stored one at a time
+    (`store_received`); the HTTP route does the same with the request's chunks as they arrive.
+
+    Args:
+        body: the request body: bytes, a binary file, or its chunks in order (e.g. as they came off the socket).
+        content_type: the request's Content-Type header.
+        store: where instances go (a `DicomStore`).
+        base_url: DICOMweb base URL for Retrieve URLs.
+        study_uid: the study named in the request path, if any.
+        source: recorded as the instances' calling AE (at most 16 characters are kept in the file).
+        spool_dir: where parts go once they outgrow `spool_memory_bytes` (default: the system's temporary folder).
+        spool_memory_bytes: how much of the request's parts may stay in memory.
+
+    Returns:
+        (HTTP status, DICOM JSON body): 200 all stored, 202 some failed, 409 none stored (PS3.18 Table 10.5.3-1);
+        415 wrong media type and 400 malformed multipart framing (nothing stored), each with {"error": message}.
+
+    Raises:
+        OSError: a part could not be spooled (the disk under `spool_dir` is full); nothing was stored.
+    """
+    try:
+        with MultipartRelatedReceiver(
+            content_type, spool_dir=spool_dir, spool_memory_bytes=spool_memory_bytes
+        ) as received:
+            for chunk in _chunks(body):
+                received.feed(chunk)
+            parts = received.finish()
+            return store_received(parts, store, base_url, study_uid=study_uid, source=source)
+    except UnsupportedInputError as exc:
+        return 415, {"error": str(exc)}
+    except InvalidStudyError as exc:
+        return 400, {"error": str(exc)}

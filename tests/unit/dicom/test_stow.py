@@ -1,17 +1,20 @@
-"""STOW-RS: multipart/related parsing (RFC 2046, PS3.18 10.5), the DICOM JSON response, the whole transaction."""
+"""STOW-RS: multipart/related received as a stream (RFC 2046, PS3.18 10.5), the DICOM JSON response, the whole
+transaction."""
 
 from __future__ import annotations
 
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from tests.dicom_factory import make_ct_series, make_radiograph, make_sr, to_bytes
+from tests.dicom_factory import make_ct_series, make_radiograph, make_sr, new_uid, to_bytes
 from triage.dicom.status import DicomStatus
 from triage.dicom.store import DicomStore
-from triage.dicom.stow import build_stow_response, parse_multipart_related, stow_instances
+from triage.dicom.stow import MultipartRelatedReceiver, build_stow_response, stow_instances
 from triage.domain import InstanceMeta
 from triage.errors import InvalidStudyError, UnsupportedInputError
 
@@ -19,15 +22,27 @@ CONTENT_TYPE = 'multipart/related; type="application/dicom"; boundary="XXbound-1
 BASE = "http://triage.test/dicomweb"
 
 
-def multipart(parts: list[bytes], boundary: str = "XXbound-123", newline: bytes = b"\r\n", headers: bool = True):
-    body = b"This preamble is ignored." + newline
+def multipart(parts: list[bytes], boundary: str = "XXbound-123", headers: bool = True) -> bytes:
+    body = b"This preamble is ignored.\r\n"
     for part in parts:
-        body += b"--" + boundary.encode() + newline
+        body += b"--" + boundary.encode() + b"\r\n"
         if headers:
-            body += b"Content-Type: application/dicom" + newline
-        body += newline + part + newline
-    body += b"--" + boundary.encode() + b"--" + newline + b"and so is this epilogue"
+            body += b"Content-Type: application/dicom\r\n"
+        body += b"\r\n" + part + b"\r\n"
+    body += b"--" + boundary.encode() + b"--\r\n" + b"and so is this epilogue"
     return body
+
+
+def split(body: bytes, content_type: str = CONTENT_TYPE, chunk_bytes: int = 1 << 20) -> list[bytes]:
+    """The content of each part as the receiver spools it, the body fed in pieces; a refused part raises."""
+    with MultipartRelatedReceiver(content_type) as received:
+        for start in range(0, len(body), chunk_bytes):
+            received.feed(body[start : start + chunk_bytes])
+        parts = received.finish()
+        for part in parts:
+            if part.error is not None:
+                raise part.error
+        return [part.read() for part in parts]
 
 
 @pytest.fixture
@@ -44,7 +59,7 @@ def store(tmp_path: Path) -> DicomStore:
 
 def test_parts_are_returned_byte_for_byte():
     parts = [to_bytes(ds) for ds in make_ct_series(2)] + [to_bytes(make_sr())]
-    assert parse_multipart_related(multipart(parts), CONTENT_TYPE) == parts
+    assert split(multipart(parts)) == parts
 
 
 @pytest.mark.parametrize(
@@ -57,24 +72,64 @@ def test_parts_are_returned_byte_for_byte():
 )
 def test_content_type_variants_are_understood(content_type: str):
     part = to_bytes(make_sr())
-    assert parse_multipart_related(multipart([part]), content_type) == [part]
+    assert split(multipart([part]), content_type) == [part]
 
 
-def test_bare_lf_line_ends_and_parts_without_headers_are_tolerated():
+def test_parts_without_header_fields_are_tolerated():
     parts = [to_bytes(make_sr()), to_bytes(make_radiograph(rows=32, columns=32))]
-    assert parse_multipart_related(multipart(parts, newline=b"\n", headers=False), CONTENT_TYPE) == parts
+    assert split(multipart(parts, headers=False)) == parts
+
+
+@pytest.mark.parametrize(
+    "part_type",
+    [
+        "application/dicom; transfer-syntax=1.2.840.10008.1.2.1",
+        'Application/DICOM; transfer-syntax="1.2.840.10008.1.2.1"',
+    ],
+)
+def test_a_part_may_name_its_transfer_syntax(store: DicomStore, part_type: str):
+    ds = make_sr()
+    body = f"--XXbound-123\r\nContent-Type: {part_type}\r\n\r\n".encode() + to_bytes(ds) + b"\r\n--XXbound-123--"
+    status, response = stow_instances(body, CONTENT_TYPE, store, BASE)
+    assert status == 200, response
+    assert outcome(response) == ([ds.SOPInstanceUID], [])
+
+
+def test_preamble_and_epilogue_are_ignored_whatever_they_hold():
+    part = b"content"
+    preamble = b"the boundary --XXbound-123 mid-line\r\n--XXbound-1234 starts a line\r\n-- and dashes\r\n\r\n"
+    epilogue = b"\r\n--XXbound-123\r\n\r\nnot a part: after the closing delimiter\r\n--XXbound-123--\r\n"
+    body = preamble + b"--XXbound-123\r\n\r\n" + part + b"\r\n--XXbound-123--" + epilogue
+    assert split(body) == [part]
+    assert split(body, chunk_bytes=3) == [part]
+
+
+def test_the_crlf_before_a_delimiter_belongs_to_the_delimiter_not_to_the_content():
+    parts = [b"ends with its own line end\r\n", b"\r\n", b"", b"\n", b"lone\rcr\r"]
+    assert split(multipart(parts, headers=False)) == parts
 
 
 def test_whitespace_after_a_boundary_is_transport_padding():
     part = to_bytes(make_sr())
-    body = b"--XXbound-123 \t\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n--XXbound-123--"
-    assert parse_multipart_related(body, CONTENT_TYPE) == [part]
+    body = (
+        b"--XXbound-123 \t\r\nContent-Type: application/dicom\r\n\r\n"
+        + part
+        + b"\r\n--XXbound-123  \r\n\r\nsecond\r\n--XXbound-123--"
+    )
+    assert split(body) == [part, b"second"]
 
 
-def test_a_line_that_only_starts_like_the_boundary_is_content():
-    tricky = b"abc\r\n--XXbound-123456 is not a boundary\r\nxyz"
-    body = b"--XXbound-123\r\n\r\n" + tricky + b"\r\n--XXbound-123--\r\n"
-    assert parse_multipart_related(body, CONTENT_TYPE) == [tricky]
+def test_the_boundary_inside_part_data_does_not_split_it():
+    tricky = [
+        b"abc\r\n--XXbound-123456 is not a boundary\r\nxyz",  # a line that only starts like the delimiter
+        b"the boundary --XXbound-123 in the middle of a line",
+        b"--XXbound-123 at the very start of the content, after the blank line",
+        b"x\n--XXbound-123\ny",  # a bare LF is not a line end here
+        b"ends like a delimiter \r\n--XXbound-12",
+    ]
+    body = multipart(tricky, headers=False)
+    assert split(body) == tricky
+    assert split(body, chunk_bytes=5) == tricky
 
 
 @pytest.mark.parametrize(
@@ -89,20 +144,20 @@ def test_a_line_that_only_starts_like_the_boundary_is_content():
 )
 def test_other_media_types_are_unsupported_and_quoted(content_type: str):
     with pytest.raises(UnsupportedInputError) as caught:
-        parse_multipart_related(multipart([b"x"]), content_type)
+        split(multipart([b"x"]), content_type)
     assert "not supported" in str(caught.value)
 
 
 def test_part_of_another_type_is_unsupported():
     body = b"--XXbound-123\r\nContent-Type: image/jpeg\r\n\r\nJFIF\r\n--XXbound-123--"
     with pytest.raises(UnsupportedInputError, match="image/jpeg"):
-        parse_multipart_related(body, CONTENT_TYPE)
+        split(body)
 
 
 def test_base64_parts_are_unsupported():
     body = b"--XXbound-123\r\nContent-Transfer-Encoding: base64\r\n\r\nAAAA\r\n--XXbound-123--"
     with pytest.raises(UnsupportedInputError, match="base64"):
-        parse_multipart_related(body, CONTENT_TYPE)
+        split(body)
 
 
 @pytest.mark.parametrize(
@@ -112,11 +167,13 @@ def test_base64_parts_are_unsupported():
         (b"--XXbound-123\r\n\r\nabc\r\n", CONTENT_TYPE, "closing boundary"),  # truncated upload
         (b"no delimiters here", CONTENT_TYPE, "no part"),
         (b"--XXbound-123--\r\n", CONTENT_TYPE, "no parts"),
+        (b"--XXbound-123\r\n\x00\x00\x00\x00DICM\r\n--XXbound-123--", CONTENT_TYPE, "part 1"),  # no blank line
+        (b"--XXbound-123\n\nabc\n--XXbound-123--\n", CONTENT_TYPE, "CRLF"),  # bare LF line ends
     ],
 )
 def test_malformed_bodies_are_invalid(body: bytes, content_type: str, message: str):
     with pytest.raises(InvalidStudyError, match=message):
-        parse_multipart_related(body, content_type)
+        split(body, content_type)
 
 
 def test_all_stored_is_200_with_retrieve_urls(store: DicomStore):
@@ -351,10 +408,10 @@ def test_a_full_disk_is_out_of_resources_for_that_part_only(store: DicomStore):
     assert outcome(response) == ([b.SOPInstanceUID], [(a.SOPInstanceUID, DicomStatus.OUT_OF_RESOURCES)])
 
 
-def test_a_body_in_a_file_scanned_in_small_blocks_gives_the_same_answer(store: DicomStore, tmp_path: Path, monkeypatch):
+def test_a_body_in_a_file_read_in_small_blocks_gives_the_same_answer(store: DicomStore, tmp_path: Path, monkeypatch):
     import triage.dicom.stow as stow
 
-    monkeypatch.setattr(stow, "_SCAN_BLOCK_BYTES", 4096)  # many blocks; delimiters straddle block edges
+    monkeypatch.setattr(stow, "_FEED_BLOCK_BYTES", 4096)  # many blocks; delimiters straddle block edges
     series = make_ct_series(3)
     path = tmp_path / "body"
     path.write_bytes(multipart([to_bytes(ds) for ds in series]))
@@ -364,14 +421,109 @@ def test_a_body_in_a_file_scanned_in_small_blocks_gives_the_same_answer(store: D
     assert outcome(response)[0] == [ds.SOPInstanceUID for ds in series]
 
 
-@pytest.mark.parametrize("block_bytes", [1, 2, 3, 7, 16])
-def test_splitting_does_not_depend_on_the_scan_block_size(monkeypatch, block_bytes: int):
-    import triage.dicom.stow as stow
+@pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 7, 16])
+def test_splitting_does_not_depend_on_how_the_body_is_chunked(chunk_bytes: int):
+    parts = [b"abc", b"", b"x\r\n--XXbound-1234 not a boundary\r\ny", b"--XXbound-12", b"\r\n\r\n"]
+    assert split(multipart(parts, headers=False), chunk_bytes=chunk_bytes) == parts
+    assert split(multipart(parts), chunk_bytes=chunk_bytes) == parts
 
-    monkeypatch.setattr(stow, "_SCAN_BLOCK_BYTES", block_bytes)
-    parts = [b"abc", b"", b"x\r\n--XXbound-1234 not a boundary\r\ny", b"--XXbound-12"]
-    assert parse_multipart_related(multipart(parts, headers=False), CONTENT_TYPE) == parts
-    assert parse_multipart_related(multipart(parts, newline=b"\n"), CONTENT_TYPE) == parts
+
+def test_a_chunked_upload_in_irregular_pieces_is_stored(store: DicomStore):
+    series = make_ct_series(3)
+    body = multipart([to_bytes(ds) for ds in series])
+    sizes = [1, 5, 100, 4096, 65536, 3, 17]
+
+    def chunks() -> Iterator[bytes]:  # as a chunked Transfer-Encoding request comes off the socket
+        position, index = 0, 0
+        while position < len(body):
+            size = sizes[index % len(sizes)]
+            yield body[position : position + size]
+            position, index = position + size, index + 1
+
+    status, response = stow_instances(chunks(), CONTENT_TYPE, store, BASE)
+
+    assert status == 200, response
+    assert outcome(response)[0] == [ds.SOPInstanceUID for ds in series]
+
+
+def test_a_truncated_body_is_400_and_nothing_of_it_is_stored_or_left_spooled(store: DicomStore, tmp_path: Path):
+    series = make_ct_series(3)
+    whole = multipart([to_bytes(ds) for ds in series])
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    cut = whole[: whole.rindex(b"--XXbound-123--") - 10]  # two parts complete, the third cut short
+
+    status, response = stow_instances(cut, CONTENT_TYPE, store, BASE, spool_dir=spool, spool_memory_bytes=0)
+
+    assert status == 400
+    assert "closing boundary" in response["error"] and "truncated" in response["error"]
+    assert "after 2 complete parts" in response["error"]
+    assert list(store.instance_keys()) == []
+    assert list(spool.iterdir()) == []  # the spool files are unlinked on creation and closed
+
+
+def test_parts_stay_in_memory_only_while_the_whole_request_fits_the_spool_memory(tmp_path: Path):
+    part = b"x" * 1_000_000
+    small, large = multipart([part] * 4), multipart([part] * 12)
+
+    def held_after_receiving(body: bytes) -> tuple[int, list[bytes]]:
+        """(bytes still allocated once the body is received, the parts); the body itself is not counted."""
+        with MultipartRelatedReceiver(CONTENT_TYPE, spool_dir=tmp_path, spool_memory_bytes=4_500_000) as received:
+            tracemalloc.start()
+            try:
+                for start in range(0, len(body), 65536):
+                    received.feed(body[start : start + 65536])
+                parts = received.finish()
+                held, _ = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            return held, [p.read() for p in parts]
+
+    held, parts = held_after_receiving(small)
+    assert held > 4_000_000 and parts == [part] * 4  # 4 MB fit: kept in memory, no disk touched
+    held, parts = held_after_receiving(large)
+    assert held < 1_000_000 and parts == [part] * 12  # 12 MB do not: every part went to disk, the first ones too
+
+
+def test_a_body_far_bigger_than_the_spool_memory_is_stored_with_bounded_memory(store: DicomStore, tmp_path: Path):
+    """About 200 MB in 50 instances of 4 MiB, sent in 64 KiB pieces: Python's peak allocation stays a few
+    instances, not the body."""
+    template = make_radiograph(rows=1024, columns=2048, seed=3)  # 4 MiB of pixel data
+    study = template.StudyInstanceUID
+    count, piece = 50, 64 * 1024
+    uids = [new_uid() for _ in range(count)]
+    sent = 0
+
+    def chunks() -> Iterator[bytes]:  # each instance made as it is sent, so the test itself holds one at a time
+        nonlocal sent
+        yield b"preamble\r\n"
+        for uid in uids:
+            template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = uid
+            section = b"--XXbound-123\r\nContent-Type: application/dicom\r\n\r\n" + to_bytes(template) + b"\r\n"
+            sent += len(section)
+            for start in range(0, len(section), piece):
+                yield section[start : start + piece]
+            del section
+        yield b"--XXbound-123--\r\n"
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    tracemalloc.start()
+    try:
+        status, response = stow_instances(
+            chunks(), CONTENT_TYPE, store, BASE, spool_dir=spool, spool_memory_bytes=8 * 1024**2
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert status == 200, response
+    assert outcome(response)[0] == uids
+    assert response["00081190"]["Value"] == [f"{BASE}/studies/{study}"]
+    assert sent > 200 * 1024**2
+    print(f"\nSTOW-RS of {sent / 1e6:.0f} MB in {count} parts: peak Python allocation {peak / 1e6:.1f} MB")
+    assert peak < sent / 5, f"peak {peak / 1e6:.0f} MB for a body of {sent / 1e6:.0f} MB"
+    assert list(spool.iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -1,25 +1,25 @@
-"""POST /dicomweb/studies: STOW-RS (PS3.18 10.5), spooled to disk and stored one instance at a time."""
+"""POST /dicomweb/studies: STOW-RS (PS3.18 10.5), split into parts as it arrives and stored one instance at a time."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
-from typing import IO, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from triage.dicom.stow import refusal_for_content_type, stow_instances
+from triage.dicom.stow import MultipartRelatedReceiver, refusal_for_content_type, store_received
+from triage.errors import InvalidStudyError
 from triage.serve.auth import current_user
 from triage.serve.deps import CurrentUser, Service
 from triage.worklist.sites import STOW_PREFIX
 
 logger = logging.getLogger(__name__)
 
-# Spooled request bytes are written to the temporary file in pieces of this size, off the event loop.
-_STOW_SPOOL_WRITE_BYTES = 1 << 20
+# Request bytes are handed to the multipart parser in pieces of about this size, off the event loop.
+_STOW_FEED_BYTES = 1 << 20
 
 
 def _stow_too_large(limit: int) -> JSONResponse:
@@ -35,10 +35,15 @@ def _stow_too_large(limit: int) -> JSONResponse:
     )
 
 
-async def _spool_request_body(request: Request, sink: IO[bytes], limit: int) -> bool:
-    """Copy the request body into `sink` as it arrives; False as soon as it grows past `limit` bytes.
+async def _receive_request_body(request: Request, receiver: MultipartRelatedReceiver, limit: int) -> bool:
+    """Feed the request body to `receiver` as it arrives; False as soon as it grows past `limit` bytes.
 
     Chunked uploads carry no Content-Length, so the limit is enforced while reading, not only up front.
+
+    Raises:
+        InvalidStudyError: the multipart framing is broken (the rest of the body is not read).
+        ClientDisconnect: the client went away before the body was complete.
+        OSError: a part could not be spooled to disk.
     """
     received = 0
     pending = bytearray()
@@ -47,11 +52,11 @@ async def _spool_request_body(request: Request, sink: IO[bytes], limit: int) -> 
         if received > limit:
             return False
         pending += chunk
-        if len(pending) >= _STOW_SPOOL_WRITE_BYTES:
-            await asyncio.to_thread(sink.write, pending)
-            pending = bytearray()
+        if len(pending) >= _STOW_FEED_BYTES:
+            await asyncio.to_thread(receiver.feed, bytes(pending))
+            pending.clear()
     if pending:
-        await asyncio.to_thread(sink.write, pending)
+        await asyncio.to_thread(receiver.feed, bytes(pending))
     return True
 
 
@@ -76,20 +81,22 @@ async def stow(request: Request, service: Service, user: CurrentUser) -> Respons
         return _stow_too_large(limit)
     spool_dir = settings.data_dir / "tmp"
     base_url = str(request.base_url).rstrip("/") + "/dicomweb"
-    # The body goes to a file (unlinked on creation, so a crash leaves nothing behind) and the parts are read
-    # from it one at a time: memory stays about one instance, whatever the size of the request.
+    # The body is split into its parts as it arrives, each part to its own spooled file (unlinked on creation, so
+    # a crash leaves nothing behind); once the closing delimiter is in, the parts are stored one at a time:
+    # memory stays about one instance, whatever the size of the request.
     try:
         await asyncio.to_thread(spool_dir.mkdir, parents=True, exist_ok=True)
-        with tempfile.SpooledTemporaryFile(
-            max_size=settings.dicomweb.stow_spool_memory_bytes, dir=str(spool_dir)
-        ) as body:
-            if not await _spool_request_body(request, body, limit):
+        with MultipartRelatedReceiver(
+            content_type, spool_dir=spool_dir, spool_memory_bytes=settings.dicomweb.stow_spool_memory_bytes
+        ) as receiver:
+            if not await _receive_request_body(request, receiver, limit):
                 return _stow_too_large(limit)
+            parts = receiver.finish()
             # The account names the sender: a site registered with this STOW-RS account claims the studies.
             source = f"{STOW_PREFIX}{user.name}"
-            status, payload = await asyncio.to_thread(
-                stow_instances, body, content_type, service.store, base_url, source=source
-            )
+            status, payload = await asyncio.to_thread(store_received, parts, service.store, base_url, source=source)
+    except InvalidStudyError as exc:  # broken multipart framing, a truncated body: nothing was stored
+        return JSONResponse({"error": str(exc)}, status_code=400, headers={"Connection": "close"})
     except ClientDisconnect:
         return JSONResponse({"error": "the client closed the connection before the body was complete"}, 400)
     except OSError as exc:  # the disk under data_dir is full or unwritable: nothing was stored, try later
