@@ -210,9 +210,13 @@ class EmailDeliverer:
         try:
             settings = self.settings
             context = client_context(settings.smtp_tls_ca) if settings.smtp_ssl or settings.smtp_starttls else None
-            smtp_class = smtplib.SMTP_SSL if settings.smtp_ssl else smtplib.SMTP
-            extra = {"context": context} if settings.smtp_ssl else {}
-            with smtp_class(settings.smtp_host, settings.smtp_port, timeout=settings.timeout_s, **extra) as smtp:
+            smtp: smtplib.SMTP
+            if settings.smtp_ssl:
+                smtp = smtplib.SMTP_SSL(settings.smtp_host, settings.smtp_port, timeout=settings.timeout_s,
+                                        context=context)  # fmt: skip
+            else:
+                smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=settings.timeout_s)
+            with smtp:
                 if settings.smtp_starttls:
                     smtp.starttls(context=context)
                 if settings.smtp_user:
