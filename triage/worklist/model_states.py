@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Engine, Float, Integer, String, Text, false, select
+from sqlalchemy import JSON, Boolean, Engine, Float, Integer, String, Text, false, select, text
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from triage.config import ModelSettings
@@ -145,9 +145,17 @@ class ModelStates:
         self.settings = settings or ModelSettings()
 
     @contextmanager
-    def _session(self, write: bool = False) -> Iterator[Session]:
+    def _session(self, write: bool = False, model: str | None = None) -> Iterator[Session]:
+        """A transaction; a write to `model`'s states takes that model's lock first, so that two changes (two
+        versions promoted at once by two admins) are made one after the other and the second sees the first: one
+        version active at a site, never two. SQLite's BEGIN IMMEDIATE serialises writes already; PostgreSQL takes
+        a transaction-scoped advisory lock on the model's name."""
         engine = self.engine.execution_options(**{WRITE_OPTION: True}) if write else self.engine
         with Session(engine, expire_on_commit=False) as session, session.begin():
+            if write and model is not None and session.get_bind().dialect.name == "postgresql":
+                digest = hashlib.sha256(f"triage-model-state:{model}".encode()).digest()
+                key = int.from_bytes(digest[:8], "big", signed=True)
+                session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
             yield session
 
     # ------------------------------------------------------------------------------------------------ reading
@@ -383,7 +391,7 @@ class ModelStates:
                 " report.json` with a passing local validation report for that site"
             )
         card = self._card(model, version)
-        with self._session(write=True) as session:
+        with self._session(write=True, model=card.name) as session:
             return self._write(session, card, site, state, SET_STATE, reason or f"set {state.value}", user, now)
 
     def promote(
@@ -430,7 +438,7 @@ class ModelStates:
             f"{_fmt(kept.get('roc_auc'))}, sensitivity {_fmt(kept.get('sensitivity'))}, specificity "
             f"{_fmt(kept.get('specificity'))} at threshold {_fmt(operating)})"
         )
-        with self._session(write=True) as session:
+        with self._session(write=True, model=card.name) as session:
             # One version of a model is active at a site: the one in use before steps back to shadow (a rollback
             # of this promotion brings it back).
             for other in self.registry.all():
@@ -466,7 +474,7 @@ class ModelStates:
             NotFoundError: when the model or version is not installed.
         """
         card = self._card(model, version)  # checks the model (and version) is installed
-        with self._session(write=True) as session:
+        with self._session(write=True, model=card.name) as session:
             query = select(ModelStateChange).where(
                 ModelStateChange.model == card.name,
                 ModelStateChange.site == site,

@@ -190,3 +190,39 @@ def test_rollback_restores_an_activation_only_with_a_report_that_still_passes(st
     states.settings = ModelSettings(validation=ValidationThresholds(min_cases=500))  # the site asks more now
     back = states.rollback(XR, "North", "admin", T0)
     assert back.state is ModelState.SHADOW and "does not pass" in back.reason
+
+
+def test_two_versions_promoted_at_once_leave_one_active(states: ModelStates, monkeypatch) -> None:
+    """Two admins promote 1.0.0 and 1.1.0 at the same site at the same moment: the changes are made one after the
+    other, so the second supersedes the first and one version is active, never two."""
+    import contextlib
+    import threading
+
+    install(states, "1.1.0")
+    both_read = threading.Barrier(2, timeout=2)
+    read_state = ModelStates._state_of
+
+    def state_of_when_both_have_read(self, session, card, site):  # noqa: ANN001, ANN202 - wraps the method
+        # Without serialisation both transactions read here before either writes (the race, made certain).
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_read.wait()
+        return read_state(self, session, card, site)
+
+    monkeypatch.setattr(ModelStates, "_state_of", state_of_when_both_have_read)
+    errors: list[BaseException] = []
+
+    def promote(version: str) -> None:
+        try:
+            states.promote(XR, "North", passing_report(version=version), "ml", T0, version=version)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in ("1.0.0", "1.1.0")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    monkeypatch.undo()
+    assert errors == []
+    active = [s.version for s in states.versions_at("North")[XR] if s.state is ModelState.ACTIVE]
+    assert len(active) == 1, active
