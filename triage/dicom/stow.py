@@ -184,10 +184,26 @@ class MultipartRelatedReceiver:
         self._headers: dict[str, str] = {}
         self._header_field = bytearray()
         self._header_value = bytearray()
-        self._begun = 0  # parts begun, the preamble counted (see below)
+        self._number = 0  # real parts begun so far (the skipped preamble part is not one)
+        self._skipping = False  # the next part the parser begins is a skipped one (see `_start_parser`)
+        self._in_skipped = False  # the parser is in a skipped part: its content is dropped
+        self._in_headers = False  # the parser is in a real part's header section
+        self._framing_errors: list[str] = []
         self._ended = False
         self._received = 0
-        self._parser = MultipartParser(
+        self._parser = self._start_parser()
+
+    def _start_parser(self) -> MultipartParser:
+        """A new parser, primed so that everything up to the next delimiter is skipped.
+
+        RFC 2046 5.1.1: the preamble before the first delimiter is ignored, and that delimiter is found at the
+        start of the body or after a CRLF. python-multipart wants the body to start with the delimiter, so it is
+        first told of a part without header fields, then given a CRLF ahead of the body: the preamble (if any) is
+        that skipped part's content, the first delimiter ends it, and the parser's own delimiter matching (and
+        tolerance of whitespace after a delimiter) applies to the first delimiter line as to all others. The same
+        priming lets the receiver read on after a part whose header section is broken (see `feed`).
+        """
+        parser = MultipartParser(
             self.boundary,
             {
                 "on_part_begin": self._on_part_begin,
@@ -203,30 +219,47 @@ class MultipartRelatedReceiver:
             max_header_count=_MAX_PART_HEADERS,
             max_header_size=_MAX_PART_HEADER_BYTES,
         )
-        # RFC 2046 5.1.1: the preamble before the first delimiter is ignored, and that delimiter is found at the
-        # start of the body or after a CRLF. python-multipart wants the body to start with the delimiter, so it
-        # is first told of a part without header fields, then given a CRLF ahead of the body: the preamble (if
-        # any) is that part's content, the first delimiter ends it, and the parser's own delimiter matching (and
-        # tolerance of whitespace after a delimiter) applies to the first delimiter line as to all others.
-        self._parser.write(b"--" + self.boundary + b"\r\n\r\n\r\n")
+        self._skipping = True
+        parser.write(b"--" + self.boundary + b"\r\n\r\n\r\n")
+        return parser
 
     def feed(self, chunk: bytes) -> None:
         """Parse the next piece of the body and write what it holds of each part's content to that part's file.
 
+        A part whose header section is broken (not header lines, a blank line, then content; or far too long) is
+        refused on its own, with the reason, and the receiver reads on from the next delimiter: the parts after
+        it get their own outcomes.
+
         Raises:
-            InvalidStudyError: the framing is broken (a part's header section is not header lines, a blank line,
-                then content): no part after it can be trusted, so the request is refused whole.
+            InvalidStudyError: the framing itself is broken (a delimiter line that does not end in CRLF, bare LF
+                line ends): where the next part starts cannot be trusted, so the request is refused whole.
             OSError: a spool file cannot be written (the disk under `spool_dir` is full).
         """
-        try:
-            self._parser.write(chunk)
-        except MultipartParseError as exc:
-            offset = max(getattr(exc, "offset", 0) or 0, 0)
-            part = max(self._begun - 1, 1)
-            raise InvalidStudyError(
-                f"the multipart body is malformed near byte {self._received + offset}, in part {part}: {exc}; "
-                "each part is header lines, a blank line, then its content, with CRLF line ends (RFC 2046 5.1.1)"
-            ) from exc
+        data = chunk
+        while data:
+            try:
+                self._parser.write(data)
+                break
+            except MultipartParseError as exc:
+                offset = min(max(getattr(exc, "offset", 0) or 0, 0), len(data))
+                at = self._received + len(chunk) - len(data) + offset
+                if not self._in_headers:
+                    part = max(self._number, 1)
+                    raise InvalidStudyError(
+                        f"the multipart body is malformed near byte {at}, in part {part}: {exc}; each part is header "
+                        "lines, a blank line, then its content, with CRLF line ends (RFC 2046 5.1.1)"
+                    ) from exc
+                # This part alone is refused; what is left of it, up to the next delimiter, is skipped.
+                number = self._number
+                reason = f"part {number} has a malformed header section near byte {at} ({exc})"
+                self._framing_errors.append(reason)
+                self._parts.append(ReceivedPart(number, InvalidStudyError(
+                    f"{reason}: each part is header lines, a blank line, then its content, with CRLF line ends"
+                    " (RFC 2046 5.1.1); the other parts were read on"
+                )))  # fmt: skip
+                self._in_headers = False
+                self._parser = self._start_parser()
+                data = data[offset:]
         self._received += len(chunk)
 
     def finish(self) -> list[ReceivedPart]:
@@ -237,7 +270,7 @@ class MultipartRelatedReceiver:
         """
         boundary = self.boundary.decode("latin-1")
         if not self._ended:
-            if self._begun <= 1:
+            if self._number == 0:
                 raise InvalidStudyError(
                     f"the body contains no part delimited by boundary {boundary!r} "
                     "(a delimiter line starts a line and ends in CRLF, RFC 2046 5.1.1)"
@@ -266,8 +299,12 @@ class MultipartRelatedReceiver:
     # python-multipart's callbacks: data callbacks get (buffer, start, end), possibly several per header or part.
 
     def _on_part_begin(self) -> None:
-        self._begun += 1
         self._headers = {}
+        self._in_skipped = self._skipping
+        self._skipping = False
+        if not self._in_skipped:
+            self._number += 1
+            self._in_headers = True
 
     def _on_header_begin(self) -> None:
         self._header_field.clear()
@@ -284,9 +321,10 @@ class MultipartRelatedReceiver:
         self._headers[name] = self._header_value.decode("latin-1").strip()
 
     def _on_headers_finished(self) -> None:
-        if self._begun == 1:
-            return  # the preamble: its content is dropped
-        number = self._begun - 1
+        self._in_headers = False
+        if self._in_skipped:
+            return  # the preamble, or the rest of a part whose header section was broken: its content is dropped
+        number = self._number
         part = ReceivedPart(number, _part_refusal(number, self._headers))
         if part.error is None:
             part.content = self._spool_file()

@@ -132,6 +132,32 @@ def test_the_boundary_inside_part_data_does_not_split_it():
     assert split(body, chunk_bytes=5) == tricky
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 64, 1 << 20])
+@pytest.mark.parametrize(
+    "broken",
+    [
+        b"\x00\x01\x02DICM no header section at all\r\n",  # raw bytes straight after the delimiter
+        b"Content-Type application/dicom\r\n\r\nno colon in the header line\r\n",
+        b"X-Long: " + b"a" * 20000 + b"\r\n\r\nheader section far too long\r\n",
+        b"Content-Type: application/dicom\r\n\x7fbad: field\r\n\r\n--XXbound-123x is not a delimiter\r\n",
+    ],
+)
+def test_a_part_with_a_broken_header_section_is_refused_alone_and_the_next_parts_are_read(
+    broken: bytes, chunk_bytes: int
+):
+    good = [b"first part", b"third part \r\n--XXbound-1234 with a line that only starts like a delimiter"]
+    delimiter = b"\r\n--XXbound-123\r\n"
+    body = (b"--XXbound-123\r\n\r\n" + good[0] + delimiter + broken + b"--XXbound-123\r\n\r\n" + good[1]
+            + b"\r\n--XXbound-123--\r\n")  # fmt: skip
+    with MultipartRelatedReceiver(CONTENT_TYPE) as received:
+        for start in range(0, len(body), chunk_bytes):
+            received.feed(body[start : start + chunk_bytes])
+        parts = received.finish()
+        assert [p.number for p in parts] == [1, 2, 3]
+        assert parts[1].error is not None and "part 2 has a malformed header section" in str(parts[1].error)
+        assert [parts[0].read(), parts[2].read()] == good
+
+
 @pytest.mark.parametrize(
     "content_type",
     [

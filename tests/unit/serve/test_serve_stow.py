@@ -90,13 +90,21 @@ def test_a_truncated_upload_is_400_and_none_of_it_is_stored(site: Site) -> None:
     assert spooled(site) == []
 
 
-def test_broken_framing_is_400_without_reading_the_rest(site: Site) -> None:
-    good = to_bytes(make_radiograph("DX", 64, 64))
-    body = body_of(good)[: -len(f"--{BOUNDARY}--\r\n")] + f"--{BOUNDARY}\r\n".encode() + b"\x00\x01 no headers"
-    response = stow(site, body + b"\r\n" + f"--{BOUNDARY}--\r\n".encode())
-    assert response.status_code == 400, response.text
-    assert "part 2" in response.json()["error"]
-    assert stored_count(site) == 0
+def test_a_part_whose_headers_are_broken_is_refused_alone_and_the_parts_after_it_are_stored(site: Site) -> None:
+    """One bad part never costs the others, whatever is wrong with it: a part with no header section (raw bytes
+    straight after its delimiter) gets its own failure, and the instances before and after it are stored."""
+    first, last = (to_bytes(make_radiograph("DX", 64, 64)) for _ in range(2))
+    delimiter = f"--{BOUNDARY}\r\n".encode()
+    head = b"Content-Type: application/dicom\r\n\r\n"
+    body = (delimiter + head + first + b"\r\n" + delimiter + b"\x00\x01 no headers, not even a blank line\r\n"
+            + delimiter + head + last + b"\r\n" + f"--{BOUNDARY}--\r\n".encode())  # fmt: skip
+    response = stow(site, in_pieces(body))
+    assert response.status_code == 202, response.text
+    answer = response.json()
+    assert len(answer["00081199"]["Value"]) == 2
+    (failed,) = answer["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [int(DicomStatus.CANNOT_UNDERSTAND)]
+    assert stored_count(site) == 2
 
 
 def test_a_full_disk_while_spooling_is_503_try_again_and_nothing_is_stored(
