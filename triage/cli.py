@@ -1302,6 +1302,12 @@ ModelsOption = Annotated[
 ]
 
 
+QuickReadOption = Annotated[
+    float | None,
+    typer.Option(help="Head start of quick reads (radiographs) in its order, minutes; 0: none"),
+]
+
+
 def _site_changes(
     ae: list[str] | None,
     institution: list[str] | None,
@@ -1314,6 +1320,7 @@ def _site_changes(
     results_host: str | None,
     results_port: int | None,
     claim_idle_min: float | None,
+    quick_read_min: float | None = None,
 ) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     for key, value in (("ae_titles", ae), ("institution_names", institution), ("stow_accounts", stow_account)):
@@ -1340,6 +1347,8 @@ def _site_changes(
         }  # fmt: skip
     if claim_idle_min is not None:
         changes["claim_idle_min"] = claim_idle_min
+    if quick_read_min is not None:
+        changes["quick_read_head_start_min"] = quick_read_min
     return changes
 
 
@@ -1366,6 +1375,7 @@ def sites_add(
     results_host: Annotated[str | None, typer.Option(help="Its PACS's host")] = None,
     results_port: Annotated[int | None, typer.Option(help="Its PACS's port")] = None,
     claim_idle_min: Annotated[float | None, typer.Option(help="Release a claim idle this long (minutes)")] = None,
+    quick_read_min: QuickReadOption = None,
     data_dir: DataDir = None,
 ) -> None:
     """Register a client hospital. Rules it does not set come from the service default. Audited; its open studies
@@ -1373,7 +1383,7 @@ def sites_add(
     from triage.worklist.sites import parse_site
 
     changes = _site_changes(ae, institution, stow_account, tz, target, finding_level, models, results_ae,
-                            results_host, results_port, claim_idle_min)  # fmt: skip
+                            results_host, results_port, claim_idle_min, quick_read_min)  # fmt: skip
     site = parse_site({"name": name, **changes})
     moved, rescored = _worklist(_settings(data_dir)).save_site(site, _operator(), utcnow(), create=True)
     _print_site(site, moved, rescored)
@@ -1393,12 +1403,13 @@ def sites_set(
     results_host: Annotated[str | None, typer.Option(help="Its PACS's host ('' : results not sent)")] = None,
     results_port: Annotated[int | None, typer.Option(help="Its PACS's port")] = None,
     claim_idle_min: Annotated[float | None, typer.Option(help="Release a claim idle this long (minutes)")] = None,
+    quick_read_min: QuickReadOption = None,
     data_dir: DataDir = None,
 ) -> None:
     """Change a site's rules (options given replace those fields; the others stay). Its open studies are rescored
     at once (AI never lowers a priority). Audited."""
     changes = _site_changes(ae, institution, stow_account, tz, target, finding_level, models, results_ae,
-                            results_host, results_port, claim_idle_min)  # fmt: skip
+                            results_host, results_port, claim_idle_min, quick_read_min)  # fmt: skip
     if not changes:
         _fail("nothing to change; give at least one option (see --help)", code=2)
     site, moved, rescored = _worklist(_settings(data_dir)).update_site(name, changes, _operator(), utcnow())

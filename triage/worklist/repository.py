@@ -497,7 +497,7 @@ class Worklist:
         a registered site bears that name, since that site's contract was not agreed for this sender ("": the
         service default).
         """
-        if site_match:
+        if site_match or not site:
             return site
         return "" if self.sites.find(site) is not None else site
 

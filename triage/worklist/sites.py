@@ -113,6 +113,9 @@ class Site(BaseModel):
     alerts: SiteAlerts | None = None
     # A claim nobody touched for this long is released back to the worklist, with a note.
     claim_idle_min: float = Field(default=30.0, gt=0)
+    # Quick reads' head start in this site's order, and which modalities are quick reads (None: the default's).
+    quick_read_head_start_min: float | None = Field(default=None, ge=0)
+    quick_read_modalities: list[str] | None = None
 
     @field_validator("name")
     @classmethod
@@ -168,6 +171,16 @@ class Site(BaseModel):
                 "turnaround_min": {**default.turnaround_min, **(self.turnaround_min or {})},
                 "promote_at_fraction": (
                     self.promote_at_fraction if self.promote_at_fraction is not None else default.promote_at_fraction
+                ),
+                **(
+                    {}
+                    if self.quick_read_head_start_min is None
+                    else {"quick_read_head_start_min": self.quick_read_head_start_min}
+                ),
+                **(
+                    {}
+                    if self.quick_read_modalities is None
+                    else {"quick_read_modalities": [m.strip().upper() for m in self.quick_read_modalities]}
                 ),
             },
             deep=True,
@@ -257,6 +270,10 @@ class Sites:
         url = engine.url
         memory = url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
         self._reader = engine if memory else create_engine_for(url, poolclass=NullPool)
+        # No other process can change an in-memory database: its snapshot is read again only after this process
+        # changed the records (`invalidate`), never on a timer, which could fall inside a write transaction on the
+        # one shared connection.
+        self._memory = memory
         self.default_policy = default_policy
         self.default_fingerprint = policy_fingerprint(default_policy)
         self.refresh_s = refresh_s
@@ -268,7 +285,7 @@ class Sites:
     def _current(self) -> _Snapshot:
         with self._lock:
             snap = self._snapshot
-            if snap is not None and time.monotonic() - snap.at < self.refresh_s:
+            if snap is not None and (self._memory or time.monotonic() - snap.at < self.refresh_s):
                 return snap
         with Session(self._reader) as session:
             rows = session.execute(select(SiteRow)).scalars().all()

@@ -307,3 +307,36 @@ def test_an_order_joins_within_its_site_or_by_study_uid_and_never_guesses_betwee
     assert wl.get_study(uid("5"), T0).clinical_priority == "routine"
     wl.record_instance(meta("6", calling_ae="CITY_CT", accession_number="C999"), T0)
     assert wl.get_study(uid("6"), T0).clinical_priority == "stat"
+
+
+def test_a_site_sets_its_own_quick_reads(wl):
+    """A site may turn the quick-read head start off (or change it) for its own studies; others keep the default."""
+    wl.save_site(parse_site({"name": "NO QUICK", "ae_titles": ["NQ_DX"], "quick_read_head_start_min": 0}), "a", T0)
+    wl.record_instance(meta("1", calling_ae="NQ_DX", modality="DX"), T0)
+    wl.record_instance(meta("2", calling_ae="OTHER", modality="DX"), T0)
+    items = items_by_uid(wl, T0 + timedelta(minutes=5))
+    assert all(r.code != "quick-read" for r in items[uid("1")].priority.reasons)
+    assert items[uid("1")].priority.score == pytest.approx(5.0)
+    assert any(r.code == "quick-read" for r in items[uid("2")].priority.reasons)
+    assert items[uid("2")].priority.score == pytest.approx(20.0)
+    # The SQL order agrees: the unregistered sender's radiograph, 15 min ahead, comes first.
+    assert [i.study_uid for i in wl.list_worklist(T0 + timedelta(minutes=5))][:2] == [uid("2"), uid("1")]
+    with pytest.raises(InvalidSiteError, match="quick_read_head_start_min"):
+        parse_site({"name": "BAD", "quick_read_head_start_min": 120})
+
+
+def test_an_in_memory_worklist_never_rereads_its_sites_inside_a_write():
+    """`triage infer` keeps its worklist in memory, on one shared connection: the site records are read again only
+    after this process changed them, never on the timer in the middle of recording an analysis."""
+    worklist = Worklist.open("sqlite://", SETTINGS)
+    worklist.sites.refresh_s = 0  # every timer would have expired
+    try:
+        worklist.save_site(HILL, "admin", T0)
+        worklist.record_instance(meta("1", calling_ae="ELSEWHERE", institution="North"), T0)
+        worklist.record_instance(meta("2", calling_ae="HILL_DX"), T0)
+        for study in ("1", "2"):
+            analysed(worklist, study, [ich()], T0)
+        items = items_by_uid(worklist, T0)
+        assert items[uid("1")].ai_status == "done" and items[uid("2")].site == "HILL CLINIC"
+    finally:
+        worklist.close()
