@@ -428,7 +428,7 @@ class Worklist:
 
     def _priority(self, study: Study, now: datetime) -> Priority:
         try:
-            policy, rule_source = self.sites.policy_for(self.rules_site(study.site, study.site_match))
+            policy, rule_source = self._policy_of(study)
             return compute_priority(
                 PriorityLevel(study.clinical_priority),
                 load_findings(study.findings, study.study_uid),
@@ -457,8 +457,7 @@ class Worklist:
     def _queue_order(self, study: Study, priority: Priority) -> QueueOrder:
         if any(r.code == PRIORITY_ERROR for r in priority.reasons):
             return QueueOrder(PriorityLevel.STAT, None, None)
-        policy = self.sites.policy_for(self.rules_site(study.site, study.site_match))[0]
-        return queue_order(base_level(priority), study.received_at, policy, study.modality or "")
+        return queue_order(base_level(priority), study.received_at, self._policy_of(study)[0], study.modality or "")
 
     def _refresh_priority(self, study: Study, now: datetime) -> None:
         """Store the priority at `now` and the clock-independent columns the worklist query orders by.
@@ -500,6 +499,10 @@ class Worklist:
         if site_match or not site:
             return site
         return "" if self.sites.find(site) is not None else site
+
+    def _policy_of(self, study: Study) -> tuple[PrioritySettings, str]:
+        """The priority policy a study is scored with, and whose rules they are (`Sites.policy_for`)."""
+        return self.sites.policy_for(self.rules_site(study.site, study.site_match))
 
     def site_record(self, site: str, site_match: str | None) -> Site | None:
         """The registered site a study was recognised as (its `site` and `site_match`), or None for a sender no
@@ -569,8 +572,7 @@ class Worklist:
 
     def _item(self, study: Study, now: datetime) -> WorklistItem:
         priority = self._priority(study, now)
-        policy = self.sites.policy_for(self.rules_site(study.site, study.site_match))[0]
-        wait = turnaround(base_level(priority), study.received_at, now, policy)
+        wait = turnaround(base_level(priority), study.received_at, now, self._policy_of(study)[0])
         site = self.site_record(study.site, study.site_match)
         return WorklistItem(
             study_uid=study.study_uid,

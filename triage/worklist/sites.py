@@ -165,26 +165,14 @@ class Site(BaseModel):
         """The site's priority policy: its own rules where it sets them, the service default elsewhere."""
         # The site's own entries over the default's: a contract that names only its stat target keeps the
         # default urgent and routine targets; a finding it gives "routine" raises nothing there.
-        return default.model_copy(
-            update={
-                "finding_levels": {**default.finding_levels, **(self.finding_levels or {})},
-                "turnaround_min": {**default.turnaround_min, **(self.turnaround_min or {})},
-                "promote_at_fraction": (
-                    self.promote_at_fraction if self.promote_at_fraction is not None else default.promote_at_fraction
-                ),
-                **(
-                    {}
-                    if self.quick_read_head_start_min is None
-                    else {"quick_read_head_start_min": self.quick_read_head_start_min}
-                ),
-                **(
-                    {}
-                    if self.quick_read_modalities is None
-                    else {"quick_read_modalities": [m.strip().upper() for m in self.quick_read_modalities]}
-                ),
-            },
-            deep=True,
-        )
+        update: dict[str, Any] = {
+            "finding_levels": {**default.finding_levels, **(self.finding_levels or {})},
+            "turnaround_min": {**default.turnaround_min, **(self.turnaround_min or {})},
+        }
+        for name in ("promote_at_fraction", "quick_read_head_start_min", "quick_read_modalities"):
+            if getattr(self, name) is not None:
+                update[name] = getattr(self, name)
+        return default.model_copy(update=update, deep=True)
 
     @property
     def zone(self) -> ZoneInfo:
